@@ -1,0 +1,253 @@
+"""Thin REST handlers: parse JSON, find the caller, call the service, write JSON.
+
+Every verb is authenticated (`@tornado.web.authenticated`) and authorized (`@authorized` on `auth_resource`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tornado.web
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+
+from .errors import BadRequest, LomasError
+from .service import DPService
+from .store import UserRecord
+
+MAX_BODY_BYTES = 200 * 1024 * 1024
+
+
+class LomasHandler(ExtensionHandlerMixin, APIHandler):
+    auth_resource = "lomas"
+
+    @property
+    def service(self) -> DPService:
+        return self.settings["lomas_service"]
+
+    @property
+    def lomas_user(self) -> UserRecord:
+        return self.extensionapp.resolve_user(self.current_user)
+
+    def json_body(self) -> dict[str, Any]:
+        raw = self.request.body or b"{}"
+        if len(raw) > MAX_BODY_BYTES:
+            raise BadRequest("the request body is too large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def reply(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload))
+
+    def int_argument(self, name: str, default: int) -> int:
+        raw = self.get_argument(name, str(default))
+        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            raise BadRequest(f"'{name}' must be a whole number from 1 to 10000")
+        return int(raw)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, LomasError):
+            self.set_status(exc.status)
+            payload = exc.to_json()
+        elif isinstance(exc, tornado.web.HTTPError):
+            message = exc.log_message or exc.reason or tornado.httputil.responses.get(status_code, "error")
+            if exc.args and "%" in str(message):
+                message = str(message) % exc.args
+            payload = {"error": "http_error", "message": str(message)}
+        elif status_code >= 500:
+            payload = {"error": "internal", "message": "internal error in the DP service; nothing was charged"}
+        else:
+            payload = {"error": "http_error", "message": self._reason}
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, LomasError):
+            self.log.info("lomas: %s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
+            return
+        super().log_exception(typ, value, tb)
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, LomasError):
+            status_code = exc.status
+        super().send_error(status_code, **kwargs)
+
+
+class WhoAmIHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.reply(self.lomas_user.to_json())
+
+
+class DatasetsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.reply(self.service.list_datasets(self.lomas_user))
+
+
+class DatasetHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        self.lomas_user  # noqa: B018  (registers the caller)
+        self.reply(self.service.describe(name))
+
+
+class QueryHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.query(self.lomas_user, self.json_body()), 201)
+
+
+class PreviewHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.preview(self.lomas_user, self.json_body()))
+
+
+class BudgetsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.reply(self.service.budgets(self.lomas_user))
+
+
+class BudgetHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, dataset: str) -> None:
+        self.reply(self.service.budget(self.lomas_user, dataset))
+
+
+class ArchiveHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        dataset = self.get_argument("dataset", None)
+        self.reply(self.service.archive(self.lomas_user, dataset, self.int_argument("limit", 200)))
+
+
+# --- admin ------------------------------------------------------------------------------------------------
+
+
+class AdminUsersHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        self.reply([u.to_json() for u in self.service.store.list_users()])
+
+    @tornado.web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.reply(self.service.create_user(self.lomas_user, self.json_body()), 201)
+
+
+class AdminUserHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def patch(self, username: str) -> None:
+        self.reply(self.service.set_role(self.lomas_user, username, self.json_body()))
+
+
+class AdminTokensHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def post(self, username: str) -> None:
+        self.reply(self.service.issue_token(self.lomas_user, username, self.json_body()), 201)
+
+    @tornado.web.authenticated
+    @authorized
+    def delete(self, username: str) -> None:
+        self.reply(self.service.revoke_tokens(self.lomas_user, username))
+
+
+class AdminDatasetsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        self.reply([d.to_public_json() for d in self.service.store.list_datasets()])
+
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.import_dataset(self.lomas_user, self.json_body()), 201)
+
+
+class AdminGrantsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        username = self.get_argument("username", None)
+        self.reply([g.to_json() for g in self.service.store.list_grants(username)])
+
+    @tornado.web.authenticated
+    @authorized
+    def put(self) -> None:
+        self.reply(self.service.set_grant(self.lomas_user, self.json_body()))
+
+
+class AdminArchiveHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        releases = self.service.store.list_releases(
+            self.get_argument("username", None), self.get_argument("dataset", None), self.int_argument("limit", 200)
+        )
+        self.reply([r.to_json() for r in releases])
+
+
+class AdminLedgerHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        self.reply(self.service.store.ledger(self.get_argument("username", None), self.int_argument("limit", 500)))
+
+
+class AdminAuditHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        self.reply([a.to_json() for a in self.service.store.audit(self.int_argument("limit", 200))])
+
+
+NAME = r"(?P<{}>[^/]+)"
+ROUTES: list[tuple[str, type[LomasHandler]]] = [
+    ("whoami", WhoAmIHandler),
+    ("datasets", DatasetsHandler),
+    ("datasets/" + NAME.format("name"), DatasetHandler),
+    ("query", QueryHandler),
+    ("preview", PreviewHandler),
+    ("budget", BudgetsHandler),
+    ("budget/" + NAME.format("dataset"), BudgetHandler),
+    ("archive", ArchiveHandler),
+    ("admin/users", AdminUsersHandler),
+    ("admin/users/" + NAME.format("username"), AdminUserHandler),
+    ("admin/users/" + NAME.format("username") + "/tokens", AdminTokensHandler),
+    ("admin/datasets", AdminDatasetsHandler),
+    ("admin/grants", AdminGrantsHandler),
+    ("admin/archive", AdminArchiveHandler),
+    ("admin/ledger", AdminLedgerHandler),
+    ("admin/audit", AdminAuditHandler),
+]
+API_PREFIX = "lomas/api/"

@@ -1,0 +1,203 @@
+"""Public dataset metadata: parsing, validation, and checking it against the data on import.
+
+Everything in here is public by definition (it is shown to analysts); the data itself never is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import MetadataError
+
+COLUMN_TYPES = ("int", "float", "string", "bool")
+MAX_CATEGORIES = 1000
+MAX_CANDIDATES = 2000
+DEFAULT_QUANTILE_CANDIDATES = 101
+
+
+@dataclass(frozen=True)
+class ColumnMetadata:
+    name: str
+    type: str
+    nullable: bool = True
+    bounds: tuple[float, float] | None = None
+    categories: tuple[Any, ...] | None = None
+    candidates: tuple[float, ...] | None = None
+    description: str = ""
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in ("int", "float")
+
+    def quantile_candidates(self) -> list[float] | list[int]:
+        """Candidates for quantiles: the declared list, else an even grid over the bounds."""
+        if self.candidates:
+            return list(self.candidates)
+        if self.bounds is None:
+            raise MetadataError(f"column '{self.name}' has no bounds, so quantiles are not available")
+        lo, hi = self.bounds
+        if self.type == "int":
+            lo_i, hi_i = math.ceil(lo), math.floor(hi)
+            step = max(1, math.ceil((hi_i - lo_i) / (DEFAULT_QUANTILE_CANDIDATES - 1)))
+            return list(range(lo_i, hi_i + 1, step))
+        n = DEFAULT_QUANTILE_CANDIDATES
+        return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "nullable": self.nullable}
+        if self.bounds is not None:
+            out["bounds"] = list(self.bounds)
+        if self.categories is not None:
+            out["categories"] = list(self.categories)
+        if self.candidates is not None:
+            out["candidates"] = list(self.candidates)
+        if self.description:
+            out["description"] = self.description
+        return out
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    privacy_unit: int
+    max_rows: int
+    columns: tuple[ColumnMetadata, ...]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, name: str) -> ColumnMetadata | None:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        return None
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "privacy_unit": self.privacy_unit,
+            "max_rows": self.max_rows,
+            "columns": {c.name: c.to_json() for c in self.columns},
+        }
+
+
+_DATASET_KEYS = {"description", "privacy_unit", "max_rows", "columns"}
+_COLUMN_KEYS = {"type", "nullable", "bounds", "categories", "candidates", "description"}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MetadataError(f"{where} must be a finite number")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MetadataError(f"{where} must be a positive whole number")
+    return value
+
+
+def _typed_value(value: Any, col_type: str, where: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "string": isinstance(value, str),
+        "bool": isinstance(value, bool),
+    }[col_type]
+    if not ok:
+        raise MetadataError(f"{where} must be of the column's type ({col_type})")
+    return float(value) if col_type == "float" else value
+
+
+def parse_column(name: str, spec: Any) -> ColumnMetadata:
+    where = f"column '{name}'"
+    if not isinstance(spec, dict):
+        raise MetadataError(f"{where}: expected a mapping with at least 'type'")
+    unknown = set(spec) - _COLUMN_KEYS
+    if unknown:
+        raise MetadataError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_COLUMN_KEYS)}")
+    col_type = spec.get("type")
+    if col_type not in COLUMN_TYPES:
+        raise MetadataError(f"{where}: type must be one of {list(COLUMN_TYPES)}")
+    nullable = spec.get("nullable", True)
+    if not isinstance(nullable, bool):
+        raise MetadataError(f"{where}: nullable must be true or false")
+    bounds = None
+    if "bounds" in spec:
+        if col_type not in ("int", "float"):
+            raise MetadataError(f"{where}: bounds are only for int and float columns")
+        raw = spec["bounds"]
+        if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+            raise MetadataError(f"{where}: bounds must be [lower, upper]")
+        lo, hi = (_number(v, f"{where}: bounds") for v in raw)
+        if col_type == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
+            raise MetadataError(f"{where}: bounds of an int column must be whole numbers")
+        if lo >= hi:
+            raise MetadataError(f"{where}: lower bound must be below upper bound")
+        bounds = (int(lo), int(hi)) if col_type == "int" else (float(lo), float(hi))
+    categories = None
+    if "categories" in spec:
+        raw = spec["categories"]
+        if col_type == "float":
+            raise MetadataError(f"{where}: float columns cannot have categories")
+        if not isinstance(raw, list) or not raw:
+            raise MetadataError(f"{where}: categories must be a non-empty list")
+        if len(raw) > MAX_CATEGORIES:
+            raise MetadataError(f"{where}: at most {MAX_CATEGORIES} categories")
+        values = tuple(_typed_value(v, col_type, f"{where}: each category") for v in raw)
+        if len(set(values)) != len(values):
+            raise MetadataError(f"{where}: categories must be unique")
+        categories = values
+    candidates = None
+    if "candidates" in spec:
+        raw = spec["candidates"]
+        if col_type not in ("int", "float"):
+            raise MetadataError(f"{where}: candidates are only for int and float columns")
+        if not isinstance(raw, list) or len(raw) < 2 or len(raw) > MAX_CANDIDATES:
+            raise MetadataError(f"{where}: candidates must be a list of 2 to {MAX_CANDIDATES} numbers")
+        values = tuple(_typed_value(v, col_type, f"{where}: each candidate") for v in raw)
+        if list(values) != sorted(set(values)):
+            raise MetadataError(f"{where}: candidates must be strictly increasing")
+        candidates = values
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise MetadataError(f"{where}: description must be text")
+    return ColumnMetadata(name, col_type, nullable, bounds, categories, candidates, description)
+
+
+def parse_metadata(doc: Any) -> DatasetMetadata:
+    """Validate an admin-supplied metadata document (already loaded from YAML or JSON)."""
+    if not isinstance(doc, dict):
+        raise MetadataError("metadata must be a mapping with 'privacy_unit', 'max_rows' and 'columns'")
+    unknown = set(doc) - _DATASET_KEYS
+    if unknown:
+        raise MetadataError(f"unknown metadata keys {sorted(unknown)}; allowed: {sorted(_DATASET_KEYS)}")
+    for key in ("privacy_unit", "max_rows", "columns"):
+        if key not in doc:
+            raise MetadataError(f"metadata is missing '{key}'")
+    privacy_unit = _positive_int(doc["privacy_unit"], "privacy_unit (max rows per individual)")
+    max_rows = _positive_int(doc["max_rows"], "max_rows (public bound on the row count)")
+    raw_columns = doc["columns"]
+    if not isinstance(raw_columns, dict) or not raw_columns:
+        raise MetadataError("columns must be a non-empty mapping of column name to its description")
+    columns = []
+    for name, spec in raw_columns.items():
+        if not isinstance(name, str) or not name or name.startswith("__"):
+            raise MetadataError("column names must be non-empty text not starting with '__'")
+        columns.append(parse_column(name, spec))
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise MetadataError("description must be text")
+    return DatasetMetadata(privacy_unit, max_rows, tuple(columns), description)
+
+
+def metadata_from_json(doc: dict[str, Any]) -> DatasetMetadata:
+    """Load metadata that was validated before (from the store)."""
+    return parse_metadata(doc)
+
+
+__all__ = ["ColumnMetadata", "DatasetMetadata", "parse_metadata", "metadata_from_json", "asdict"]

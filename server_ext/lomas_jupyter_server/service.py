@@ -1,0 +1,288 @@
+"""The DP service's domain logic: who may do what, and the check-reserve-run-commit flow of a query.
+
+Handlers call these methods and only translate HTTP; everything here is testable without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import engine
+from .datasets import check_dataset_name, import_dataset
+from .errors import BadRequest, Forbidden, LomasError, NotFound
+from .metadata import parse_metadata
+from .sql import compile_sql
+from .store import AdminStore, DatasetRecord, UserRecord
+from .workers import WorkerPool
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    dataset: str
+    sql: str
+    epsilon: float
+    delta: float
+    bounds: dict[str, Any] | None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], max_epsilon: float) -> QueryRequest:
+        allowed = {"dataset", "sql", "epsilon", "delta", "bounds"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise BadRequest(f"unknown field(s) {sorted(unknown)}; a query takes {sorted(allowed)}")
+        dataset = body.get("dataset")
+        if not isinstance(dataset, str) or not dataset:
+            raise BadRequest("'dataset' is required: the name of the dataset to query")
+        sql = body.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise BadRequest("'sql' is required: the SELECT query to run")
+        if "epsilon" not in body:
+            raise BadRequest("'epsilon' is required: the privacy budget to spend on this query")
+        epsilon = engine._check_epsilon(body["epsilon"], max_epsilon)
+        delta = body.get("delta", 0.0)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+            raise BadRequest("delta must be a number")
+        if not 0 <= delta < 1:
+            raise BadRequest("delta must be at least 0 and below 1")
+        bounds = body.get("bounds")
+        if bounds is not None and not isinstance(bounds, dict):
+            raise BadRequest("bounds must be an object mapping column names to [lower, upper]")
+        return cls(dataset, sql, epsilon, float(delta), bounds)
+
+    def params(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "bounds": self.bounds}
+
+
+class DPService:
+    def __init__(
+        self,
+        store: AdminStore,
+        storage_dir: str | Path,
+        pool: WorkerPool,
+        max_epsilon_per_query: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.storage_dir = Path(storage_dir)
+        self.pool = pool
+        self.max_epsilon_per_query = max_epsilon_per_query
+
+    # --- identity -----------------------------------------------------------------------------------------
+
+    def ensure_user(self, username: str, role: str) -> UserRecord:
+        user = self.store.get_user(username)
+        if user is None:
+            try:
+                user = self.store.create_user(username, role, actor="system")
+            except LomasError:
+                user = self.store.get_user(username)  # created concurrently
+                assert user is not None
+        return user
+
+    @staticmethod
+    def require_admin(user: UserRecord) -> None:
+        if user.role != "admin":
+            raise Forbidden("this needs the admin role")
+
+    # --- analyst side -------------------------------------------------------------------------------------
+
+    def _dataset(self, name: str) -> DatasetRecord:
+        record = self.store.get_dataset(name) if isinstance(name, str) else None
+        if record is None:
+            known = ", ".join(d.name for d in self.store.list_datasets()) or "none yet"
+            raise NotFound(f"no dataset '{name}'. Available: {known}")
+        return record
+
+    def list_datasets(self, user: UserRecord) -> list[dict[str, Any]]:
+        out = []
+        for record in self.store.list_datasets():
+            budget = self.store.budget(user.username, record.name)
+            out.append(
+                {
+                    "name": record.name,
+                    "description": record.description,
+                    "version": record.version,
+                    "budget": budget.to_json() if budget else None,
+                }
+            )
+        return out
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return self._dataset(name).to_public_json()
+
+    def budgets(self, user: UserRecord) -> list[dict[str, Any]]:
+        out = []
+        for grant in self.store.list_grants(user.username):
+            budget = self.store.budget(user.username, grant.dataset)
+            if budget is not None:
+                out.append(budget.to_json())
+        return out
+
+    def budget(self, user: UserRecord, dataset: str) -> dict[str, Any]:
+        self._dataset(dataset)
+        budget = self.store.budget(user.username, dataset)
+        if budget is None:
+            raise NotFound(f"you have no budget on dataset '{dataset}'; ask an admin for a grant")
+        return budget.to_json()
+
+    def archive(self, user: UserRecord, dataset: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.store.list_releases(user.username, dataset, limit)]
+
+    def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
+        record = self._dataset(request.dataset)
+        metadata = parse_metadata(record.metadata)
+        spec = compile_sql(request.sql, record.name, metadata)
+        engine.effective_bounds(metadata, request.bounds)  # refuse bad bounds before any work
+        return record, spec
+
+    async def preview(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        request = QueryRequest.parse(body, self.max_epsilon_per_query)
+        record, spec = self._compile(request)
+        preview = await self.pool.run(
+            engine.preview_task, spec.to_json(), record.metadata, request.epsilon, request.bounds
+        )
+        budget = self.store.budget(user.username, record.name)
+        return {
+            "dataset": record.name,
+            "dataset_version": record.version,
+            "sql": request.sql,
+            "columns": [o.name for o in spec.outputs],
+            "cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
+            "requested": {"epsilon": request.epsilon, "delta": request.delta},
+            "aggregates": preview["aggregates"],
+            "budget": budget.to_json() if budget else None,
+            "affordable": bool(
+                budget
+                and budget.epsilon_spent + preview["epsilon"] <= budget.epsilon_total
+                and budget.delta_spent + preview["delta"] <= budget.delta_total
+            ),
+        }
+
+    async def query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        request = QueryRequest.parse(body, self.max_epsilon_per_query)
+        record, spec = self._compile(request)
+        if self.store.get_grant(user.username, record.name) is None:
+            raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
+        preview = await self.pool.run(
+            engine.preview_task, spec.to_json(), record.metadata, request.epsilon, request.bounds
+        )
+        # Charge what the mechanism costs (its privacy map), not what was asked for.
+        reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"])
+        try:
+            released = await self.pool.run(
+                engine.release_task,
+                spec.to_json(),
+                record.metadata,
+                request.bounds,
+                record.parquet_path,
+                preview["scale"],
+                preview["epsilon"],
+            )
+        except BaseException:
+            self.store.refund(reservation)  # nothing left the worker: nothing was released
+            raise
+        self.store.commit(reservation)
+        result = {
+            "dataset": record.name,
+            "dataset_version": record.version,
+            "sql": request.sql,
+            "columns": released["columns"],
+            "rows": released["rows"],
+            "intervals": released["intervals"],
+            "aggregates": released["aggregates"],
+            "cost": {"epsilon": released["epsilon"], "delta": released["delta"]},
+            "requested": {"epsilon": request.epsilon, "delta": request.delta},
+        }
+        archived = self.store.archive_release(
+            user.username,
+            record.name,
+            record.version,
+            request.sql,
+            spec.canonical(),
+            request.params(),
+            released["epsilon"],
+            released["delta"],
+            result,
+            reservation,
+        )
+        budget = self.store.budget(user.username, record.name)
+        return {
+            "release_id": archived.id,
+            "created_at": archived.created_at,
+            **result,
+            "budget": budget.to_json() if budget else None,
+        }
+
+    # --- admin side ---------------------------------------------------------------------------------------
+
+    async def import_dataset(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        allowed = {"name", "description", "metadata", "data_base64", "format", "path"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        name = check_dataset_name(body.get("name"))
+        if "metadata" not in body:
+            raise BadRequest("'metadata' is required: the dataset's public metadata")
+        source: str | bytes
+        if "data_base64" in body:
+            try:
+                source = base64.b64decode(body["data_base64"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise BadRequest("data_base64 is not valid base64") from None
+        elif isinstance(body.get("path"), str):
+            source = body["path"]
+        else:
+            raise BadRequest("give the data as 'data_base64' (with 'format') or as a 'path' on the service's machine")
+        record = await asyncio.to_thread(
+            import_dataset,
+            self.store,
+            self.storage_dir,
+            name,
+            source,
+            body["metadata"],
+            body.get("description"),
+            body.get("format"),
+            admin.username,
+        )
+        return record.to_public_json()
+
+    def create_user(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        username = body.get("username")
+        if not isinstance(username, str):
+            raise BadRequest("'username' is required")
+        return self.store.create_user(username, body.get("role", "analyst"), admin.username).to_json()
+
+    def set_role(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        return self.store.set_role(username, body.get("role", ""), admin.username).to_json()
+
+    def issue_token(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        label = body.get("label", "")
+        if not isinstance(label, str):
+            raise BadRequest("label must be text")
+        return {"username": username, "token": self.store.issue_token(username, label, admin.username)}
+
+    def revoke_tokens(self, admin: UserRecord, username: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        if self.store.get_user(username) is None:
+            raise NotFound(f"no user '{username}'")
+        return {"username": username, "revoked": self.store.revoke_tokens(username, admin.username)}
+
+    def set_grant(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        username, dataset = body.get("username"), body.get("dataset")
+        if not isinstance(username, str) or not isinstance(dataset, str):
+            raise BadRequest("'username' and 'dataset' are required")
+        epsilon, delta = body.get("epsilon"), body.get("delta", 0.0)
+        for name, value in (("epsilon", epsilon), ("delta", delta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadRequest(f"'{name}' must be a number")
+        return self.store.set_grant(username, dataset, float(epsilon), float(delta), admin.username).to_json()  # type: ignore[arg-type]

@@ -1,0 +1,361 @@
+"""Restricted SQL -> query spec.
+
+The client's SQL is parsed with sqlglot and walked against an allowlist; anything not on it is refused with a
+message naming the construct. The result is a plain, JSON-able spec: the engine builds the OpenDP plan from it
+with bounds and key sets taken from server metadata. No client text ever reaches polars.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+
+from .errors import QueryRejected
+from .metadata import ColumnMetadata, DatasetMetadata
+
+MAX_SQL_CHARS = 20_000
+MAX_AGGREGATES = 20
+MAX_IN_VALUES = 1000
+
+SUPPORTED = (
+    "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), MEDIAN(col), "
+    "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases; FROM <dataset>; "
+    "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
+    "GROUP BY on columns with public categories."
+)
+
+_CLAUSE_NAMES = {
+    "joins": "JOIN",
+    "laterals": "LATERAL",
+    "having": "HAVING",
+    "order": "ORDER BY",
+    "limit": "LIMIT",
+    "offset": "OFFSET",
+    "with_": "WITH",
+    "with": "WITH",
+    "distinct": "DISTINCT",
+    "windows": "WINDOW",
+    "qualify": "QUALIFY",
+    "into": "INTO",
+    "sample": "TABLESAMPLE",
+    "locks": "FOR UPDATE",
+    "prewhere": "PREWHERE",
+    "connect": "CONNECT BY",
+    "settings": "SETTINGS",
+    "kind": "SELECT modifier",
+    "hint": "hint",
+    "cluster": "CLUSTER BY",
+    "distribute": "DISTRIBUTE BY",
+    "sort": "SORT BY",
+    "match": "MATCH_RECOGNIZE",
+}
+_ALLOWED_ARGS = {"expressions", "from_", "from", "where", "group"}
+
+AGG_KINDS = ("count_star", "count", "sum", "avg", "quantile")
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    kind: str  # one of AGG_KINDS
+    column: str | None
+    alias: str
+    quantile: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputColumn:
+    name: str
+    key: str | None = None  # a group-by column
+    aggregate: int | None = None  # index into QuerySpec.aggregates
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    table: str
+    group_by: tuple[str, ...]
+    aggregates: tuple[Aggregate, ...]
+    outputs: tuple[OutputColumn, ...]
+    where: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def canonical(self) -> str:
+        """A canonical text of the query: equal for SQL that differs only in spelling."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> QuerySpec:
+        return cls(
+            table=doc["table"],
+            group_by=tuple(doc["group_by"]),
+            aggregates=tuple(Aggregate(**a) for a in doc["aggregates"]),
+            outputs=tuple(OutputColumn(**o) for o in doc["outputs"]),
+            where=doc.get("where"),
+        )
+
+
+def _reject(message: str) -> QueryRejected:
+    return QueryRejected(f"{message}. {SUPPORTED}")
+
+
+class _Compiler:
+    def __init__(self, metadata: DatasetMetadata, table: str) -> None:
+        self.metadata = metadata
+        self.table = table
+
+    def column(self, node: exp.Expression, purpose: str) -> ColumnMetadata:
+        if not isinstance(node, exp.Column):
+            raise _reject(f"{purpose} must be a plain column name, not '{_short(node)}'")
+        if node.table and node.table != self.table:
+            raise _reject(f"column '{node.sql()}' refers to another table")
+        col = self.metadata.column(node.name)
+        if col is None:
+            raise QueryRejected(
+                f"unknown column '{node.name}'. Columns of {self.table}: {', '.join(self.metadata.column_names)}"
+            )
+        return col
+
+    def literal(self, node: exp.Expression, col: ColumnMetadata) -> Any:
+        negative = False
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Neg):
+            negative, node = True, node.this
+        if isinstance(node, exp.Boolean):
+            value: Any = bool(node.this)
+        elif isinstance(node, exp.Literal):
+            if node.is_string:
+                value = node.this
+            else:
+                text = node.this
+                try:
+                    value = int(text) if text.lstrip("-").isdigit() else float(text)
+                except ValueError as err:
+                    raise _reject(f"'{text}' is not a number") from err
+        else:
+            raise _reject(f"comparisons must be between a column and a literal value, not '{_short(node)}'")
+        if negative:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise _reject("only numbers can be negated")
+            value = -value
+        if col.type in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise QueryRejected(f"column '{col.name}' is {col.type}: compare it with a number")
+            if col.type == "float":
+                value = float(value)
+        elif col.type == "string":
+            if not isinstance(value, str):
+                raise QueryRejected(f"column '{col.name}' is text: compare it with a quoted string")
+        elif col.type == "bool" and not isinstance(value, bool):
+            raise QueryRejected(f"column '{col.name}' is boolean: compare it with TRUE or FALSE")
+        return value
+
+    def predicate(self, node: exp.Expression) -> dict[str, Any]:
+        if isinstance(node, exp.Paren):
+            return self.predicate(node.this)
+        if isinstance(node, exp.And):
+            return {"op": "and", "args": [self.predicate(node.left), self.predicate(node.right)]}
+        if isinstance(node, exp.Or):
+            return {"op": "or", "args": [self.predicate(node.left), self.predicate(node.right)]}
+        if isinstance(node, exp.Not):
+            inner = node.this
+            while isinstance(inner, exp.Paren):
+                inner = inner.this
+            if isinstance(inner, exp.Is):
+                return self.is_null(inner, negate=True)
+            return {"op": "not", "arg": self.predicate(node.this)}
+        if isinstance(node, exp.Is):
+            return self.is_null(node, negate=bool(node.args.get("negate")))
+        comparisons = {exp.EQ: "==", exp.NEQ: "!=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
+        flipped = {"==": "==", "!=": "!=", ">": "<", ">=": "<=", "<": ">", "<=": ">="}
+        for cls, op in comparisons.items():
+            if isinstance(node, cls):
+                left, right = node.left, node.right
+                if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
+                    left, right, op = right, left, flipped[op]
+                col = self.column(left, "the left side of a comparison")
+                return {"op": "cmp", "cmp": op, "column": col.name, "value": self.literal(right, col)}
+        if isinstance(node, exp.In):
+            if node.args.get("query") or node.args.get("unnest") or node.args.get("field"):
+                raise _reject("IN accepts a list of literal values only (no subqueries)")
+            col = self.column(node.this, "the left side of IN")
+            values = [self.literal(v, col) for v in node.expressions]
+            if not values or len(values) > MAX_IN_VALUES:
+                raise _reject(f"IN needs 1 to {MAX_IN_VALUES} values")
+            return {"op": "in", "column": col.name, "values": values}
+        if isinstance(node, exp.Between):
+            col = self.column(node.this, "the left side of BETWEEN")
+            low = self.literal(node.args["low"], col)
+            high = self.literal(node.args["high"], col)
+            return {"op": "between", "column": col.name, "low": low, "high": high}
+        raise _reject(f"unsupported condition in WHERE: '{_short(node)}'")
+
+    def is_null(self, node: exp.Is, negate: bool) -> dict[str, Any]:
+        if not isinstance(node.expression, exp.Null):
+            raise _reject("IS is supported only as IS NULL / IS NOT NULL")
+        col = self.column(node.this, "the left side of IS NULL")
+        return {"op": "is_null", "column": col.name, "negate": negate}
+
+    def numeric_column(self, node: exp.Expression, fn: str) -> ColumnMetadata:
+        col = self.column(node, f"the argument of {fn}")
+        if not col.numeric:
+            raise QueryRejected(f"{fn}({col.name}): column '{col.name}' is {col.type}, not numeric")
+        if col.bounds is None and not (fn in ("MEDIAN", "PERCENTILE_CONT") and col.candidates):
+            raise QueryRejected(
+                f"{fn}({col.name}): column '{col.name}' has no public bounds in the metadata, so it cannot be aggregated"
+            )
+        return col
+
+    def quantile_value(self, node: exp.Expression) -> float:
+        if not isinstance(node, exp.Literal) or node.is_string:
+            raise _reject("the quantile must be a number between 0 and 1")
+        q = float(node.this)
+        if not 0.0 < q < 1.0:
+            raise QueryRejected(f"the quantile must be strictly between 0 and 1, got {node.this}")
+        return q
+
+    def aggregate(self, node: exp.Expression) -> tuple[str, str | None, float | None]:
+        """Returns (kind, column, quantile) for an allowed aggregate."""
+        if isinstance(node, exp.Count):
+            arg = node.this
+            if isinstance(arg, exp.Star):
+                return "count_star", None, None
+            if isinstance(arg, exp.Distinct):
+                raise _reject("COUNT(DISTINCT ...) is not supported")
+            if isinstance(arg, exp.Literal) and not arg.is_string and arg.this == "1":
+                return "count_star", None, None
+            return "count", self.column(arg, "the argument of COUNT").name, None
+        if isinstance(node, exp.Sum):
+            return "sum", self.numeric_column(node.this, "SUM").name, None
+        if isinstance(node, exp.Avg):
+            return "avg", self.numeric_column(node.this, "AVG").name, None
+        if isinstance(node, exp.Median):
+            return "quantile", self.numeric_column(node.this, "MEDIAN").name, 0.5
+        if isinstance(node, exp.Quantile):
+            col = self.numeric_column(node.this, "PERCENTILE_CONT")
+            return "quantile", col.name, self.quantile_value(node.args["quantile"])
+        if isinstance(node, exp.WithinGroup) and isinstance(node.this, (exp.PercentileCont, exp.PercentileDisc)):
+            order = node.expression
+            if not isinstance(order, exp.Order) or len(order.expressions) != 1:
+                raise _reject("PERCENTILE_CONT needs WITHIN GROUP (ORDER BY <column>)")
+            ordered = order.expressions[0]
+            if ordered.args.get("desc"):
+                raise _reject("PERCENTILE_CONT supports ascending order only")
+            col = self.numeric_column(ordered.this, "PERCENTILE_CONT")
+            return "quantile", col.name, self.quantile_value(node.this.this)
+        if isinstance(node, exp.AggFunc) or isinstance(node, exp.Anonymous):
+            name = node.sql_name() if isinstance(node, exp.Func) else _short(node)
+            raise _reject(f"aggregate function {name} is not supported")
+        raise _reject(f"unsupported select item '{_short(node)}'")
+
+
+def _short(node: exp.Expression) -> str:
+    text = node.sql()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _default_alias(kind: str, column: str | None, quantile: float | None) -> str:
+    if kind == "count_star":
+        return "count"
+    if kind == "quantile":
+        if quantile == 0.5:
+            return f"median_{column}"
+        return f"p{round(quantile * 100, 2):g}_{column}".replace(".", "_")
+    return f"{kind}_{column}"
+
+
+def compile_sql(sql: str, table: str, metadata: DatasetMetadata) -> QuerySpec:
+    """Parse and check `sql` against the allowlist and the dataset's metadata."""
+    if not isinstance(sql, str) or not sql.strip():
+        raise QueryRejected("the query is empty. " + SUPPORTED)
+    if len(sql) > MAX_SQL_CHARS:
+        raise QueryRejected(f"the query is longer than {MAX_SQL_CHARS} characters")
+    try:
+        trees = [t for t in sqlglot.parse(sql, read="postgres") if t is not None]
+    except ParseError as err:
+        first = err.errors[0] if err.errors else {}
+        where = f" near line {first.get('line')}, column {first.get('col')}" if first.get("line") else ""
+        raise QueryRejected(f"the query is not valid SQL{where}. {SUPPORTED}") from None
+    except Exception:  # sqlglot tokenizer errors have several types
+        raise QueryRejected(f"the query is not valid SQL. {SUPPORTED}") from None
+    if len(trees) != 1:
+        raise _reject("send exactly one statement")
+    select = trees[0]
+    if not isinstance(select, exp.Select):
+        statement = sql.strip().split(None, 1)[0].upper()[:20]
+        raise _reject(f"only SELECT statements are supported, not '{statement}'")
+    for key, value in select.args.items():
+        if value and key not in _ALLOWED_ARGS:
+            raise _reject(f"unsupported clause: {_CLAUSE_NAMES.get(key, key.upper())}")
+
+    source = select.args.get("from_") or select.args.get("from")
+    if source is None:
+        raise _reject(f"the query needs FROM {table}")
+    src = source.this
+    if not isinstance(src, exp.Table) or not isinstance(src.this, exp.Identifier):
+        raise _reject(f"FROM must name the dataset table {table} (no subqueries or table functions)")
+    if src.args.get("db") or src.args.get("catalog"):
+        raise _reject(f"FROM must name the dataset table {table} without a schema")
+    if src.name != table:
+        raise QueryRejected(f"FROM {src.name}: this query runs on dataset '{table}', so write FROM {table}")
+    if any(src.args.get(k) for k in ("joins", "laterals", "pivots", "sample")):
+        raise _reject("unsupported clause on the table")
+    compiler = _Compiler(metadata, src.alias_or_name if src.alias else table)
+    compiler.table = src.alias or table
+
+    group_by: list[str] = []
+    group = select.args.get("group")
+    if group:
+        if any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets")):
+            raise _reject("ROLLUP, CUBE and GROUPING SETS are not supported")
+        for node in group.expressions:
+            col = compiler.column(node, "GROUP BY items")
+            if col.categories is None:
+                raise QueryRejected(
+                    f"GROUP BY {col.name}: column '{col.name}' has no public category list, so its groups "
+                    "cannot be released. Group by a column with public categories."
+                )
+            if col.name in group_by:
+                raise _reject(f"GROUP BY lists '{col.name}' twice")
+            group_by.append(col.name)
+
+    aggregates: list[Aggregate] = []
+    outputs: list[OutputColumn] = []
+    names: set[str] = set()
+    for item in select.expressions:
+        alias = item.alias if isinstance(item, exp.Alias) else None
+        node = item.this if isinstance(item, exp.Alias) else item
+        if isinstance(node, exp.Star):
+            raise _reject("SELECT * would release rows; select aggregates instead")
+        if isinstance(node, exp.Column):
+            col = compiler.column(node, "select items")
+            if col.name not in group_by:
+                raise QueryRejected(
+                    f"'{col.name}' is selected but not aggregated: individual rows are never released. "
+                    f"Aggregate it (e.g. {'AVG' if col.numeric else 'COUNT'}({col.name})) or add it to GROUP BY "
+                    "if it has public categories."
+                )
+            output = OutputColumn(alias or col.name, key=col.name)
+        else:
+            kind, column, quantile = compiler.aggregate(node)
+            name = alias or _default_alias(kind, column, quantile)
+            aggregates.append(Aggregate(kind, column, name, quantile))
+            output = OutputColumn(name, aggregate=len(aggregates) - 1)
+        if output.name in names:
+            raise QueryRejected(f"two output columns are named '{output.name}': give them distinct aliases")
+        names.add(output.name)
+        outputs.append(output)
+    if not aggregates:
+        raise _reject("the query must compute at least one aggregate")
+    if len(aggregates) > MAX_AGGREGATES:
+        raise QueryRejected(f"at most {MAX_AGGREGATES} aggregates per query")
+
+    where = select.args.get("where")
+    predicate = compiler.predicate(where.this) if where is not None else None
+    return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate)

@@ -1,0 +1,23 @@
+"""The admin store: users, tokens, datasets, grants, the append-only ledger and the release archive."""
+
+from .base import (
+    AdminStore,
+    AuditEntry,
+    Budget,
+    DatasetRecord,
+    GrantRecord,
+    ReleaseRecord,
+    UserRecord,
+)
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "AdminStore",
+    "AuditEntry",
+    "Budget",
+    "DatasetRecord",
+    "GrantRecord",
+    "ReleaseRecord",
+    "SQLiteStore",
+    "UserRecord",
+]

@@ -1,0 +1,250 @@
+"""The one interface every store implements (SQLite now; PostgreSQL later), so the engine and handlers
+never see SQL dialects or connections."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+ROLES = ("admin", "analyst")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_token() -> str:
+    return "lomas_" + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random, so a plain SHA-256 is enough to make a leaked table useless."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    username: str
+    role: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"username": self.username, "role": self.role, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    description: str
+    metadata: dict[str, Any]
+    parquet_path: str
+    version: int
+    created_at: str
+
+    def to_public_json(self) -> dict[str, Any]:
+        """What analysts may see: never the storage location."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "version": self.version,
+            "metadata": self.metadata,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    username: str
+    dataset: str
+    epsilon: float
+    delta: float
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "username": self.username,
+            "dataset": self.dataset,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Budget:
+    username: str
+    dataset: str
+    epsilon_total: float
+    delta_total: float
+    epsilon_spent: float
+    delta_spent: float
+    releases: int
+    last_cost: float | None
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return max(self.epsilon_total - self.epsilon_spent, 0.0)
+
+    @property
+    def delta_remaining(self) -> float:
+        return max(self.delta_total - self.delta_spent, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "username": self.username,
+            "epsilon_total": self.epsilon_total,
+            "epsilon_spent": self.epsilon_spent,
+            "epsilon_remaining": self.epsilon_remaining,
+            "delta_total": self.delta_total,
+            "delta_spent": self.delta_spent,
+            "delta_remaining": self.delta_remaining,
+            "releases": self.releases,
+            "last_cost": self.last_cost,
+        }
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    id: int
+    username: str
+    dataset: str
+    dataset_version: int
+    sql: str
+    canonical: str
+    params: dict[str, Any]
+    epsilon: float
+    delta: float
+    result: dict[str, Any]
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "username": self.username,
+            "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
+            "sql": self.sql,
+            "params": self.params,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "result": self.result,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "actor": self.actor,
+            "action": self.action,
+            "detail": self.detail,
+            "created_at": self.created_at,
+        }
+
+
+class AdminStore(ABC):
+    """Everything the service persists. Implementations must make `reserve` atomic across threads,
+    processes and (for a networked database) replicas."""
+
+    # users and tokens
+    @abstractmethod
+    def create_user(self, username: str, role: str, actor: str) -> UserRecord: ...
+
+    @abstractmethod
+    def get_user(self, username: str) -> UserRecord | None: ...
+
+    @abstractmethod
+    def list_users(self) -> list[UserRecord]: ...
+
+    @abstractmethod
+    def set_role(self, username: str, role: str, actor: str) -> UserRecord: ...
+
+    @abstractmethod
+    def issue_token(self, username: str, label: str, actor: str) -> str:
+        """Returns the plaintext token; only its hash is stored."""
+
+    @abstractmethod
+    def user_for_token(self, token: str) -> UserRecord | None: ...
+
+    @abstractmethod
+    def revoke_tokens(self, username: str, actor: str) -> int: ...
+
+    # datasets
+    @abstractmethod
+    def put_dataset(
+        self, name: str, description: str, metadata: dict[str, Any], parquet_path: str, actor: str
+    ) -> DatasetRecord:
+        """Adds a dataset or a new version of it."""
+
+    @abstractmethod
+    def get_dataset(self, name: str) -> DatasetRecord | None: ...
+
+    @abstractmethod
+    def list_datasets(self) -> list[DatasetRecord]: ...
+
+    # grants and the ledger
+    @abstractmethod
+    def set_grant(self, username: str, dataset: str, epsilon: float, delta: float, actor: str) -> GrantRecord: ...
+
+    @abstractmethod
+    def get_grant(self, username: str, dataset: str) -> GrantRecord | None: ...
+
+    @abstractmethod
+    def list_grants(self, username: str | None = None) -> list[GrantRecord]: ...
+
+    @abstractmethod
+    def budget(self, username: str, dataset: str) -> Budget | None: ...
+
+    @abstractmethod
+    def reserve(self, username: str, dataset: str, epsilon: float, delta: float) -> str:
+        """Atomically check the remaining budget and record a reservation; returns its id.
+        Raises InsufficientBudget (with cost and remaining) when it does not fit."""
+
+    @abstractmethod
+    def commit(self, reservation_id: str) -> None: ...
+
+    @abstractmethod
+    def refund(self, reservation_id: str) -> None: ...
+
+    @abstractmethod
+    def ledger(self, username: str | None = None, limit: int = 500) -> list[dict[str, Any]]: ...
+
+    # archive and audit
+    @abstractmethod
+    def archive_release(
+        self,
+        username: str,
+        dataset: str,
+        dataset_version: int,
+        sql: str,
+        canonical: str,
+        params: dict[str, Any],
+        epsilon: float,
+        delta: float,
+        result: dict[str, Any],
+        reservation_id: str,
+    ) -> ReleaseRecord: ...
+
+    @abstractmethod
+    def list_releases(
+        self, username: str | None = None, dataset: str | None = None, limit: int = 200
+    ) -> list[ReleaseRecord]: ...
+
+    @abstractmethod
+    def audit(self, limit: int = 200) -> list[AuditEntry]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

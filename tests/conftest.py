@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+Api = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "lomas-storage"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def lomas_config(storage_dir: Path) -> dict[str, Any]:
+    return {"storage_dir": str(storage_dir), "workers": 2, "demo": True, "demo_epsilon": 10.0,
+            "local_username": "owner"}
+
+
+@pytest.fixture
+def jp_server_config(lomas_config: dict[str, Any]) -> dict[str, Any]:
+    # pytest-jupyter isolates Jupyter's paths, so the shipped jupyter-config file is not seen: enable here.
+    return {
+        "ServerApp": {"jpserver_extensions": {"lomas_jupyter_server": True}, "allow_unauthenticated_access": False},
+        "LomasApp": lomas_config,
+    }
+
+
+@pytest.fixture
+def lomas_app(jp_serverapp: Any) -> Any:
+    return jp_serverapp.extension_manager.extension_points["lomas"].app
+
+
+@pytest.fixture
+def api(jp_fetch: Any) -> Api:
+    """Call a lomas endpoint; returns (status, decoded JSON) for success and error answers alike."""
+
+    async def call(path: str, method: str = "GET", body: Any = None, raw: bytes | None = None,
+                   headers: dict[str, str] | None = None, **params: Any) -> tuple[int, Any]:
+        kwargs: dict[str, Any] = {"method": method, "params": params or None}
+        if headers is not None:
+            kwargs["headers"] = headers
+        if raw is not None:
+            kwargs["body"] = raw
+        elif body is not None:
+            kwargs["body"] = json.dumps(body)
+        elif method in ("POST", "PUT", "PATCH"):
+            kwargs["body"] = "{}"
+        try:
+            response = await jp_fetch("lomas", "api", *path.split("/"), **kwargs)
+        except HTTPClientError as err:
+            assert err.response is not None, err
+            return err.code, json.loads(err.response.body or b"null")
+        return response.code, json.loads(response.body or b"null")
+
+    return call
