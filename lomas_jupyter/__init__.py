@@ -1,0 +1,9 @@
+"""lomas_jupyter: the kernel side. `%load_ext lomas_jupyter` for magics, `Client` for plain Python."""
+
+from __future__ import annotations
+
+from .client import Client, Connection, Release, discover
+from .errors import LomasError
+
+__version__ = "0.1.0"
+__all__ = ["Client", "Connection", "LomasError", "Release", "discover"]

@@ -59,6 +59,8 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
         if isinstance(exc, LomasError):
             self.set_status(exc.status)
             payload = exc.to_json()
+        elif isinstance(exc, tornado.web.HTTPError) and status_code in (401, 403) and not exc.log_message:
+            payload = {"error": "unauthorized", "message": "authentication required: send a valid token"}
         elif isinstance(exc, tornado.web.HTTPError):
             message = exc.log_message or exc.reason or tornado.httputil.responses.get(status_code, "error")
             if exc.args and "%" in str(message):

@@ -1,0 +1,203 @@
+"""The kernel's only way to the DP service: HTTP with a token. It never imports server code and never
+receives a row of private data."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import requests
+import yaml
+
+from .errors import LomasError
+
+API = "lomas/api/"
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str  # base URL of the server, ending with "/"
+    token: str
+    source: str  # how it was found, for `%lomas status`
+
+
+def discover() -> Connection:
+    """Find the service: LOMAS_URL/LOMAS_TOKEN, then JupyterHub's environment, then the local Jupyter
+    server that started this kernel."""
+    if os.environ.get("LOMAS_URL"):
+        return Connection(os.environ["LOMAS_URL"].rstrip("/") + "/", os.environ.get("LOMAS_TOKEN", ""), "LOMAS_URL")
+    if os.environ.get("JUPYTERHUB_API_TOKEN") and os.environ.get("JUPYTERHUB_SERVICE_URL"):
+        return Connection(
+            os.environ["JUPYTERHUB_SERVICE_URL"].rstrip("/") + "/", os.environ["JUPYTERHUB_API_TOKEN"], "JupyterHub"
+        )
+    try:
+        from jupyter_server.serverapp import list_running_servers
+
+        servers = list(list_running_servers())
+    except Exception:
+        servers = []
+    parent = os.environ.get("JPY_PARENT_PID")
+    for server in servers:
+        if parent and str(server.get("pid")) == parent:
+            return Connection(server["url"], server.get("token", ""), "the Jupyter server running this kernel")
+    if len(servers) == 1 and not parent:
+        return Connection(servers[0]["url"], servers[0].get("token", ""), "the only running Jupyter server")
+    raise LomasError(
+        "no DP service found: run this in JupyterLab with lomas-jupyter installed, "
+        "or set LOMAS_URL and LOMAS_TOKEN (or use %lomas connect URL)"
+    )
+
+
+@dataclass
+class Release:
+    """A DP answer: values, their 95% intervals, and what it cost."""
+
+    dataset: str
+    sql: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    intervals: list[dict[str, Any]]
+    aggregates: list[dict[str, Any]]
+    cost: dict[str, float]
+    budget: dict[str, Any] | None = None
+    release_id: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Release:
+        return cls(doc["dataset"], doc["sql"], doc["columns"], doc["rows"], doc["intervals"], doc["aggregates"],
+                   doc["cost"], doc.get("budget"), doc.get("release_id"), doc)
+
+    @property
+    def df(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema=self.columns, orient="row") if self.rows else pl.DataFrame(
+            schema=self.columns)
+
+    def with_intervals(self) -> pl.DataFrame:
+        """Each aggregate followed by `<name>_low` and `<name>_high` (95% interval; null where unknown)."""
+        out: list[dict[str, Any]] = []
+        for row, interval in zip(self.rows, self.intervals):
+            record: dict[str, Any] = {}
+            for name in self.columns:
+                record[name] = row[name]
+                if name in interval:
+                    bounds = interval[name]
+                    record[f"{name}_low"] = bounds[0] if bounds else None
+                    record[f"{name}_high"] = bounds[1] if bounds else None
+            out.append(record)
+        return pl.DataFrame(out)
+
+
+class Client:
+    """Plain Python API over the DP service's REST API."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 300.0) -> None:
+        if url is None:
+            self.connection = discover()
+        else:
+            self.connection = Connection(url.rstrip("/") + "/", token or "", "explicit URL")
+        self.timeout = timeout
+        self.session = requests.Session()
+        if self.connection.token:
+            self.session.headers["Authorization"] = f"token {self.connection.token}"
+
+    # --- transport ---------------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        url = self.connection.url + API + path
+        try:
+            response = self.session.request(
+                method, url, json=body, params={k: v for k, v in params.items() if v is not None},
+                timeout=self.timeout,
+            )
+        except requests.RequestException:
+            raise LomasError(f"the DP service at {self.connection.url} is unreachable") from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400:
+            if isinstance(payload, dict) and "message" in payload:
+                details = {k: v for k, v in payload.items() if k not in ("message", "error")}
+                raise LomasError(payload["message"], response.status_code, payload.get("error"), details)
+            raise LomasError(f"the DP service answered HTTP {response.status_code}", response.status_code)
+        return payload
+
+    # --- analyst -----------------------------------------------------------------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        return self._call("GET", "whoami")
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._call("GET", "datasets")
+
+    def describe(self, dataset: str) -> dict[str, Any]:
+        return self._call("GET", f"datasets/{dataset}")
+
+    def preview(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
+                bounds: dict[str, list[float]] | None = None) -> dict[str, Any]:
+        return self._call("POST", "preview", _query_body(dataset, sql, epsilon, delta, bounds))
+
+    def query(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
+              bounds: dict[str, list[float]] | None = None) -> Release:
+        return Release.from_json(self._call("POST", "query", _query_body(dataset, sql, epsilon, delta, bounds)))
+
+    def budget(self, dataset: str | None = None) -> Any:
+        return self._call("GET", f"budget/{dataset}" if dataset else "budget")
+
+    def archive(self, dataset: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return self._call("GET", "archive", dataset=dataset, limit=limit)
+
+    # --- admin -------------------------------------------------------------------------------------------
+
+    def create_user(self, username: str, role: str = "analyst") -> dict[str, Any]:
+        return self._call("POST", "admin/users", {"username": username, "role": role})
+
+    def users(self) -> list[dict[str, Any]]:
+        return self._call("GET", "admin/users")
+
+    def issue_token(self, username: str, label: str = "") -> str:
+        return self._call("POST", f"admin/users/{username}/tokens", {"label": label})["token"]
+
+    def grant(self, username: str, dataset: str, epsilon: float, delta: float = 0.0) -> dict[str, Any]:
+        return self._call("PUT", "admin/grants", {"username": username, "dataset": dataset, "epsilon": epsilon,
+                                                  "delta": delta})
+
+    def grants(self, username: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "admin/grants", username=username)
+
+    def import_dataset(self, name: str, data: str | Path | bytes, metadata: dict[str, Any] | str | Path,
+                       description: str | None = None, fmt: str | None = None) -> dict[str, Any]:
+        """Upload CSV or Parquet with its public metadata (a dict, or a YAML/JSON file)."""
+        if isinstance(metadata, (str, Path)):
+            metadata = yaml.safe_load(Path(metadata).read_text())
+        if not isinstance(data, bytes):
+            fmt = fmt or Path(data).suffix.lower().lstrip(".")
+            data = Path(data).read_bytes()
+        body: dict[str, Any] = {"name": name, "metadata": metadata, "format": fmt,
+                                "data_base64": base64.b64encode(data).decode()}
+        if description is not None:
+            body["description"] = description
+        return self._call("POST", "admin/datasets", body)
+
+    def all_releases(self, username: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "admin/archive", username=username, dataset=dataset)
+
+    def ledger(self, username: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "admin/ledger", username=username)
+
+
+def _query_body(dataset: str, sql: str, epsilon: float, delta: float, bounds: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"dataset": dataset, "sql": sql, "epsilon": epsilon, "delta": delta}
+    if bounds is not None:
+        body["bounds"] = bounds
+    return body
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

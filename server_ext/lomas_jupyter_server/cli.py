@@ -1,0 +1,129 @@
+"""`lomas-admin`: the admin CLI. It works on the store directly, so run it as the service's OS user."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .app import default_storage_dir
+from .datasets import import_dataset
+from .errors import LomasError
+from .store import SQLiteStore
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lomas-admin", description="Administer a lomas DP service")
+    parser.add_argument("--storage-dir", default=None, help="the service's storage folder (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="load the penguins demo dataset and grant a user a budget")
+    demo.add_argument("--user", default=None, help="user to grant (default: your OS user, as admin)")
+    demo.add_argument("--epsilon", type=float, default=10.0)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add")
+    add.add_argument("username")
+    add.add_argument("--role", choices=["admin", "analyst"], default="analyst")
+    user.add_parser("list")
+    role = user.add_parser("role")
+    role.add_argument("username")
+    role.add_argument("role", choices=["admin", "analyst"])
+
+    token = sub.add_parser("token", help="issue or revoke API tokens").add_subparsers(dest="action", required=True)
+    issue = token.add_parser("issue")
+    issue.add_argument("username")
+    issue.add_argument("--label", default="")
+    revoke = token.add_parser("revoke")
+    revoke.add_argument("username")
+
+    dataset = sub.add_parser("dataset", help="manage datasets").add_subparsers(dest="action", required=True)
+    imp = dataset.add_parser("import", help="import CSV or Parquet with its metadata (YAML or JSON)")
+    imp.add_argument("name")
+    imp.add_argument("data", type=Path)
+    imp.add_argument("--metadata", type=Path, required=True)
+    imp.add_argument("--description", default=None)
+    dataset.add_parser("list")
+
+    grant = sub.add_parser("grant", help="set a user's budget on a dataset")
+    grant.add_argument("username")
+    grant.add_argument("dataset")
+    grant.add_argument("--epsilon", type=float, required=True)
+    grant.add_argument("--delta", type=float, default=0.0)
+
+    budget = sub.add_parser("budget", help="show a user's budget on a dataset")
+    budget.add_argument("username")
+    budget.add_argument("dataset")
+
+    ledger = sub.add_parser("ledger", help="show the newest ledger rows")
+    ledger.add_argument("--user", default=None)
+    ledger.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    storage = Path(args.storage_dir or default_storage_dir())
+    store = SQLiteStore(storage / "lomas.sqlite3")
+    actor = "cli"
+    try:
+        if args.command == "demo":
+            import getpass
+
+            from .demo import setup_demo
+
+            username = args.user or getpass.getuser()
+            setup_demo(store, storage, username, args.epsilon, progress=lambda m: print(f"... {m}", file=sys.stderr))
+            budget = store.budget(username, "penguins")
+            print(f"demo ready: user '{username}' may query 'penguins' "
+                  f"(epsilon remaining {budget.epsilon_remaining:g})" if budget else "demo ready")
+        elif args.command == "user":
+            if args.action == "add":
+                _print(store.create_user(args.username, args.role, actor).to_json())
+            elif args.action == "list":
+                _print([u.to_json() for u in store.list_users()])
+            else:
+                _print(store.set_role(args.username, args.role, actor).to_json())
+        elif args.command == "token":
+            if args.action == "issue":
+                print(store.issue_token(args.username, args.label, actor))
+            else:
+                print(f"revoked {store.revoke_tokens(args.username, actor)} token(s)")
+        elif args.command == "dataset":
+            if args.action == "import":
+                doc = yaml.safe_load(args.metadata.read_text())
+                record = import_dataset(store, storage, args.name, args.data, doc, args.description, actor=actor,
+                                        progress=lambda m: print(f"... {m}", file=sys.stderr))
+                _print(record.to_public_json())
+            else:
+                _print([d.to_public_json() for d in store.list_datasets()])
+        elif args.command == "grant":
+            _print(store.set_grant(args.username, args.dataset, args.epsilon, args.delta, actor).to_json())
+        elif args.command == "budget":
+            budget = store.budget(args.username, args.dataset)
+            if budget is None:
+                raise LomasError(f"'{args.username}' has no grant on '{args.dataset}'")
+            _print(budget.to_json())
+        elif args.command == "ledger":
+            _print(store.ledger(args.user, args.limit))
+    except LomasError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except (OSError, yaml.YAMLError) as err:
+        print(f"error: {err.__class__.__name__}: {err}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
