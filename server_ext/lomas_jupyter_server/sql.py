@@ -249,6 +249,8 @@ class _Compiler:
                 raise _reject("PERCENTILE_CONT supports ascending order only")
             col = self.numeric_column(ordered.this, "PERCENTILE_CONT")
             return "quantile", col.name, self.quantile_value(node.this.this)
+        if isinstance(node, exp.Window):
+            raise _reject("window functions (OVER ...) are not supported")
         if isinstance(node, exp.AggFunc) or isinstance(node, exp.Anonymous):
             name = node.sql_name() if isinstance(node, exp.Func) else _short(node)
             raise _reject(f"aggregate function {name} is not supported")

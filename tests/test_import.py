@@ -1,0 +1,96 @@
+"""Dataset import: metadata is checked against the data; a mismatch is refused without revealing values."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import polars as pl
+import pytest
+from lomas_jupyter_server.datasets import import_dataset
+from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
+from lomas_jupyter_server.errors import BadRequest, LomasError, MetadataError
+from lomas_jupyter_server.store import SQLiteStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "s.sqlite3")
+
+
+def test_demo_import_writes_typed_parquet(store: SQLiteStore, tmp_path: Path) -> None:
+    steps: list[str] = []
+    record = import_dataset(store, tmp_path, "penguins", penguins_csv(), penguins_metadata(), progress=steps.append)
+    assert record.version == 1 and len(steps) >= 3
+    frame = pl.read_parquet(record.parquet_path)
+    assert frame.schema["flipper_length_mm"] == pl.Int64 and frame.schema["bill_length_mm"] == pl.Float64
+    assert frame.height == 344
+    again = import_dataset(store, tmp_path, "penguins", penguins_csv(), penguins_metadata())
+    assert again.version == 2
+    assert "parquet_path" not in again.to_public_json()
+
+
+def _meta(**changes: dict) -> dict:
+    meta = copy.deepcopy(penguins_metadata())
+    for column, spec in changes.items():
+        if spec is None:
+            del meta["columns"][column]
+        else:
+            meta["columns"][column] = spec
+    return meta
+
+
+MISMATCHES = [
+    (_meta(bill_length_mm={"type": "float", "bounds": [40.0, 60.0]}), "bill_length_mm", "outside its declared bounds"),
+    (_meta(species={"type": "string", "categories": ["Adelie", "Gentoo"]}), "species", "not in its public category"),
+    (_meta(sex={"type": "string", "nullable": False}), "sex", "nullable: false"),
+    (_meta(island={"type": "int"}), "island", "declared type 'int'"),
+    (_meta(year=None), "year", "does not describe"),
+    (_meta(extra={"type": "int"}), "extra", "has no column"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "column", "expected"), MISMATCHES)
+def test_mismatch_is_refused_by_name(store: SQLiteStore, tmp_path: Path, metadata: dict, column: str,
+                                     expected: str) -> None:
+    with pytest.raises(MetadataError) as info:
+        import_dataset(store, tmp_path, "penguins", penguins_csv(), metadata)
+    message = info.value.message
+    assert column in message and expected in message
+    for value in ("Chinstrap", "Torgersen", "32.1", "male", str(tmp_path)):
+        assert value not in message
+    assert store.get_dataset("penguins") is None
+
+
+def test_row_bound_is_checked(store: SQLiteStore, tmp_path: Path) -> None:
+    meta = penguins_metadata() | {"max_rows": 100}
+    with pytest.raises(MetadataError, match="max_rows"):
+        import_dataset(store, tmp_path, "penguins", penguins_csv(), meta)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"privacy_unit": 1, "columns": {"x": {"type": "int"}}}, "missing 'max_rows'"),
+        ({"privacy_unit": 0, "max_rows": 5, "columns": {"x": {"type": "int"}}}, "privacy_unit"),
+        ({"privacy_unit": 1, "max_rows": 5, "columns": {"x": {"type": "decimal"}}}, "type must be one of"),
+        ({"privacy_unit": 1, "max_rows": 5, "columns": {"x": {"type": "int", "bounds": [5, 1]}}}, "lower bound"),
+        ({"privacy_unit": 1, "max_rows": 5, "columns": {"x": {"type": "int", "colour": 1}}}, "unknown keys"),
+        ({"privacy_unit": 1, "max_rows": 5, "columns": {"x": {"type": "string", "bounds": [0, 1]}}}, "only for int"),
+        ("not a mapping", "must be a mapping"),
+    ],
+)
+def test_bad_metadata_documents(store: SQLiteStore, tmp_path: Path, doc: object, expected: str) -> None:
+    with pytest.raises(MetadataError, match=expected):
+        import_dataset(store, tmp_path, "t", penguins_csv(), doc)
+
+
+def test_bad_sources(store: SQLiteStore, tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match="does not exist"):
+        import_dataset(store, tmp_path, "t", tmp_path / "nope.csv", penguins_metadata())
+    with pytest.raises(BadRequest, match="CSV or Parquet"):
+        import_dataset(store, tmp_path, "t", tmp_path / "x.xlsx", penguins_metadata())
+    with pytest.raises(BadRequest, match="could not be read as PARQUET"):
+        import_dataset(store, tmp_path, "t", b"not parquet", penguins_metadata(), fmt="parquet")
+    with pytest.raises(LomasError, match="dataset names"):
+        import_dataset(store, tmp_path, "../etc", penguins_csv(), penguins_metadata())

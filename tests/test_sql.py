@@ -1,0 +1,103 @@
+"""The restricted SQL compiler: what it accepts, and that everything else is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from lomas_jupyter_server.demo import penguins_metadata
+from lomas_jupyter_server.errors import QueryRejected
+from lomas_jupyter_server.metadata import parse_metadata
+from lomas_jupyter_server.sql import compile_sql
+
+META = parse_metadata(penguins_metadata())
+
+
+def test_grouped_query_spec() -> None:
+    spec = compile_sql(
+        "SELECT species, COUNT(*) AS n, AVG(bill_length_mm) mean_bill, SUM(body_mass_g), "
+        "MEDIAN(flipper_length_mm), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY body_mass_g) AS p90, COUNT(sex) "
+        "FROM penguins WHERE island IN ('Biscoe', 'Dream') AND year BETWEEN 2007 AND 2008 "
+        "AND NOT sex IS NULL AND -1 < bill_depth_mm GROUP BY species",
+        "penguins",
+        META,
+    )
+    assert spec.group_by == ("species",)
+    assert [(a.kind, a.column, a.alias) for a in spec.aggregates] == [
+        ("count_star", None, "n"),
+        ("avg", "bill_length_mm", "mean_bill"),
+        ("sum", "body_mass_g", "sum_body_mass_g"),
+        ("quantile", "flipper_length_mm", "median_flipper_length_mm"),
+        ("quantile", "body_mass_g", "p90"),
+        ("count", "sex", "count_sex"),
+    ]
+    assert spec.aggregates[4].quantile == 0.9
+    assert [o.name for o in spec.outputs] == ["species", "n", "mean_bill", "sum_body_mass_g",
+                                              "median_flipper_length_mm", "p90", "count_sex"]
+    where = spec.where
+    assert where is not None and where["op"] == "and"
+    text = str(where)
+    assert "'op': 'in'" in text and "'op': 'between'" in text and "'negate': True" in text
+    # a literal on the left is flipped: -1 < x  ->  x > -1
+    assert {"op": "cmp", "cmp": ">", "column": "bill_depth_mm", "value": -1.0} == where["args"][1]
+
+
+def test_canonical_form_ignores_spelling() -> None:
+    a = compile_sql("SELECT COUNT(*) AS n FROM penguins WHERE year > 2007", "penguins", META)
+    b = compile_sql("select   count(*) as n\nfrom penguins\nwhere year>2007", "penguins", META)
+    c = compile_sql("SELECT COUNT(*) AS n FROM penguins WHERE year > 2008", "penguins", META)
+    assert a.canonical() == b.canonical() != c.canonical()
+
+
+REFUSED = [
+    ("SELECT * FROM penguins", "SELECT *"),
+    ("SELECT species FROM penguins", "not aggregated"),
+    ("SELECT bill_length_mm, COUNT(*) FROM penguins GROUP BY bill_length_mm", "no public category list"),
+    ("SELECT COUNT(*) FROM penguins p JOIN penguins q ON p.year = q.year", "JOIN"),
+    ("SELECT COUNT(*) FROM penguins ORDER BY 1", "ORDER BY"),
+    ("SELECT COUNT(*) FROM penguins LIMIT 3", "LIMIT"),
+    ("SELECT species, COUNT(*) FROM penguins GROUP BY species HAVING COUNT(*) > 3", "HAVING"),
+    ("WITH t AS (SELECT * FROM penguins) SELECT COUNT(*) FROM t", "WITH"),
+    ("SELECT COUNT(*) FROM (SELECT * FROM penguins) s", "FROM must name"),
+    ("SELECT COUNT(*) FROM read_csv('/etc/os-release')", "FROM must name"),
+    ("SELECT COUNT(*) FROM read_parquet('/srv/data.parquet')", "FROM must name"),
+    ("SELECT COUNT(*) FROM other", "FROM other"),
+    ("SELECT COUNT(*) FROM main.penguins", "without a schema"),
+    ("SELECT MAX(body_mass_g) FROM penguins", "MAX is not supported"),
+    ("SELECT COUNT(DISTINCT species) FROM penguins", "DISTINCT"),
+    ("SELECT DISTINCT species FROM penguins", "DISTINCT"),
+    ("SELECT SUM(species) FROM penguins", "not numeric"),
+    ("SELECT SUM(body_mass_g * 2) FROM penguins", "plain column"),
+    ("SELECT COUNT(*) FROM penguins WHERE species > 3", "quoted string"),
+    ("SELECT COUNT(*) FROM penguins WHERE year = 'x'", "compare it with a number"),
+    ("SELECT COUNT(*) FROM penguins WHERE secret = 1", "unknown column 'secret'"),
+    ("SELECT COUNT(*) FROM penguins WHERE year IN (SELECT 1)", "IN accepts"),
+    ("SELECT COUNT(*) FROM penguins WHERE year + 1 > 3", "plain column"),
+    ("SELECT COUNT(*) FROM penguins WHERE species LIKE 'A%'", "unsupported condition"),
+    ("SELECT COUNT(*) FROM penguins UNION SELECT COUNT(*) FROM penguins", "only SELECT"),
+    ("DROP TABLE penguins", "only SELECT"),
+    ("SELECT COUNT(*) FROM penguins; SELECT COUNT(*) FROM penguins", "exactly one statement"),
+    ("SELECT COUNT(*) OVER () FROM penguins", "window functions"),
+    ("SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY body_mass_g) FROM penguins", "between 0 and 1"),
+    ("SELEC COUNT(*) FROM penguins", "SELECT"),
+    ("SELECT COUNT(* FROM penguins", "not valid SQL"),
+    ("", "empty"),
+    ("SELECT species, COUNT(*) AS species FROM penguins GROUP BY species", "distinct aliases"),
+    ("SELECT 1 FROM penguins", "unsupported select item"),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), REFUSED)
+def test_refused_with_a_message_naming_the_problem(sql: str, expected: str) -> None:
+    with pytest.raises(QueryRejected) as info:
+        compile_sql(sql, "penguins", META)
+    assert expected.lower() in info.value.message.lower()
+
+
+def test_group_by_needs_public_categories_even_with_metadata_from_yaml() -> None:
+    doc = yaml.safe_load("privacy_unit: 1\nmax_rows: 10\ncolumns:\n  g: {type: string}\n  x: {type: int, bounds: [0, 5]}")
+    meta = parse_metadata(doc)
+    with pytest.raises(QueryRejected, match="no public category list"):
+        compile_sql("SELECT g, COUNT(*) FROM t GROUP BY g", "t", meta)
+    with pytest.raises(QueryRejected, match="no public bounds"):
+        compile_sql("SELECT SUM(x) FROM t", "t", parse_metadata(
+            yaml.safe_load("privacy_unit: 1\nmax_rows: 10\ncolumns:\n  x: {type: int}")))

@@ -1,0 +1,131 @@
+"""The SQLite admin store: migrations, an append-only ledger, atomic reservations, hashed tokens."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from lomas_jupyter_server.demo import setup_demo
+from lomas_jupyter_server.errors import Conflict, InsufficientBudget
+from lomas_jupyter_server.store import SQLiteStore
+from lomas_jupyter_server.store.sqlite import MIGRATIONS
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "store.sqlite3")
+    setup_demo(s, tmp_path, "alice", epsilon=10.0, role="analyst")
+    return s
+
+
+def test_migrations_are_versioned_and_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    first = SQLiteStore(path)
+    assert first.schema_version == len(MIGRATIONS) >= 1
+    first.create_user("bob", "analyst", "test")
+    first.close()
+    again = SQLiteStore(path)  # re-opening applies nothing twice and keeps data
+    assert again.schema_version == len(MIGRATIONS)
+    assert again.get_user("bob") is not None
+
+
+def test_ledger_is_append_only(store: SQLiteStore) -> None:
+    rid = store.reserve("alice", "penguins", 0.5, 0.0)
+    store.commit(rid)
+    raw = sqlite3.connect(store.path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        raw.execute("UPDATE ledger SET epsilon = 0")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        raw.execute("DELETE FROM ledger")
+    kinds = [row["kind"] for row in store.ledger("alice")]
+    assert kinds == ["commit", "reserve"]
+
+
+def test_reserve_commit_refund(store: SQLiteStore) -> None:
+    a = store.reserve("alice", "penguins", 3.0, 0.0)
+    b = store.reserve("alice", "penguins", 2.0, 0.0)
+    store.commit(a)
+    store.refund(b)
+    budget = store.budget("alice", "penguins")
+    assert budget is not None
+    assert budget.epsilon_spent == pytest.approx(3.0) and budget.releases == 1
+    with pytest.raises(Conflict):
+        store.refund(a)  # a committed reservation cannot be refunded
+    with pytest.raises(Conflict):
+        store.commit(b)
+
+
+def test_insufficient_budget_names_cost_and_remaining_and_charges_nothing(store: SQLiteStore) -> None:
+    store.commit(store.reserve("alice", "penguins", 9.5, 0.0))
+    before = store.ledger("alice")
+    with pytest.raises(InsufficientBudget) as info:
+        store.reserve("alice", "penguins", 0.75, 0.0)
+    assert "0.75" in info.value.message and "0.5" in info.value.message
+    assert info.value.details["remaining"]["epsilon"] == pytest.approx(0.5)
+    assert store.ledger("alice") == before
+
+
+def test_threads_never_overspend(store: SQLiteStore) -> None:
+    ok: list[str] = []
+    refused: list[Exception] = []
+
+    def worker() -> None:
+        try:
+            ok.append(store.reserve("alice", "penguins", 0.2, 0.0))
+        except InsufficientBudget as err:
+            refused.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(80)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ok) == 50 and len(refused) == 30
+    budget = store.budget("alice", "penguins")
+    assert budget is not None and budget.epsilon_spent <= 10.0
+    assert math.isclose(budget.epsilon_spent, 10.0)
+
+
+def _reserve_many(path: str, count: int, results: multiprocessing.Queue) -> None:
+    s = SQLiteStore(path)
+    granted = 0
+    for _ in range(count):
+        try:
+            s.reserve("alice", "penguins", 0.25, 0.0)
+            granted += 1
+        except InsufficientBudget:
+            pass
+    results.put(granted)
+
+
+def test_processes_sharing_the_file_never_overspend(store: SQLiteStore) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_reserve_many, args=(store.path, 30, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    granted = sum(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert granted == 40  # 10 / 0.25, across three processes racing on one file
+    budget = store.budget("alice", "penguins")
+    assert budget is not None and budget.epsilon_spent == pytest.approx(10.0) and budget.epsilon_spent <= 10.0
+
+
+def test_tokens_are_stored_hashed(store: SQLiteStore) -> None:
+    token = store.issue_token("alice", "laptop", "test")
+    assert store.user_for_token(token).username == "alice"  # type: ignore[union-attr]
+    assert store.user_for_token(token + "x") is None
+    assert token.encode() not in Path(store.path).read_bytes()
+    store.revoke_tokens("alice", "test")
+    assert store.user_for_token(token) is None
+
+
+def test_admin_actions_are_audited(store: SQLiteStore) -> None:
+    store.set_grant("alice", "penguins", 2.0, 0.0, actor="carol")
+    entry = store.audit()[0]
+    assert entry.actor == "carol" and entry.action == "set_grant" and entry.detail["epsilon"] == 2.0
