@@ -1,0 +1,259 @@
+"""The REST API on a real Jupyter server (pytest-jupyter), embedded mode: the server's owner is the admin."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import socket
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
+from lomas_jupyter_server.handlers import API_PREFIX, ROUTES
+
+GROUPED = "SELECT species, COUNT(*) AS n, AVG(bill_length_mm) AS mean_bill FROM penguins GROUP BY species"
+
+
+async def spent(api) -> float:
+    status, budget = await api("budget/penguins")
+    assert status == 200
+    return budget["epsilon_spent"]
+
+
+async def test_query_preview_budget_archive(api) -> None:
+    status, me = await api("whoami")
+    assert (status, me["username"], me["role"]) == (200, "owner", "admin")
+    status, datasets = await api("datasets")
+    assert [d["name"] for d in datasets] == ["penguins"] and datasets[0]["budget"]["epsilon_total"] == 10.0
+    status, described = await api("datasets/penguins")
+    assert status == 200 and described["metadata"]["columns"]["species"]["categories"] == ["Adelie", "Chinstrap",
+                                                                                           "Gentoo"]
+    assert "parquet" not in str(described)
+
+    status, preview = await api("preview", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 0.5})
+    assert status == 200 and 0 < preview["cost"]["epsilon"] <= 0.5 and preview["affordable"] is True
+    assert await spent(api) == 0.0  # preview is free
+
+    status, result = await api("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 0.5})
+    assert status == 201, result
+    assert result["columns"] == ["species", "n", "mean_bill"]
+    assert [r["species"] for r in result["rows"]] == ["Adelie", "Chinstrap", "Gentoo"]
+    assert result["cost"] == preview["cost"]  # what the preview promised is what was charged
+    for row, interval in zip(result["rows"], result["intervals"]):
+        assert interval["n"][0] <= row["n"] <= interval["n"][1]
+        assert 30.0 <= interval["mean_bill"][0] <= row["mean_bill"] <= interval["mean_bill"][1] <= 60.0
+    assert {a["name"]: a["mechanism"] for a in result["aggregates"]}["n"].startswith("Laplace")
+    assert await spent(api) == result["cost"]["epsilon"]
+    assert result["budget"]["epsilon_remaining"] == pytest.approx(10.0 - result["cost"]["epsilon"])
+
+    status, archive = await api("archive")
+    assert status == 200 and len(archive) == 1
+    assert archive[0]["sql"] == GROUPED and archive[0]["result"]["rows"] == result["rows"]
+    assert archive[0]["epsilon"] == result["cost"]["epsilon"]
+
+
+async def test_admin_flows(api, tmp_path: Path) -> None:
+    status, user = await api("admin/users", "POST", {"username": "alice", "role": "analyst"})
+    assert status == 201 and user["role"] == "analyst"
+    status, again = await api("admin/users", "POST", {"username": "alice"})
+    assert status == 409 and "already exists" in again["message"]
+    status, token = await api("admin/users/alice/tokens", "POST", {"label": "laptop"})
+    assert status == 201 and token["token"].startswith("lomas_")
+
+    frame = pl.DataFrame({"g": ["x", "y", "x", "y"] * 25, "v": list(range(100))})
+    buf = io.BytesIO()
+    frame.write_parquet(buf)
+    meta = {"privacy_unit": 1, "max_rows": 1000,
+            "columns": {"g": {"type": "string", "categories": ["x", "y"]}, "v": {"type": "int", "bounds": [0, 99]}}}
+    status, dataset = await api("admin/datasets", "POST", {"name": "small", "metadata": meta, "format": "parquet",
+                                                           "data_base64": base64.b64encode(buf.getvalue()).decode()})
+    assert status == 201 and dataset["version"] == 1
+
+    status, grant = await api("admin/grants", "PUT", {"username": "alice", "dataset": "small", "epsilon": 2.0})
+    assert status == 200 and grant["epsilon"] == 2.0
+    status, grants = await api("admin/grants")
+    assert {(g["username"], g["dataset"]) for g in grants} >= {("alice", "small"), ("owner", "penguins")}
+    status, role = await api("admin/users/alice", "PATCH", {"role": "admin"})
+    assert status == 200 and role["role"] == "admin"
+
+    status, _ = await api("admin/grants", "PUT", {"username": "owner", "dataset": "small", "epsilon": 1.0})
+    status, result = await api("query", "POST", {"dataset": "small", "epsilon": 1.0,
+                                                 "sql": "SELECT g, SUM(v) AS s FROM small GROUP BY g"})
+    assert status == 201 and [r["g"] for r in result["rows"]] == ["x", "y"]
+    status, releases = await api("admin/archive", username="owner")
+    assert status == 200 and releases[0]["dataset"] == "small"
+    status, ledger = await api("admin/ledger")
+    assert [row["kind"] for row in ledger[:2]] == ["commit", "reserve"]
+    status, audit = await api("admin/audit")
+    assert {"create_user", "issue_token", "put_dataset", "set_grant", "set_role"} <= {a["action"] for a in audit}
+    status, revoked = await api("admin/users/alice/tokens", "DELETE")
+    assert status == 200 and revoked["revoked"] == 1
+
+
+async def test_insufficient_budget_says_cost_and_remaining(api) -> None:
+    await api("admin/grants", "PUT", {"username": "owner", "dataset": "penguins", "epsilon": 0.3})
+    status, error = await api("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 0.5})
+    assert status == 403 and error["error"] == "insufficient_budget"
+    assert error["cost"]["epsilon"] == pytest.approx(0.5) and error["remaining"]["epsilon"] == pytest.approx(0.3)
+    assert "0.5" in error["message"] and "0.3" in error["message"]
+    assert await spent(api) == 0.0
+
+
+BAD_INPUTS: list[tuple[str, str, Any, int, str]] = [
+    ("query", "POST", {"dataset": "penguins", "sql": "SELECT * FROM penguins", "epsilon": 1}, 400, "SELECT *"),
+    ("query", "POST", {"dataset": "nope", "sql": GROUPED, "epsilon": 1}, 404, "no dataset 'nope'"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED}, 400, "'epsilon' is required"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": -1}, 400, "epsilon must be above 0"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 1e9}, 400, "at most"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": "1"}, 400, "epsilon must be a number"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 1, "delta": 2}, 400, "delta"),
+    ("query", "POST", {"dataset": "penguins", "sql": 42, "epsilon": 1}, 400, "'sql' is required"),
+    ("query", "POST", {"dataset": "penguins", "sql": GROUPED, "epsilon": 1, "plan": "x"}, 400, "unknown field"),
+    ("query", "POST", {"dataset": "penguins", "epsilon": 1, "sql": "SELECT AVG(bill_length_mm) FROM penguins",
+                       "bounds": {"bill_length_mm": [0, 1000]}}, 400, "may only narrow"),
+    ("query", "POST", [1, 2], 400, "JSON object"),
+    ("query", "POST", b"{not json", 400, "not valid JSON"),
+    ("preview", "POST", {"dataset": "penguins", "sql": "SELECT MAX(year) FROM penguins", "epsilon": 1}, 400, "MAX"),
+    ("datasets/nope", "GET", None, 404, "no dataset"),
+    ("budget/nope", "GET", None, 404, "no dataset"),
+    ("archive", "GET", {"limit": "lots"}, 400, "limit"),
+    ("admin/users", "POST", {"username": "bob", "role": "root"}, 400, "role must be one of"),
+    ("admin/users/nobody/tokens", "POST", {}, 404, "no user"),
+    ("admin/grants", "PUT", {"username": "owner", "dataset": "penguins", "epsilon": -3}, 400, "non-negative"),
+    ("admin/grants", "PUT", {"username": "owner", "dataset": "nope", "epsilon": 1}, 404, "no dataset"),
+    ("admin/datasets", "POST", {"name": "t", "metadata": {}, "data_base64": "%%%"}, 400, "base64"),
+    ("admin/datasets", "POST", {"name": "t", "metadata": {"x": 1}, "path": "/etc/passwd"}, 400, "metadata"),
+    ("admin/datasets", "POST", {"name": "t", "metadata": penguins_metadata(), "path": "/etc/passwd"}, 400,
+     "CSV or Parquet"),
+    ("admin/datasets", "POST", {"name": "t/../x", "metadata": {}}, 400, "dataset names"),
+]
+
+
+@pytest.mark.parametrize(("path", "method", "body", "status", "expected"), BAD_INPUTS)
+async def test_bad_input_is_a_clear_4xx_and_charges_nothing(api, storage_dir: Path, path: str, method: str,
+                                                           body: Any, status: int, expected: str) -> None:
+    before = await spent(api)
+    if method == "GET":
+        got, error = await api(path, **(body or {}))
+    elif isinstance(body, bytes):
+        got, error = await api(path, method, raw=body)
+    else:
+        got, error = await api(path, method, body)
+    assert got == status, error
+    assert isinstance(error, dict) and error["error"] and expected.lower() in error["message"].lower()
+    assert str(storage_dir) not in error["message"] and socket.gethostname() not in error["message"]
+    assert not re.search(r"/(tmp|root|home|etc)/", error["message"])
+    assert await spent(api) == before
+
+
+ATTACKS = [
+    "SELECT * FROM read_csv('/etc/os-release')",
+    "SELECT island, COUNT(*) FROM penguins GROUP BY island UNION ALL SELECT column_1, 1 FROM read_csv('/etc/hostname')",
+    "SELECT species, COUNT(*) FROM penguins RIGHT JOIN read_parquet('{dataset}') USING (species) GROUP BY species",
+    "SELECT bill_length_mm, COUNT(*) FROM penguins GROUP BY bill_length_mm",
+    "SELECT COUNT(*) FROM penguins WHERE species IN (SELECT species FROM read_csv('/etc/passwd'))",
+    "COPY penguins TO '/tmp/leak.csv'",
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT COUNT(*) FROM penguins; DROP TABLE penguins",
+]
+
+
+@pytest.mark.parametrize("sql", ATTACKS)
+async def test_attack_payloads_are_refused(api, lomas_app, sql: str) -> None:
+    dataset_path = lomas_app.service.store.get_dataset("penguins").parquet_path
+    status, error = await api("query", "POST", {"dataset": "penguins", "epsilon": 1.0,
+                                                "sql": sql.format(dataset=dataset_path)})
+    assert status == 400 and error["error"] == "query_rejected"
+    assert dataset_path not in error["message"] and "Debian" not in error["message"]
+    assert await spent(api) == 0.0
+
+
+async def test_serialized_polars_plan_or_pickle_is_never_deserialized(api, tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    payload = base64.b64encode(pickle.dumps(Evil())).decode()
+    plan = pl.LazyFrame(schema={"x": pl.Int64}).select(pl.col("x").sum()).serialize()
+    for body in (
+        {"dataset": "penguins", "epsilon": 1.0, "sql": payload},
+        {"dataset": "penguins", "epsilon": 1.0, "sql": base64.b64encode(plan).decode()},
+        {"dataset": "penguins", "epsilon": 1.0, "sql": GROUPED, "opendp_json": payload},
+    ):
+        status, error = await api("query", "POST", body)
+        assert status == 400, error
+    status, error = await api("query", "POST", raw=pickle.dumps(Evil()))
+    assert status == 400 and "JSON" in error["message"]
+    assert not marker.exists()
+
+
+async def test_concurrent_queries_exhaust_the_budget_exactly_and_never_over(api) -> None:
+    await api("admin/grants", "PUT", {"username": "owner", "dataset": "penguins", "epsilon": 10.0})
+    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.2}
+    answers = await asyncio.gather(*[api("query", "POST", body) for _ in range(60)])
+    codes = [code for code, _ in answers]
+    assert codes.count(201) == 50 and codes.count(403) == 10, codes
+    assert all(a["error"] == "insufficient_budget" for code, a in answers if code == 403)
+    charged = sum(a["cost"]["epsilon"] for code, a in answers if code == 201)
+    total = await spent(api)
+    assert total == pytest.approx(charged) and total <= 10.0 and total == pytest.approx(10.0)
+    status, budget = await api("budget/penguins")
+    assert budget["releases"] == 50 and budget["epsilon_remaining"] < 0.2
+
+
+async def test_every_endpoint_needs_authentication(api) -> None:
+    for route, handler in ROUTES:
+        path = re.sub(r"\(\?P<\w+>[^)]*\)", "x", route)
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            if method.lower() not in handler.__dict__:
+                continue
+            status, error = await api(path, method, headers={"Authorization": ""})
+            assert status == 403, (method, path, status)
+            assert error["message"]
+
+
+def test_no_endpoint_of_ours_lacks_an_auth_decorator(recwarn, jp_serverapp) -> None:
+    """jupyter_server warns (JupyterServerAuthWarning) about endpoints without an auth decorator; none is ours."""
+    warned = [str(w.message) for w in recwarn if type(w.message).__name__ == "JupyterServerAuthWarning"]
+    assert not [line for text in warned for line in text.splitlines() if "lomas" in line]
+    web_app = jp_serverapp.web_app
+    for route, handler in ROUTES:
+        assert web_app._check_handler_auth(route, handler) == [], route
+    from lomas_jupyter_server.handlers import LomasHandler
+
+    class Naked(LomasHandler):  # the negative control: the same check catches a missing decorator
+        def get(self) -> None: ...
+
+    assert web_app._check_handler_auth("naked", Naked) == ["- GET of Naked registered for naked"]
+
+
+def test_openapi_matches_the_handlers() -> None:
+    spec = yaml.safe_load((resources.files("lomas_jupyter_server") / "openapi.yaml").read_text())
+    documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item
+                  if method in ("get", "post", "put", "patch", "delete")}
+    served = set()
+    for route, handler in ROUTES:
+        path = "/" + re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", route)
+        for method in ("get", "post", "put", "patch", "delete"):
+            if method in handler.__dict__:
+                served.add((path, method.upper()))
+    assert documented == served
+    assert API_PREFIX == "lomas/api/"
+
+
+async def test_shipped_config_enables_the_extension() -> None:
+    doc = (Path(__file__).parents[1] / "jupyter-config" / "jupyter_server_config.d" / "lomas_jupyter_server.json")
+    assert yaml.safe_load(doc.read_text())["ServerApp"]["jpserver_extensions"]["lomas_jupyter_server"] is True
+    assert penguins_csv().is_file()
