@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
 from lomas_jupyter_server.handlers import API_PREFIX, ROUTES
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+
 from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_metadata
 from lomas_jupyter_server.metadata import parse_metadata

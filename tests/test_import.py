@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+
 from lomas_jupyter_server.datasets import import_dataset
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
 from lomas_jupyter_server.errors import BadRequest, LomasError, MetadataError

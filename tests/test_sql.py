@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from lomas_jupyter_server.demo import penguins_metadata
 from lomas_jupyter_server.errors import QueryRejected
 from lomas_jupyter_server.metadata import parse_metadata

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from lomas_jupyter_server.demo import setup_demo
 from lomas_jupyter_server.errors import Conflict, InsufficientBudget
 from lomas_jupyter_server.store import SQLiteStore

@@ -7,6 +7,7 @@ the engine once, so each query pays only for its own work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
@@ -14,7 +15,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .errors import EngineFailure
+from .errors import EngineFailure, LomasError
+
+log = logging.getLogger(__name__)
 
 
 def _warm() -> None:
@@ -66,6 +69,12 @@ class WorkerPool:
             raise EngineFailure(
                 f"the query took longer than {self.timeout:g} s and was stopped; nothing was charged"
             ) from None
+        except LomasError:
+            raise
+        except Exception:
+            # details stay in the server log: they may hold paths or data
+            log.exception("lomas: engine failure")
+            raise EngineFailure("the query failed inside the DP engine; nothing was charged") from None
 
     def warm_up(self) -> None:
         """Start the workers now rather than on the first query."""

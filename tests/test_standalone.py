@@ -1,0 +1,108 @@
+"""`jupyter lomas`: the service in its own process, with per-user API tokens and nothing but the DP API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from lomas_jupyter import Client, LomasError
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin(storage: Path, *args: str) -> str:
+    out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    root = tmp_path_factory.mktemp("standalone")
+    storage = root / "storage"
+    _admin(storage, "demo", "--user", "boss")
+    _admin(storage, "user", "add", "alice")
+    _admin(storage, "grant", "alice", "penguins", "--epsilon", "1.0")
+    tokens = {"alice": _admin(storage, "token", "issue", "alice"), "boss": _admin(storage, "token", "issue", "boss")}
+    port = _free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(root / "runtime"), "JUPYTER_CONFIG_DIR": str(root / "config"),
+           "JUPYTER_DATA_DIR": str(root / "data")}
+    args = [str(BIN / "jupyter-lomas"), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+            f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--ServerApp.open_browser=False"]
+    if os.geteuid() == 0:
+        args.append("--allow-root")
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url + "lomas/api/whoami", timeout=2)
+            break
+        except requests.ConnectionError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()) from None
+            time.sleep(0.3)
+    try:
+        yield {"url": url, **tokens, "storage": str(storage)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_tokens_identify_users_and_roles(service: dict[str, str]) -> None:
+    alice = Client(service["url"], service["alice"])
+    assert alice.whoami()["username"] == "alice" and alice.whoami()["role"] == "analyst"
+    boss = Client(service["url"], service["boss"])
+    assert boss.whoami()["role"] == "admin"
+    assert {u["username"] for u in boss.users()} == {"alice", "boss"}
+    with pytest.raises(LomasError, match="admin role"):
+        alice.users()
+
+
+def test_query_over_http_with_the_python_client(service: dict[str, str]) -> None:
+    alice = Client(service["url"], service["alice"])
+    release = alice.query("penguins", "SELECT island, COUNT(*) AS n FROM penguins GROUP BY island", epsilon=0.25)
+    assert release.df.columns == ["island", "n"] and release.df.height == 3
+    assert set(release.with_intervals().columns) == {"island", "n", "n_low", "n_high"}
+    budget = alice.budget("penguins")
+    assert budget["epsilon_spent"] == pytest.approx(release.cost["epsilon"]) and budget["epsilon_spent"] <= 0.25
+    with pytest.raises(LomasError) as info:
+        alice.query("penguins", "SELECT COUNT(*) FROM penguins", epsilon=5.0)
+    assert "costs epsilon=5" in str(info.value) and info.value.code == "insufficient_budget"
+    assert alice.budget("penguins")["epsilon_spent"] == budget["epsilon_spent"]
+
+
+def test_missing_or_wrong_tokens_are_refused(service: dict[str, str]) -> None:
+    for headers in ({}, {"Authorization": "token lomas_not-a-real-token"}):
+        response = requests.get(service["url"] + "lomas/api/datasets", headers=headers, timeout=10)
+        assert response.status_code == 403 and "token" in response.json()["message"]
+    with pytest.raises(LomasError):
+        Client(service["url"], "lomas_wrong").datasets()
+
+
+def test_only_the_dp_api_is_exposed(service: dict[str, str]) -> None:
+    headers = {"Authorization": f"token {service['boss']}"}
+    for path in ("api/contents", "api/kernels", "api/sessions", "api/terminals", "files/x", "lab"):
+        response = requests.get(service["url"] + path, headers=headers, timeout=10)
+        assert response.status_code == 404, path
+
+
+def test_unreachable_service_is_one_clear_error() -> None:
+    with pytest.raises(LomasError, match="unreachable"):
+        Client(f"http://127.0.0.1:{_free_port()}/", "x").datasets()
