@@ -7,3 +7,9 @@ from .errors import LomasError
 
 __version__ = "0.1.0"
 __all__ = ["Client", "Connection", "LomasError", "Release", "discover"]
+
+
+def load_ipython_extension(ipython: object) -> None:
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
