@@ -17,14 +17,15 @@ class BudgetPanel:
     def update(self, budgets: list[dict[str, Any]], last_cost: dict[str, float] | None = None) -> None:
         for budget in budgets:
             name = budget["dataset"]
+            total = budget["epsilon_total"] or 1.0
             if name not in self._gauges:
-                gauge = widgets.FloatProgress(min=0.0, max=1.0, description=name, bar_style="info",
+                gauge = widgets.FloatProgress(value=min(budget["epsilon_spent"], total), min=0.0, max=total,
+                                              description=name, bar_style="info",
                                               layout=widgets.Layout(width="260px"))
                 label = widgets.HTML()
                 self._gauges[name] = (gauge, label)
                 self.rows.children = (*self.rows.children, widgets.HBox([gauge, label]))
             gauge, label = self._gauges[name]
-            total = budget["epsilon_total"] or 1.0
             gauge.max = total
             gauge.value = min(budget["epsilon_spent"], total)
             gauge.bar_style = "danger" if budget["epsilon_remaining"] < 0.1 * total else "info"

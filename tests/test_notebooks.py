@@ -91,3 +91,46 @@ def test_quickstart_runs_and_shows_results(jupyter_server: dict[str, str], monke
     budget = requests.get(jupyter_server["url"] + "lomas/api/budget/penguins",
                           headers={"Authorization": f"token {jupyter_server['token']}"}, timeout=10).json()
     assert budget["releases"] == 3 and budget["epsilon_spent"] <= 1.0 + 1e-9
+
+
+def _drain(kc, msg_id: str) -> list[dict]:
+    """All iopub messages of one execution, until the kernel goes idle."""
+    messages = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        messages.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return messages
+
+
+def test_budget_widget_updates_over_the_widget_protocol(jupyter_server: dict[str, str]) -> None:
+    from jupyter_client.manager import start_new_kernel
+
+    env = {**os.environ, "LOMAS_URL": jupyter_server["url"], "LOMAS_TOKEN": jupyter_server["token"]}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
+    try:
+        opened = _drain(kc, kc.execute("%load_ext lomas_jupyter\n%lomas budget"))
+        gauges = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in opened
+                  if m["msg_type"] == "comm_open"
+                  and m["content"]["data"]["state"].get("_model_name") == "FloatProgressModel"}
+        assert len(gauges) == 1
+        (comm_id, state), = gauges.items()
+        assert state["description"] == "penguins" and state["max"] == 10.0
+        before = state["value"]
+        assert any("application/vnd.jupyter.widget-view+json" in m["content"].get("data", {})
+                   for m in opened if m["msg_type"] == "display_data")
+
+        ran = _drain(kc, kc.execute("%%dpquery penguins --epsilon 0.25\nSELECT COUNT(*) FROM penguins"))
+        updates = [m["content"]["data"]["state"] for m in ran
+                   if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
+                   and m["content"]["data"].get("method") == "update"]
+        values = [u["value"] for u in updates if "value" in u]
+        assert values and values[-1] == pytest.approx(before + 0.25)
+        labels = [u["value"] for m in ran if m["msg_type"] == "comm_msg"
+                  for u in [m["content"]["data"].get("state", {})] if isinstance(u.get("value"), str)]
+        assert any("last query ε 0.25" in text for text in labels)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
