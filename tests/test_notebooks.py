@@ -134,3 +134,22 @@ def test_budget_widget_updates_over_the_widget_protocol(jupyter_server: dict[str
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_admin_notebook_registers_grants_and_queries(jupyter_server: dict[str, str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOMAS_URL", jupyter_server["url"])
+    monkeypatch.setenv("LOMAS_TOKEN", jupyter_server["token"])
+    nb = nbformat.read(ROOT / "notebooks" / "admin.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    out = [_text(c) for c in nb.cells if c["cell_type"] == "code"]
+    joined = "\n".join(out)
+    assert "'version': 1" in joined and "visits" in joined
+    assert "refused: column 'age' has values outside its declared bounds" in joined
+    assert "dana" in joined and "mean_cost_low" in joined
+    headers = {"Authorization": f"token {jupyter_server['token']}"}
+    grants = requests.get(jupyter_server["url"] + "lomas/api/admin/grants", headers=headers, timeout=10).json()
+    assert {"username": "dana", "dataset": "visits", "epsilon": 2.0} in [
+        {k: g[k] for k in ("username", "dataset", "epsilon")} for g in grants]
+    ledger = requests.get(jupyter_server["url"] + "lomas/api/admin/ledger", headers=headers, timeout=10).json()
+    assert [row["kind"] for row in ledger if row["dataset"] == "visits"] == ["commit", "reserve"]
