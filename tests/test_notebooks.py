@@ -4,10 +4,6 @@ Jupyter server, and shows what it promises."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,42 +12,19 @@ import pytest
 import requests
 from nbclient import NotebookClient
 
+from .servers import running_server
+
 ROOT = Path(__file__).parents[1]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
 def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("embedded")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     token = "quickstart-test-token"
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(root / "runtime"), "LOMAS_STORAGE_DIR": str(root / "storage")}
-    args = [str(BIN / "jupyter-server"), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-            f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
-            f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"]
-    if os.geteuid() == 0:
-        args.append("--allow-root")
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "lomas/api/whoami", headers={"Authorization": f"token {token}"}, timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((root / "server.log").read_text())
-        time.sleep(0.3)
-    try:
+    args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
+            f"--ServerApp.root_dir={root}"]
+    with running_server("jupyter-server", args, root, {"LOMAS_STORAGE_DIR": str(root / "storage")}) as url:
         yield {"url": url, "token": token}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _text(cell: dict) -> str:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +11,7 @@ import requests
 
 from lomas_jupyter import Client, LomasError
 
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .servers import BIN, free_port, running_server
 
 
 def _admin(storage: Path, *args: str) -> str:
@@ -38,31 +28,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     _admin(storage, "user", "add", "alice")
     _admin(storage, "grant", "alice", "penguins", "--epsilon", "1.0")
     tokens = {"alice": _admin(storage, "token", "issue", "alice"), "boss": _admin(storage, "token", "issue", "boss")}
-    port = _free_port()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(root / "runtime"), "JUPYTER_CONFIG_DIR": str(root / "config"),
-           "JUPYTER_DATA_DIR": str(root / "data")}
-    args = [str(BIN / "jupyter-lomas"), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-            f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--ServerApp.open_browser=False"]
-    if os.geteuid() == 0:
-        args.append("--allow-root")
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url + "lomas/api/whoami", timeout=2)
-            break
-        except requests.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()) from None
-            time.sleep(0.3)
-    try:
+    env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
+    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1"]
+    with running_server("jupyter-lomas", args, root, env) as url:
         yield {"url": url, **tokens, "storage": str(storage)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_tokens_identify_users_and_roles(service: dict[str, str]) -> None:
@@ -105,4 +74,4 @@ def test_only_the_dp_api_is_exposed(service: dict[str, str]) -> None:
 
 def test_unreachable_service_is_one_clear_error() -> None:
     with pytest.raises(LomasError, match="unreachable"):
-        Client(f"http://127.0.0.1:{_free_port()}/", "x").datasets()
+        Client(f"http://127.0.0.1:{free_port()}/", "x").datasets()

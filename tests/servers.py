@@ -1,0 +1,52 @@
+"""Start a Jupyter or lomas server as a real subprocess on 127.0.0.1, and stop it (by our own PID)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(command: str, args: list[str], root: Path, env: dict[str, str],
+                   headers: dict[str, str] | None = None) -> Iterator[str]:
+    """Yields the server's base URL once `lomas/api/whoami` answers."""
+    port = free_port()
+    argv = [str(BIN / command), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+            "--ServerApp.open_browser=False", *args]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    log_path = root / f"{command}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, env={**os.environ, "JUPYTER_RUNTIME_DIR": str(root / "runtime"), **env},
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    requests.get(url + "lomas/api/whoami", headers=headers or {}, timeout=2)
+                    break
+                except requests.ConnectionError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(log_path.read_text()) from None
+                    time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
