@@ -328,7 +328,7 @@ def _opendp_message(err: Exception) -> str:
     return text[:300]
 
 
-def _check_epsilon(epsilon: Any, max_epsilon: float) -> float:
+def check_epsilon(epsilon: Any, max_epsilon: float) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
         raise BadRequest("epsilon must be a number")
     if not 0 < epsilon <= max_epsilon:

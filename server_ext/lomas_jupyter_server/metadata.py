@@ -6,7 +6,7 @@ Everything in here is public by definition (it is shown to analysts); the data i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import MetadataError
@@ -194,10 +194,3 @@ def parse_metadata(doc: Any) -> DatasetMetadata:
         raise MetadataError("description must be text")
     return DatasetMetadata(privacy_unit, max_rows, tuple(columns), description)
 
-
-def metadata_from_json(doc: dict[str, Any]) -> DatasetMetadata:
-    """Load metadata that was validated before (from the store)."""
-    return parse_metadata(doc)
-
-
-__all__ = ["ColumnMetadata", "DatasetMetadata", "parse_metadata", "metadata_from_json", "asdict"]

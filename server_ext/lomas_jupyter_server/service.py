@@ -44,7 +44,7 @@ class QueryRequest:
             raise BadRequest("'sql' is required: the SELECT query to run")
         if "epsilon" not in body:
             raise BadRequest("'epsilon' is required: the privacy budget to spend on this query")
-        epsilon = engine._check_epsilon(body["epsilon"], max_epsilon)
+        epsilon = engine.check_epsilon(body["epsilon"], max_epsilon)
         delta = body.get("delta", 0.0)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
             raise BadRequest("delta must be a number")

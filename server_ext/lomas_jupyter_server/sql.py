@@ -308,8 +308,7 @@ def compile_sql(sql: str, table: str, metadata: DatasetMetadata) -> QuerySpec:
         raise QueryRejected(f"FROM {src.name}: this query runs on dataset '{table}', so write FROM {table}")
     if any(src.args.get(k) for k in ("joins", "laterals", "pivots", "sample")):
         raise _reject("unsupported clause on the table")
-    compiler = _Compiler(metadata, src.alias_or_name if src.alias else table)
-    compiler.table = src.alias or table
+    compiler = _Compiler(metadata, src.alias or table)
 
     group_by: list[str] = []
     group = select.args.get("group")
