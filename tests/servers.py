@@ -24,8 +24,8 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(command: str, args: list[str], root: Path, env: dict[str, str],
-                   headers: dict[str, str] | None = None) -> Iterator[str]:
-    """Yields the server's base URL once `lomas/api/whoami` answers."""
+                   headers: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """Yields the server's base URL and PID once `lomas/api/whoami` answers."""
     port = free_port()
     argv = [str(BIN / command), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
             "--ServerApp.open_browser=False", *args]
@@ -46,7 +46,7 @@ def running_server(command: str, args: list[str], root: Path, env: dict[str, str
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(log_path.read_text()) from None
                     time.sleep(0.3)
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -23,8 +23,8 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     token = "quickstart-test-token"
     args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
             f"--ServerApp.root_dir={root}"]
-    with running_server("jupyter-server", args, root, {"LOMAS_STORAGE_DIR": str(root / "storage")}) as url:
-        yield {"url": url, "token": token}
+    with running_server("jupyter-server", args, root, {"LOMAS_STORAGE_DIR": str(root / "storage")}) as (url, pid):
+        yield {"url": url, "token": token, "pid": str(pid), "runtime_dir": str(root / "runtime")}
 
 
 def _text(cell: dict) -> str:
@@ -126,3 +126,20 @@ def test_admin_notebook_registers_grants_and_queries(jupyter_server: dict[str, s
         {k: g[k] for k in ("username", "dataset", "epsilon")} for g in grants]
     ledger = requests.get(jupyter_server["url"] + "lomas/api/admin/ledger", headers=headers, timeout=10).json()
     assert [row["kind"] for row in ledger if row["dataset"] == "visits"] == ["commit", "reserve"]
+
+
+def test_a_kernel_finds_the_server_that_started_it(jupyter_server: dict[str, str]) -> None:
+    """No LOMAS_URL: the client matches JPY_PARENT_PID (set by the server for its kernels) to a runtime file."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_"))}
+    env |= {"JPY_PARENT_PID": jupyter_server["pid"], "JUPYTER_RUNTIME_DIR": jupyter_server["runtime_dir"]}
+    code = "from lomas_jupyter import Client; c = Client(); print(c.connection.source, c.whoami()['username'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "the Jupyter server running this kernel" in out.stdout
+    env["JPY_PARENT_PID"] = "1"  # some other server's kernel: nothing matches, one line says what to do
+    code = "from lomas_jupyter import Client, LomasError\ntry:\n    Client()\nexcept LomasError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "no DP service found" in out.stdout and "LOMAS_URL" in out.stdout

@@ -30,7 +30,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     tokens = {"alice": _admin(storage, "token", "issue", "alice"), "boss": _admin(storage, "token", "issue", "boss")}
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
     args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1"]
-    with running_server("jupyter-lomas", args, root, env) as url:
+    with running_server("jupyter-lomas", args, root, env) as (url, _pid):
         yield {"url": url, **tokens, "storage": str(storage)}
 
 
