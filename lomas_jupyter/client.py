@@ -4,7 +4,6 @@ receives a row of private data."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +197,3 @@ def _query_body(dataset: str, sql: str, epsilon: float, delta: float, bounds: An
         body["bounds"] = bounds
     return body
 
-
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)

@@ -254,7 +254,7 @@ def test_openapi_matches_the_handlers() -> None:
     assert API_PREFIX == "lomas/api/"
 
 
-async def test_shipped_config_enables_the_extension() -> None:
+def test_shipped_config_enables_the_extension() -> None:
     doc = (Path(__file__).parents[1] / "jupyter-config" / "jupyter_server_config.d" / "lomas_jupyter_server.json")
     assert yaml.safe_load(doc.read_text())["ServerApp"]["jpserver_extensions"]["lomas_jupyter_server"] is True
     assert penguins_csv().is_file()

@@ -54,7 +54,8 @@ def test_bounds_may_narrow_but_not_widen() -> None:
         engine.effective_bounds(PENGUINS, {"species": [0, 1]})
 
 
-def test_preview_touches_no_data(tmp_path: Path) -> None:
+def test_preview_needs_no_data_path() -> None:
+    """preview_task gets metadata only: it has no way to reach the data."""
     spec = compile_sql("SELECT species, AVG(bill_length_mm) FROM penguins GROUP BY species", "penguins", PENGUINS)
     preview = engine.preview_task(spec.to_json(), PENGUINS.to_json(), 0.5, None)
     assert preview["epsilon"] <= 0.5

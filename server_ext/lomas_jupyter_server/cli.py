@@ -22,7 +22,7 @@ def _print(obj: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lomas-admin", description="Administer a lomas DP service")
-    parser.add_argument("--storage-dir", default=None, help="the service's storage folder (default: %(default)s)")
+    parser.add_argument("--storage-dir", default=None, help="the service's storage folder (default: $LOMAS_STORAGE_DIR or <jupyter data dir>/lomas)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="load the penguins demo dataset and grant a user a budget")

@@ -239,7 +239,8 @@ class Plan:
     def describe(self, measurement: Any) -> list[dict[str, Any]]:
         """Per aggregate: mechanism, noise scale, and the 95% accuracy (half-width) where it is known."""
         at_alpha = _summary(measurement, ALPHA)
-        at_half = _summary(measurement, ALPHA / 2)
+        has_avg = any(agg.kind == "avg" for agg in self.spec.aggregates)
+        at_half = _summary(measurement, ALPHA / 2) if has_avg else {}
         out = []
         for i, agg in enumerate(self.spec.aggregates):
             info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": agg.column}

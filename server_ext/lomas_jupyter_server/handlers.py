@@ -57,15 +57,15 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, LomasError):
-            self.set_status(exc.status)
             payload = exc.to_json()
         elif isinstance(exc, tornado.web.HTTPError) and status_code in (401, 403) and not exc.log_message:
             payload = {"error": "unauthorized", "message": "authentication required: send a valid token"}
         elif isinstance(exc, tornado.web.HTTPError):
-            message = exc.log_message or exc.reason or tornado.httputil.responses.get(status_code, "error")
-            if exc.args and "%" in str(message):
-                message = str(message) % exc.args
-            payload = {"error": "http_error", "message": str(message)}
+            if exc.log_message:
+                message = exc.log_message % exc.args if exc.args else exc.log_message
+            else:
+                message = exc.reason or tornado.httputil.responses.get(status_code, "error")
+            payload = {"error": "http_error", "message": message}
         elif status_code >= 500:
             payload = {"error": "internal", "message": "internal error in the DP service; nothing was charged"}
         else:

@@ -6,7 +6,7 @@ Everything in here is public by definition (it is shown to analysts); the data i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import MetadataError
@@ -64,7 +64,6 @@ class DatasetMetadata:
     max_rows: int
     columns: tuple[ColumnMetadata, ...]
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def column(self, name: str) -> ColumnMetadata | None:
         for col in self.columns:

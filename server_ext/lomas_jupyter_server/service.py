@@ -140,12 +140,15 @@ class DPService:
         engine.effective_bounds(metadata, request.bounds)  # refuse bad bounds before any work
         return record, spec
 
+    async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
+        """Noise scale, exact cost and accuracy, computed by a worker from metadata only."""
+        return await self.pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
+                                   request.bounds)
+
     async def preview(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec = self._compile(request)
-        preview = await self.pool.run(
-            engine.preview_task, spec.to_json(), record.metadata, request.epsilon, request.bounds
-        )
+        preview = await self._price(record, spec, request)
         budget = self.store.budget(user.username, record.name)
         return {
             "dataset": record.name,
@@ -168,9 +171,7 @@ class DPService:
         record, spec = self._compile(request)
         if self.store.get_grant(user.username, record.name) is None:
             raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
-        preview = await self.pool.run(
-            engine.preview_task, spec.to_json(), record.metadata, request.epsilon, request.bounds
-        )
+        preview = await self._price(record, spec, request)
         # Charge what the mechanism costs (its privacy map), not what was asked for.
         reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"])
         try:
