@@ -65,12 +65,13 @@ class Release:
     cost: dict[str, float]
     budget: dict[str, Any] | None = None
     release_id: int | None = None
+    dummy: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Release:
         return cls(doc["dataset"], doc["sql"], doc["columns"], doc["rows"], doc["intervals"], doc["aggregates"],
-                   doc["cost"], doc.get("budget"), doc.get("release_id"), doc)
+                   doc["cost"], doc.get("budget"), doc.get("release_id"), bool(doc.get("dummy")), doc)
 
     @property
     def df(self) -> pl.DataFrame:
@@ -143,8 +144,15 @@ class Client:
         return self._call("POST", "preview", _query_body(dataset, sql, epsilon, delta, bounds))
 
     def query(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
-              bounds: dict[str, list[float]] | None = None) -> Release:
-        return Release.from_json(self._call("POST", "query", _query_body(dataset, sql, epsilon, delta, bounds)))
+              bounds: dict[str, list[float]] | None = None, dummy: bool = False) -> Release:
+        """A DP release, charged. With `dummy=True`: the same query on dummy rows, free and labelled."""
+        path = "dummy" if dummy else "query"
+        return Release.from_json(self._call("POST", path, _query_body(dataset, sql, epsilon, delta, bounds)))
+
+    def dummy_rows(self, dataset: str, rows: int = 100) -> pl.DataFrame:
+        """Rows made from public metadata only: the shape of the data, none of its content."""
+        doc = self._call("GET", f"datasets/{dataset}/dummy", rows=rows)
+        return pl.DataFrame(doc["rows"], schema=doc["columns"], orient="row") if doc["rows"] else pl.DataFrame()
 
     def budget(self, dataset: str | None = None) -> Any:
         return self._call("GET", f"budget/{dataset}" if dataset else "budget")

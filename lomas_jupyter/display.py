@@ -38,8 +38,15 @@ def release_html(release: Release) -> str:
         + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
         + " · [brackets]: 95% interval"
     )
+    if release.dummy:
+        would = release.raw.get("would_cost", {}).get("epsilon", 0.0)
+        footer = (
+            "<b>DUMMY DATA</b>: computed on rows made from the public metadata only, not on "
+            f"{html.escape(release.dataset)}. Nothing was charged; the real query would cost ε={would:.4g}."
+        )
+    label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
     return (
-        '<div class="lomas-release"><table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
+        '<div class="lomas-release">' + label + '<table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
         + f'</tbody></table><div style="font-size:0.85em;opacity:0.8">{footer}</div></div>'
     )
 

@@ -44,6 +44,7 @@ class LomasMagics(Magics):
     @argument("--epsilon", "-e", type=float, default=None, help="privacy budget to spend")
     @argument("--delta", "-d", type=float, default=0.0)
     @argument("--preview", action="store_true", help="show cost and accuracy without spending")
+    @argument("--dummy", action="store_true", help="run on dummy rows made from public metadata (free)")
     @argument("-o", "--output", default=None, help="store the result as a polars DataFrame under this name")
     @cell_magic
     def dpquery(self, line: str, cell: str) -> Any:
@@ -58,8 +59,9 @@ class LomasMagics(Magics):
             if args.preview:
                 display(HTML(preview_html(self.client.preview(args.dataset, cell, epsilon, args.delta))))
                 return None
-            release = self.client.query(args.dataset, cell, epsilon, args.delta)
-            self._refresh_panel()
+            release = self.client.query(args.dataset, cell, epsilon, args.delta, dummy=args.dummy)
+            if not args.dummy:
+                self._refresh_panel()
         except LomasError as err:
             _say_error(err)
             return None

@@ -258,3 +258,27 @@ def test_shipped_config_enables_the_extension() -> None:
     doc = (Path(__file__).parents[1] / "jupyter-config" / "jupyter_server_config.d" / "lomas_jupyter_server.json")
     assert yaml.safe_load(doc.read_text())["ServerApp"]["jpserver_extensions"]["lomas_jupyter_server"] is True
     assert penguins_csv().is_file()
+
+
+async def test_dummy_rows_and_dummy_queries_are_free_and_independent_of_the_data(api, lomas_app) -> None:
+    status, dummy = await api("datasets/penguins/dummy", rows="50")
+    assert status == 200 and dummy["dummy"] is True and len(dummy["rows"]) == 50
+    assert set(dummy["columns"]) == set(penguins_metadata()["columns"])
+    assert {r["species"] for r in dummy["rows"]} <= {"Adelie", "Chinstrap", "Gentoo"}
+    assert all(30.0 <= r["bill_length_mm"] <= 60.0 for r in dummy["rows"] if r["bill_length_mm"] is not None)
+    body = {"dataset": "penguins", "epsilon": 1.0, "sql": "SELECT COUNT(*) AS n FROM penguins"}
+    status, answer = await api("dummy", "POST", body)
+    assert status == 200 and answer["dummy"] is True and answer["cost"]["epsilon"] == 0.0
+    assert 0 < answer["would_cost"]["epsilon"] <= 1.0
+    # 1,000 dummy rows, not the 344 real ones: a 95% interval of about +-3 at this epsilon cannot cover both
+    low, high = answer["intervals"][0]["n"]
+    assert low <= 1000 <= high
+    assert await spent(api) == 0.0
+    status, archive = await api("archive")
+    assert archive == []
+    # the dummy table is made from metadata alone: replacing the real data does not change it
+    before = await api("datasets/penguins/dummy", rows="20")
+    store = lomas_app.service.store
+    record = store.get_dataset("penguins")
+    pl.DataFrame(schema=pl.read_parquet(record.parquet_path).schema).write_parquet(record.parquet_path)
+    assert await api("datasets/penguins/dummy", rows="20") == before

@@ -51,6 +51,8 @@ def test_quickstart_runs_and_shows_results(jupyter_server: dict[str, str], monke
     assert "<<widget>>" in out["%lomas budget"]
     preview = out["%%dpquery penguins --epsilon 0.5 --preview"]
     assert "nothing spent" in preview and "Laplace" in preview
+    dummy = out["%%dpquery penguins --epsilon 0.5 --dummy"]
+    assert "DUMMY DATA" in dummy and "Nothing was charged" in dummy
     release = out["%%dpquery penguins --epsilon 0.5 -o by_species"]
     assert "DP release #1" in release and "Gentoo" in release and "95% interval" in release
     assert "shape: (3, 3)" in out["by_species"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from .engine import POLARS_TYPES
@@ -148,3 +149,42 @@ def import_dataset(
     )
     say(f"dataset '{name}' version {record.version} is ready")
     return record
+
+
+DUMMY_ROWS = 1000
+
+
+def dummy_frame(metadata: DatasetMetadata, rows: int, seed: int = 0) -> pl.DataFrame:
+    """Rows made from public metadata alone (types, bounds, categories); they say nothing about the data."""
+    rng = np.random.default_rng(seed)
+    columns: dict[str, pl.Series] = {}
+    for col in metadata.columns:
+        dtype = POLARS_TYPES[col.type]
+        if col.categories is not None:
+            values: Any = rng.choice(np.array(col.categories, dtype=object), rows).tolist()
+        elif col.type == "int":
+            lo, hi = col.bounds or (0, 100)
+            values = rng.integers(int(lo), int(hi) + 1, rows).tolist()
+        elif col.type == "float":
+            lo, hi = col.bounds or (0.0, 1.0)
+            values = rng.uniform(lo, hi, rows).tolist()
+        elif col.type == "bool":
+            values = (rng.random(rows) < 0.5).tolist()
+        else:
+            values = [f"{col.name}_{i}" for i in rng.integers(0, 50, rows)]
+        if col.nullable:
+            values = [None if missing else v for v, missing in zip(values, rng.random(rows) < 0.05)]
+        columns[col.name] = pl.Series(col.name, values, dtype=dtype)
+    return pl.DataFrame(columns)
+
+
+def dummy_parquet(storage_dir: str | Path, record: DatasetRecord) -> Path:
+    """The dataset version's dummy table on disk (made once), so dummy queries run like real ones."""
+    path = Path(storage_dir) / "dummy" / f"{record.name}-v{record.version}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = min(DUMMY_ROWS, parse_metadata(record.metadata).max_rows)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        dummy_frame(parse_metadata(record.metadata), rows, seed=record.version).write_parquet(tmp)
+        tmp.rename(path)
+    return path

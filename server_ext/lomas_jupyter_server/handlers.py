@@ -122,6 +122,21 @@ class PreviewHandler(LomasHandler):
         self.reply(await self.service.preview(self.lomas_user, self.json_body()))
 
 
+class DummyQueryHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.dummy_query(self.lomas_user, self.json_body()))
+
+
+class DummyRowsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        self.lomas_user  # noqa: B018  (registers the caller)
+        self.reply(self.service.dummy_rows(name, self.int_argument("rows", 100)))
+
+
 class BudgetsHandler(LomasHandler):
     @tornado.web.authenticated
     @authorized
@@ -238,7 +253,9 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("whoami", WhoAmIHandler),
     ("datasets", DatasetsHandler),
     ("datasets/" + NAME.format("name"), DatasetHandler),
+    ("datasets/" + NAME.format("name") + "/dummy", DummyRowsHandler),
     ("query", QueryHandler),
+    ("dummy", DummyQueryHandler),
     ("preview", PreviewHandler),
     ("budget", BudgetsHandler),
     ("budget/" + NAME.format("dataset"), BudgetHandler),

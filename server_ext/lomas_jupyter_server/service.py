@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import engine
-from .datasets import check_dataset_name, import_dataset
+from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset
 from .errors import BadRequest, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
 from .sql import compile_sql
@@ -218,6 +218,37 @@ class DPService:
             **result,
             "budget": budget.to_json() if budget else None,
         }
+
+    async def dummy_query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        """The same query on dummy rows made from public metadata: free, never archived, clearly labelled."""
+        request = QueryRequest.parse(body, self.max_epsilon_per_query)
+        record, spec = self._compile(request)
+        preview = await self._price(record, spec, request)
+        path = await asyncio.to_thread(dummy_parquet, self.storage_dir, record)
+        released = await self.pool.run(
+            engine.release_task, spec.to_json(), record.metadata, request.bounds, str(path), preview["scale"],
+            preview["epsilon"],
+        )
+        budget = self.store.budget(user.username, record.name)
+        return {
+            "dummy": True,
+            "dataset": record.name,
+            "dataset_version": record.version,
+            "sql": request.sql,
+            "columns": released["columns"],
+            "rows": released["rows"],
+            "intervals": released["intervals"],
+            "aggregates": released["aggregates"],
+            "cost": {"epsilon": 0.0, "delta": 0.0},
+            "would_cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
+            "requested": {"epsilon": request.epsilon, "delta": request.delta},
+            "budget": budget.to_json() if budget else None,
+        }
+
+    def dummy_rows(self, name: str, rows: int) -> dict[str, Any]:
+        record = self._dataset(name)
+        frame = dummy_frame(parse_metadata(record.metadata), rows, seed=record.version)
+        return {"dataset": name, "dummy": True, "columns": frame.columns, "rows": frame.to_dicts()}
 
     # --- admin side ---------------------------------------------------------------------------------------
 
