@@ -11,7 +11,7 @@ class BudgetPanel:
     def __init__(self) -> None:
         self.title = widgets.HTML("<b>DP budget</b>")
         self.rows = widgets.VBox([])
-        self.widget = widgets.VBox([self.title, self.rows], layout=widgets.Layout(max_width="560px"))
+        self.widget = widgets.VBox([self.title, self.rows], layout=widgets.Layout(max_width="760px"))
         self._gauges: dict[str, tuple[widgets.FloatProgress, widgets.HTML]] = {}
 
     def update(self, budgets: list[dict[str, Any]], last_cost: dict[str, float] | None = None) -> None:
