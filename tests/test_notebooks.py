@@ -145,3 +145,50 @@ def test_a_kernel_finds_the_server_that_started_it(jupyter_server: dict[str, str
     code = "from lomas_jupyter import Client, LomasError\ntry:\n    Client()\nexcept LomasError as e:\n    print(e)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "no DP service found" in out.stdout and "LOMAS_URL" in out.stdout
+
+
+def test_connect_status_and_one_line_errors_in_a_real_kernel(jupyter_server: dict[str, str]) -> None:
+    from jupyter_client.manager import start_new_kernel
+
+    from .servers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_"))}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
+
+    def run(code: str) -> tuple[str, str]:
+        messages = _drain(kc, kc.execute(code))
+        streams = [m["content"] for m in messages if m["msg_type"] == "stream"]
+        errors = [m for m in messages if m["msg_type"] == "error"]
+        assert not errors, errors
+        out = "".join(s["text"] for s in streams if s["name"] == "stdout")
+        err = "".join(s["text"] for s in streams if s["name"] == "stderr")
+        return out, err
+
+    try:
+        run("%load_ext lomas_jupyter")
+        _, err = run(f"%lomas connect http://127.0.0.1:{free_port()}/ some-token")
+        assert err.count("\n") == 1 and "LomasError:" in err and "unreachable" in err
+        _, err = run(f"%lomas connect {jupyter_server['url']} wrong-token")
+        assert err.count("\n") == 1 and "authentication required" in err
+        out, err = run(f"%lomas connect {jupyter_server['url']} {jupyter_server['token']}\n%lomas status")
+        assert not err and "connected to" in out and "(admin)" in out and "explicit URL" in out
+        _, err = run("%%dpquery nope --epsilon 0.1\nSELECT COUNT(*) FROM nope")
+        assert err.count("\n") == 1 and "no dataset 'nope'" in err
+        _, err = run("%%dpquery penguins --epsilon banana\nSELECT COUNT(*) FROM penguins")
+        assert err.count("\n") == 1 and "epsilon" in err
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_jupyterhub_environment_is_used_when_present(jupyter_server: dict[str, str]) -> None:
+    """Under JupyterHub, kernels inherit JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_URL; the client uses them."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_", "JPY_"))}
+    env |= {"JUPYTERHUB_API_TOKEN": jupyter_server["token"], "JUPYTERHUB_SERVICE_URL": jupyter_server["url"]}
+    code = "from lomas_jupyter import Client; c = Client(); print(c.connection.source, c.whoami()['role'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "JupyterHub admin"
