@@ -32,6 +32,8 @@ class BudgetPanel:
             last = budget.get("last_cost")
             label.value = (
                 f"spent ε {budget['epsilon_spent']:.3g} · remaining ε {budget['epsilon_remaining']:.3g} "
-                f"of {total:.3g} · {budget['releases']} releases"
+                f"of {total:.3g}"
+                + (f" · δ {budget['delta_spent']:.2g} of {budget['delta_total']:.2g}" if budget["delta_total"] else "")
+                + f" · {budget['releases']} releases"
                 + (f" · last query ε {last:.3g}" if last is not None else "")
             )

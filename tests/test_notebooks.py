@@ -105,7 +105,7 @@ def test_budget_widget_updates_over_the_widget_protocol(jupyter_server: dict[str
         assert values and values[-1] == pytest.approx(before + 0.25)
         labels = [u["value"] for m in ran if m["msg_type"] == "comm_msg"
                   for u in [m["content"]["data"].get("state", {})] if isinstance(u.get("value"), str)]
-        assert any("last query ε 0.25" in text for text in labels)
+        assert any("last query ε 0.25" in text and "δ 0 of 1e-06" in text for text in labels)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
