@@ -66,12 +66,13 @@ class Release:
     budget: dict[str, Any] | None = None
     release_id: int | None = None
     dummy: bool = False
+    replay: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Release:
         return cls(doc["dataset"], doc["sql"], doc["columns"], doc["rows"], doc["intervals"], doc["aggregates"],
-                   doc["cost"], doc.get("budget"), doc.get("release_id"), bool(doc.get("dummy")), doc)
+                   doc["cost"], doc.get("budget"), doc.get("release_id"), bool(doc.get("dummy")), bool(doc.get("replay")), doc)
 
     @property
     def df(self) -> pl.DataFrame:
@@ -144,10 +145,13 @@ class Client:
         return self._call("POST", "preview", _query_body(dataset, sql, epsilon, delta, bounds))
 
     def query(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
-              bounds: dict[str, list[float]] | None = None, dummy: bool = False) -> Release:
-        """A DP release, charged. With `dummy=True`: the same query on dummy rows, free and labelled."""
-        path = "dummy" if dummy else "query"
-        return Release.from_json(self._call("POST", path, _query_body(dataset, sql, epsilon, delta, bounds)))
+              bounds: dict[str, list[float]] | None = None, dummy: bool = False, fresh: bool = False) -> Release:
+        """A DP release, charged. Asking the same again returns the earlier release for free (a replay) unless
+        `fresh=True`. With `dummy=True`: the same query on dummy rows, free and labelled."""
+        body = _query_body(dataset, sql, epsilon, delta, bounds)
+        if fresh and not dummy:
+            body["fresh"] = True
+        return Release.from_json(self._call("POST", "dummy" if dummy else "query", body))
 
     def dummy_rows(self, dataset: str, rows: int = 100) -> pl.DataFrame:
         """Rows made from public metadata only: the shape of the data, none of its content."""

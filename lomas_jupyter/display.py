@@ -38,6 +38,13 @@ def release_html(release: Release) -> str:
         + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
         + " · [brackets]: 95% interval"
     )
+    if release.replay:
+        original = release.raw.get("replay_of", {})
+        footer = (
+            f"Replay of DP release #{original.get('release_id')} on <b>{html.escape(release.dataset)}</b>: the same "
+            f"answer again, free (it cost ε={original.get('epsilon', 0):.4g} the first time; --fresh for a new one)"
+            + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
+        )
     if release.dummy:
         would = release.raw.get("would_cost", {}).get("epsilon", 0.0)
         footer = (

@@ -45,6 +45,7 @@ class LomasMagics(Magics):
     @argument("--delta", "-d", type=float, default=0.0)
     @argument("--preview", action="store_true", help="show cost and accuracy without spending")
     @argument("--dummy", action="store_true", help="run on dummy rows made from public metadata (free)")
+    @argument("--fresh", action="store_true", help="a new release even if this query was answered before (charged)")
     @argument("-o", "--output", default=None, help="store the result as a polars DataFrame under this name")
     @cell_magic
     def dpquery(self, line: str, cell: str) -> Any:
@@ -59,7 +60,8 @@ class LomasMagics(Magics):
             if args.preview:
                 display(HTML(preview_html(self.client.preview(args.dataset, cell, epsilon, args.delta))))
                 return None
-            release = self.client.query(args.dataset, cell, epsilon, args.delta, dummy=args.dummy)
+            release = self.client.query(args.dataset, cell, epsilon, args.delta, dummy=args.dummy,
+                                        fresh=args.fresh)
             if not args.dummy:
                 self._refresh_panel()
         except LomasError as err:

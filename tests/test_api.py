@@ -202,7 +202,7 @@ async def test_serialized_polars_plan_or_pickle_is_never_deserialized(api, tmp_p
 
 async def test_concurrent_queries_exhaust_the_budget_exactly_and_never_over(api) -> None:
     await api("admin/grants", "PUT", {"username": "owner", "dataset": "penguins", "epsilon": 10.0})
-    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.2}
+    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.2, "fresh": True}
     answers = await asyncio.gather(*[api("query", "POST", body) for _ in range(60)])
     codes = [code for code, _ in answers]
     assert codes.count(201) == 50 and codes.count(403) == 10, codes
@@ -282,3 +282,38 @@ async def test_dummy_rows_and_dummy_queries_are_free_and_independent_of_the_data
     record = store.get_dataset("penguins")
     pl.DataFrame(schema=pl.read_parquet(record.parquet_path).schema).write_parquet(record.parquet_path)
     assert await api("datasets/penguins/dummy", rows="20") == before
+
+
+async def test_replays_are_free_and_identical_and_fresh_releases_are_charged(api) -> None:
+    body = {"dataset": "penguins", "epsilon": 0.5, "sql": GROUPED}
+    status, first = await api("query", "POST", body)
+    assert status == 201 and first["replay"] is False
+    charged = await spent(api)
+    respelled = ("select species,\n  count(*) as n,   avg(bill_length_mm) mean_bill\n"
+                 "from penguins p group by p.species")
+    for sql in (GROUPED, respelled):
+        status, again = await api("query", "POST", {**body, "sql": sql})
+        assert status == 201 and again["replay"] is True and again["cost"]["epsilon"] == 0.0
+        assert again["rows"] == first["rows"] and again["intervals"] == first["intervals"]
+        assert again["replay_of"]["release_id"] == first["release_id"]
+        assert again["replay_of"]["epsilon"] == first["cost"]["epsilon"]
+    assert await spent(api) == charged
+    status, other_eps = await api("query", "POST", {**body, "epsilon": 0.4})
+    assert other_eps["replay"] is False
+    status, fresh = await api("query", "POST", {**body, "fresh": True})
+    assert status == 201 and fresh["replay"] is False and fresh["release_id"] != first["release_id"]
+    assert await spent(api) == pytest.approx(charged + other_eps["cost"]["epsilon"] + fresh["cost"]["epsilon"])
+    status, archive = await api("archive")
+    assert len(archive) == 3
+    status, error = await api("query", "POST", {**body, "fresh": "yes"})
+    assert status == 400 and "fresh" in error["message"]
+
+
+async def test_a_new_dataset_version_is_not_replayed(api) -> None:
+    body = {"dataset": "penguins", "epsilon": 0.5, "sql": "SELECT COUNT(*) FROM penguins"}
+    status, first = await api("query", "POST", body)
+    status, imported = await api("admin/datasets", "POST", {"name": "penguins", "metadata": penguins_metadata(),
+                                                            "path": str(penguins_csv())})
+    assert status == 201 and imported["version"] == 2
+    status, second = await api("query", "POST", body)
+    assert status == 201 and second["replay"] is False and second["dataset_version"] == 2

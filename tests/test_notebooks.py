@@ -67,6 +67,16 @@ def test_quickstart_runs_and_shows_results(jupyter_server: dict[str, str], monke
                           headers={"Authorization": f"token {jupyter_server['token']}"}, timeout=10).json()
     assert budget["releases"] == 3 and budget["epsilon_spent"] <= 1.0 + 1e-9
 
+    # Restart & Run All costs nothing: every query is a replay of its earlier release
+    again = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(again, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    rerun = {c["source"].splitlines()[0]: _text(c) for c in again.cells if c["cell_type"] == "code"}
+    assert "Replay of DP release #1" in rerun["%%dpquery penguins --epsilon 0.5 -o by_species"]
+    assert rerun["by_species"] == out["by_species"]
+    after = requests.get(jupyter_server["url"] + "lomas/api/budget/penguins",
+                         headers={"Authorization": f"token {jupyter_server['token']}"}, timeout=10).json()
+    assert after["epsilon_spent"] == budget["epsilon_spent"] and after["releases"] == 3
+
 
 def _drain(kc, msg_id: str) -> list[dict]:
     """All iopub messages of one execution, until the kernel goes idle."""

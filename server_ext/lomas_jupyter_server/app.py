@@ -60,6 +60,9 @@ class LomasApp(ExtensionApp):
     query_timeout = Float(120.0, help="Seconds a query may run before it is stopped (and refunded)").tag(
         config=True
     )
+    worker_memory_mb = Integer(
+        8192, help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit)"
+    ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
     identity_mode = Enum(
         ["auto", "local", "token"],
@@ -96,7 +99,8 @@ class LomasApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         store = self.store_class(self.store_url)
-        pool = WorkerPool(self.workers, self.query_timeout)
+        pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb)
+        pool.warm_up()
         self.service = DPService(store, self.storage_dir, pool, self.max_epsilon_per_query)
         self.settings["lomas_service"] = self.service
         if self.demo:

@@ -244,6 +244,12 @@ class AdminStore(ABC):
     ) -> list[ReleaseRecord]: ...
 
     @abstractmethod
+    def find_release(
+        self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
+    ) -> ReleaseRecord | None:
+        """The newest earlier release of the same query by the same user on the same dataset version."""
+
+    @abstractmethod
     def audit(self, limit: int = 200) -> list[AuditEntry]: ...
 
     @abstractmethod

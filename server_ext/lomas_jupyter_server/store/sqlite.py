@@ -102,6 +102,9 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     );
     """,
+    """
+    CREATE INDEX releases_replay ON releases (username, dataset, dataset_version, canonical);
+    """,
 ]
 
 
@@ -386,7 +389,7 @@ class SQLiteStore(AdminStore):
                     dataset_version,
                     sql,
                     canonical,
-                    json.dumps(params),
+                    _params_key(params),
                     epsilon,
                     delta,
                     json.dumps(result),
@@ -411,22 +414,23 @@ class SQLiteStore(AdminStore):
             args.append(dataset)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         rows = self._read(f"SELECT * FROM releases {where} ORDER BY id DESC LIMIT ?", (*args, limit))
-        return [
-            ReleaseRecord(
-                r["id"],
-                r["username"],
-                r["dataset"],
-                r["dataset_version"],
-                r["sql"],
-                r["canonical"],
-                json.loads(r["params_json"]),
-                r["epsilon"],
-                r["delta"],
-                json.loads(r["result_json"]),
-                r["created_at"],
-            )
-            for r in rows
-        ]
+        return [_release_record(r) for r in rows]
+
+    def find_release(
+        self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
+    ) -> ReleaseRecord | None:
+        rows = self._read(
+            "SELECT id FROM releases WHERE username = ? AND dataset = ? AND dataset_version = ? AND canonical = ? "
+            "AND params_json = ? ORDER BY id DESC LIMIT 1",
+            (username, dataset, dataset_version, canonical, _params_key(params)),
+        )
+        if not rows:
+            return None
+        return self._release(rows[0]["id"])
+
+    def _release(self, release_id: int) -> ReleaseRecord:
+        (r,) = self._read("SELECT * FROM releases WHERE id = ?", (release_id,))
+        return _release_record(r)
 
     def audit(self, limit: int = 200) -> list[AuditEntry]:
         rows = self._read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
@@ -445,6 +449,26 @@ def _statements(script: str) -> list[str]:
             out.append(text)
             buf = []
     return out
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def _release_record(r: sqlite3.Row) -> ReleaseRecord:
+    return ReleaseRecord(
+        r["id"],
+        r["username"],
+        r["dataset"],
+        r["dataset_version"],
+        r["sql"],
+        r["canonical"],
+        json.loads(r["params_json"]),
+        r["epsilon"],
+        r["delta"],
+        json.loads(r["result_json"]),
+        r["created_at"],
+    )
 
 
 def _dataset(row: sqlite3.Row) -> DatasetRecord:
