@@ -22,7 +22,7 @@ def storage_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def lomas_config(storage_dir: Path) -> dict[str, Any]:
-    return {"storage_dir": str(storage_dir), "workers": 2, "demo": True, "demo_epsilon": 10.0,
+    return {"storage_dir": str(storage_dir), "workers": 1, "pricing_workers": 1, "demo": True, "demo_epsilon": 10.0,
             "local_username": "owner"}
 
 

@@ -53,6 +53,8 @@ def test_quickstart_renders_table_and_widget(theme: str, tmp_path: Path) -> None
     (settings / "overrides.json").write_text(json.dumps({
         "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
         "@jupyterlab/apputils-extension:themes": {"theme": THEMES[theme]},
+        # render every cell (JupyterLab 4 otherwise detaches cells scrolled out of view)
+        "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
     }))
     token = "ui-test-token"
     args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
@@ -68,8 +70,15 @@ def test_quickstart_renders_table_and_widget(theme: str, tmp_path: Path) -> None
             page.goto(f"{url}lab/tree/quickstart.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            for attempt in range(3):  # a click that lands before the kernel session is wired up runs nothing
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_text("Run All Cells", exact=True).click()
+                try:
+                    page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=20_000)
+                    break
+                except Exception:
+                    if attempt == 2:
+                        raise
             table = page.wait_for_selector(".lomas-release:not(:has(.lomas-dummy-label)) table", timeout=90_000)
             gauge = page.wait_for_selector(".widget-hprogress", timeout=60_000)
             table.scroll_into_view_if_needed()

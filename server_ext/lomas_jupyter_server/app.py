@@ -60,6 +60,9 @@ class LomasApp(ExtensionApp):
     query_timeout = Float(120.0, help="Seconds a query may run before it is stopped (and refunded)").tag(
         config=True
     )
+    pricing_workers = Integer(
+        1, help="Worker processes that only price queries (previews), so previews never wait behind queries"
+    ).tag(config=True)
     worker_memory_mb = Integer(
         8192, help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit)"
     ).tag(config=True)
@@ -100,8 +103,10 @@ class LomasApp(ExtensionApp):
     def initialize_settings(self) -> None:
         store = self.store_class(self.store_url)
         pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb)
+        pricing_pool = WorkerPool(self.pricing_workers, self.query_timeout, self.worker_memory_mb)
         pool.warm_up()
-        self.service = DPService(store, self.storage_dir, pool, self.max_epsilon_per_query)
+        pricing_pool.warm_up()
+        self.service = DPService(store, self.storage_dir, pool, self.max_epsilon_per_query, pricing_pool)
         self.settings["lomas_service"] = self.service
         if self.demo:
             from .demo import setup_demo
@@ -133,6 +138,7 @@ class LomasApp(ExtensionApp):
         service = getattr(self, "service", None)
         if service is not None:
             service.pool.close()
+            service.pricing_pool.close()
             service.store.close()
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from .metadata import parse_metadata
 from .sql import compile_sql
 from .store import AdminStore, DatasetRecord, UserRecord
 from .workers import WorkerPool
+
+PRICE_CACHE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,15 @@ class DPService:
         storage_dir: str | Path,
         pool: WorkerPool,
         max_epsilon_per_query: float = 10.0,
+        pricing_pool: WorkerPool | None = None,
     ) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
         self.pool = pool
+        # previews never queue behind running queries: they get their own worker(s)
+        self.pricing_pool = pricing_pool or pool
         self.max_epsilon_per_query = max_epsilon_per_query
+        self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -145,9 +153,19 @@ class DPService:
         return record, spec
 
     async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
-        """Noise scale, exact cost and accuracy, computed by a worker from metadata only."""
-        return await self.pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
-                                   request.bounds)
+        """Noise scale, exact cost and accuracy, computed by a worker from metadata only (and remembered: the
+        same query on the same dataset version at the same epsilon always prices the same)."""
+        key = json.dumps([record.name, record.version, spec.canonical(), request.epsilon, request.bounds],
+                         sort_keys=True)
+        if key in self._prices:
+            self._prices.move_to_end(key)
+            return self._prices[key]
+        price = await self.pricing_pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
+                                            request.bounds)
+        self._prices[key] = price
+        while len(self._prices) > PRICE_CACHE_SIZE:
+            self._prices.popitem(last=False)
+        return price
 
     async def preview(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
