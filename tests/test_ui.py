@@ -77,6 +77,7 @@ def test_quickstart_renders_table_and_widget(theme: str, tmp_path: Path) -> None
                     page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=20_000)
                     break
                 except Exception:
+                    print(f"run-all attempt {attempt} ran nothing")
                     if attempt == 2:
                         raise
             table = page.wait_for_selector(".lomas-release:not(:has(.lomas-dummy-label)) table", timeout=90_000)
