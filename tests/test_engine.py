@@ -117,3 +117,15 @@ def test_intervals_cover_the_truth_about_95_percent(tmp_path: Path) -> None:
     assert abs(hits["s"] / releases - 0.95) < 5 * sigma(0.95), hits
     # the mean's interval is a union bound over two noises: at least 95%, typically more
     assert hits["m"] / releases >= 0.95 - 5 * sigma(0.95), hits
+
+
+@pytest.mark.parametrize("sql", QUERIES[:3])
+def test_closed_form_matches_opendps_own_search(sql: str) -> None:
+    """Our closed-form scale is the one OpenDP's binary search finds (what Context.query().resolve() does)."""
+    import opendp.prelude as dp
+
+    plan = engine.Plan(compile_sql(sql, "penguins", PENGUINS), PENGUINS, engine.effective_bounds(PENGUINS, None))
+    _, scale, charged = plan.calibrate(0.7)
+    searched = dp.binary_search_param(plan.measurement, d_in=PENGUINS.privacy_unit, d_out=0.7, T=float)
+    assert scale == pytest.approx(searched, rel=1e-6)
+    assert charged <= 0.7 and plan.cost(plan.measurement(searched)) <= 0.7
