@@ -130,3 +130,28 @@ def test_admin_actions_are_audited(store: SQLiteStore) -> None:
     store.set_grant("alice", "penguins", 2.0, 0.0, actor="carol")
     entry = store.audit()[0]
     assert entry.actor == "carol" and entry.action == "set_grant" and entry.detail["epsilon"] == 2.0
+
+
+def _ledger_sum(store: SQLiteStore, username: str) -> float:
+    rows = store.ledger(username, 100_000)
+    return math.fsum(r["epsilon"] * {"reserve": 1, "refund": -1, "commit": 0}[r["kind"]] for r in rows)
+
+
+def test_running_totals_match_the_ledger_and_are_rebuilt_by_the_migration(store: SQLiteStore) -> None:
+    for i in range(30):
+        rid = store.reserve("alice", "penguins", 0.1 + i * 1e-3, 0.0)
+        (store.refund if i % 3 == 0 else store.commit)(rid)
+    budget = store.budget("alice", "penguins")
+    assert budget is not None
+    assert budget.epsilon_spent == _ledger_sum(store, "alice") and budget.releases == 20
+    # an older store (schema version 2, no totals table) gets its totals rebuilt from the ledger
+    raw = sqlite3.connect(store.path)
+    raw.execute("DROP TABLE budget_totals")
+    raw.execute("PRAGMA user_version = 2")
+    raw.commit()
+    raw.close()
+    store.close()
+    reopened = SQLiteStore(store.path)
+    assert reopened.schema_version == len(MIGRATIONS)
+    again = reopened.budget("alice", "penguins")
+    assert again == budget

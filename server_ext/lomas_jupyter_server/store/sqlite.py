@@ -11,8 +11,9 @@ import math
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,30 @@ from .base import (
     utcnow,
 )
 
+
+def _add_budget_totals(conn: sqlite3.Connection) -> None:
+    """Running totals per (user, dataset), so budget reads and reservations do not rescan the ledger.
+    Kept as exact fractions: the sum of many float charges is exact, and only rounded when compared or shown."""
+    conn.execute(
+        "CREATE TABLE budget_totals (username TEXT NOT NULL, dataset TEXT NOT NULL, epsilon_spent TEXT NOT NULL, "
+        "delta_spent TEXT NOT NULL, releases INTEGER NOT NULL, last_cost REAL, PRIMARY KEY (username, dataset))"
+    )
+    totals: dict[tuple[str, str], list[Any]] = {}
+    for row in conn.execute("SELECT username, dataset, kind, epsilon, delta FROM ledger ORDER BY id"):
+        entry = totals.setdefault((row[0], row[1]), [Fraction(0), Fraction(0), 0, None])
+        sign = {"reserve": 1, "refund": -1, "commit": 0}[row[2]]
+        entry[0] += sign * Fraction(row[3])
+        entry[1] += sign * Fraction(row[4])
+        if row[2] == "commit":
+            entry[2] += 1
+            entry[3] = row[3]
+    for (username, dataset), (eps, delta, releases, last) in totals.items():
+        conn.execute("INSERT INTO budget_totals VALUES (?, ?, ?, ?, ?, ?)",
+                     (username, dataset, str(eps), str(delta), releases, last))
+
+
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
-MIGRATIONS: list[str] = [
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """
     CREATE TABLE users (
         username TEXT PRIMARY KEY,
@@ -105,6 +128,7 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX releases_replay ON releases (username, dataset, dataset_version, canonical);
     """,
+    _add_budget_totals,
 ]
 
 
@@ -131,8 +155,11 @@ class SQLiteStore(AdminStore):
         with self._tx():
             current = self.schema_version
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in _statements(script):
-                    self._conn.execute(statement)
+                if callable(script):
+                    script(self._conn)
+                else:
+                    for statement in _statements(script):
+                        self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {version}")
 
     @contextmanager
@@ -275,26 +302,33 @@ class SQLiteStore(AdminStore):
             rows = self._read("SELECT * FROM grants WHERE username = ? ORDER BY dataset", (username,))
         return [GrantRecord(**dict(r)) for r in rows]
 
-    def _spent(self, conn: sqlite3.Connection, username: str, dataset: str) -> tuple[float, float, int, float | None]:
-        rows = conn.execute(
-            "SELECT kind, epsilon, delta FROM ledger WHERE username = ? AND dataset = ? ORDER BY id",
-            (username, dataset),
-        ).fetchall()
-        eps = [r["epsilon"] for r in rows if r["kind"] == "reserve"]
-        eps += [-r["epsilon"] for r in rows if r["kind"] == "refund"]
-        deltas = [r["delta"] for r in rows if r["kind"] == "reserve"]
-        deltas += [-r["delta"] for r in rows if r["kind"] == "refund"]
-        commits = [r for r in rows if r["kind"] == "commit"]
-        last = commits[-1]["epsilon"] if commits else None
-        return max(math.fsum(eps), 0.0), max(math.fsum(deltas), 0.0), len(commits), last
+    def _totals(self, conn: sqlite3.Connection, username: str, dataset: str) -> tuple[Fraction, Fraction, int, float | None]:
+        row = conn.execute(
+            "SELECT * FROM budget_totals WHERE username = ? AND dataset = ?", (username, dataset)
+        ).fetchone()
+        if row is None:
+            return Fraction(0), Fraction(0), 0, None
+        return Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"], row["last_cost"]
+
+    def _add_to_totals(self, conn: sqlite3.Connection, username: str, dataset: str, epsilon: Fraction,
+                       delta: Fraction, release_cost: float | None = None) -> None:
+        eps, dlt, releases, last = self._totals(conn, username, dataset)
+        if release_cost is not None:
+            releases, last = releases + 1, release_cost
+        conn.execute(
+            "INSERT INTO budget_totals VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username, dataset) DO UPDATE SET "
+            "epsilon_spent = excluded.epsilon_spent, delta_spent = excluded.delta_spent, "
+            "releases = excluded.releases, last_cost = excluded.last_cost",
+            (username, dataset, str(eps + epsilon), str(dlt + delta), releases, last),
+        )
 
     def budget(self, username: str, dataset: str) -> Budget | None:
         with self._lock:
             grant = self.get_grant(username, dataset)
             if grant is None:
                 return None
-            eps, delta, releases, last = self._spent(self._conn, username, dataset)
-        return Budget(username, dataset, grant.epsilon, grant.delta, eps, delta, releases, last)
+            eps, delta, releases, last = self._totals(self._conn, username, dataset)
+        return Budget(username, dataset, grant.epsilon, grant.delta, float(eps), float(delta), releases, last)
 
     def reserve(self, username: str, dataset: str, epsilon: float, delta: float) -> str:
         _check_amount(epsilon, "epsilon")
@@ -310,8 +344,10 @@ class SQLiteStore(AdminStore):
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining={"epsilon": 0.0, "delta": 0.0},
                 )
-            spent_eps, spent_delta, _, _ = self._spent(conn, username, dataset)
-            if spent_eps + epsilon > grant["epsilon"] or spent_delta + delta > grant["delta"]:
+            exact_eps, exact_delta, _, _ = self._totals(conn, username, dataset)
+            spent_eps, spent_delta = float(exact_eps), float(exact_delta)
+            # compare the correctly rounded exact sums: float noise in 0.1 + 0.2 never decides a refusal
+            if float(exact_eps + Fraction(epsilon)) > grant["epsilon"] or float(exact_delta + Fraction(delta)) > grant["delta"]:
                 remaining = {
                     "epsilon": max(grant["epsilon"] - spent_eps, 0.0),
                     "delta": max(grant["delta"] - spent_delta, 0.0),
@@ -330,6 +366,7 @@ class SQLiteStore(AdminStore):
                 "VALUES (?, ?, ?, 'reserve', ?, ?, ?)",
                 (reservation_id, username, dataset, float(epsilon), float(delta), utcnow()),
             )
+            self._add_to_totals(conn, username, dataset, Fraction(epsilon), Fraction(delta))
         return reservation_id
 
     def _settle(self, reservation_id: str, kind: str) -> None:
@@ -349,6 +386,11 @@ class SQLiteStore(AdminStore):
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (reservation_id, row["username"], row["dataset"], kind, row["epsilon"], row["delta"], utcnow()),
             )
+            if kind == "refund":
+                self._add_to_totals(conn, row["username"], row["dataset"], -Fraction(row["epsilon"]),
+                                    -Fraction(row["delta"]))
+            else:
+                self._add_to_totals(conn, row["username"], row["dataset"], Fraction(0), Fraction(0), row["epsilon"])
 
     def commit(self, reservation_id: str) -> None:
         self._settle(reservation_id, "commit")
