@@ -29,6 +29,7 @@ RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
 SQL = "SELECT cat, COUNT(*) AS n, AVG(x1) AS mean_x1 FROM synthetic{rows} GROUP BY cat"
 EPSILON = 0.5
+EXTRA_ARGS: list[str] = []  # extra `jupyter lomas` arguments (e.g. for debugging)
 CATEGORIES = ["a", "b", "c", "d", "e"]
 
 
@@ -154,7 +155,7 @@ class Service:
             port = s.getsockname()[1]
         args = [str(BIN / "jupyter-lomas"), "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                 f"--LomasApp.storage_dir={self.storage}", "--ServerApp.open_browser=False",
-                "--LomasApp.max_epsilon_per_query=10"]
+                "--LomasApp.max_epsilon_per_query=10", *EXTRA_ARGS]
         if os.geteuid() == 0:
             args.append("--allow-root")
         env["JUPYTER_RUNTIME_DIR"] = str(root / "runtime")
@@ -275,7 +276,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--naive-repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--load-seconds", type=float, default=60.0)
+    parser.add_argument("--load-seconds", type=float, default=60.0, help="0 skips the load test")
+    parser.add_argument("--results", default="results", help="file stem in benchmarks/results/")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     root = DATA / "service"
@@ -309,8 +311,9 @@ def main() -> None:
                 lambda rows=rows: service.post("query", body(rows)).raise_for_status(), max(args.repeats, 20))
             rss[rows] = service.rss_mb()
         smallest = min(args.rows)
-        print(f"[{smallest:,}] load: {args.clients} clients for {args.load_seconds:g} s ...", flush=True)
-        load = load_test(service, smallest, args.clients, args.load_seconds)
+        if args.load_seconds > 0:
+            print(f"[{smallest:,}] load: {args.clients} clients for {args.load_seconds:g} s ...", flush=True)
+            load = load_test(service, smallest, args.clients, args.load_seconds)
     finally:
         service.close()
     write_results(table, rss, load, args)
@@ -355,12 +358,12 @@ def write_results(table: dict[int, dict[str, float]], rss: dict[int, float], loa
                   f"- budget reads during the load: {load['budget_reads']}, p99 {load['budget_p99'] * 1000:.1f} ms"]
     lines += ["", "## Memory (RSS of the service and its workers after the queries above)", ""]
     lines += [f"- {rows:,} rows: {mb:,.0f} MB" for rows, mb in rss.items()]
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
-    plot(table)
+    (RESULTS / f"{args.results}.md").write_text("\n".join(lines) + "\n")
+    plot(table, RESULTS / f"{args.results}.png")
     print("\n".join(lines))
 
 
-def plot(table: dict[int, dict[str, float]]) -> None:
+def plot(table: dict[int, dict[str, float]], target: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,7 +382,7 @@ def plot(table: dict[int, dict[str, float]]) -> None:
     ax.set_title("lomas-jupyter: one grouped count + mean query")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "results.png", dpi=110)
+    fig.savefig(target, dpi=110)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ class LomasApp(ExtensionApp):
         1, help="Worker processes that only price queries (previews), so previews never wait behind queries"
     ).tag(config=True)
     worker_memory_mb = Integer(
-        8192, help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit)"
+        help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit). "
+        "Default: three quarters of the machine's memory shared among the workers"
     ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
     identity_mode = Enum(
@@ -92,6 +93,14 @@ class LomasApp(ExtensionApp):
     @default("workers")
     def _default_workers(self) -> int:
         return os.cpu_count() or 1
+
+    @default("worker_memory_mb")
+    def _default_worker_memory_mb(self) -> int:
+        try:
+            total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        except (ValueError, OSError):
+            return 0
+        return int(total_mb * 0.75 / (self.workers + self.pricing_workers))
 
     @default("local_username")
     def _default_local_username(self) -> str:

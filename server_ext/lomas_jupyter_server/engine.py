@@ -8,7 +8,9 @@ bottom (`preview_task`, `release_task`) are what worker processes run.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,6 +350,36 @@ def preview_task(
     return {"scale": scale, "epsilon": charged, "delta": 0.0, "aggregates": plan.describe(measurement)}
 
 
+# A warm worker keeps the measurements it built and the scans it opened: a repeated query shape pays only for
+# its execution. Both are plain functions of their keys, so a cached entry is the same as a rebuilt one.
+_MEASUREMENTS: OrderedDict[str, tuple[Plan, Any, float, list[dict[str, Any]]]] = OrderedDict()
+_SCANS: OrderedDict[str, pl.LazyFrame] = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None,
+              scale: float) -> tuple[Plan, Any, float, list[dict[str, Any]]]:
+    key = json.dumps([spec, metadata, bounds, scale], sort_keys=True)
+    if key in _MEASUREMENTS:
+        _MEASUREMENTS.move_to_end(key)
+        return _MEASUREMENTS[key]
+    plan = Plan.from_json(spec, metadata, bounds)
+    measurement = plan.measurement(scale)
+    entry = (plan, measurement, plan.cost(measurement), plan.describe(measurement))
+    _MEASUREMENTS[key] = entry
+    if len(_MEASUREMENTS) > _CACHE_SIZE:
+        _MEASUREMENTS.popitem(last=False)
+    return entry
+
+
+def _scan(parquet_path: str) -> pl.LazyFrame:
+    if parquet_path not in _SCANS:
+        _SCANS[parquet_path] = pl.scan_parquet(parquet_path)
+        if len(_SCANS) > _CACHE_SIZE:
+            _SCANS.popitem(last=False)
+    return _SCANS[parquet_path]
+
+
 def release_task(
     spec: dict[str, Any],
     metadata: dict[str, Any],
@@ -357,12 +389,9 @@ def release_task(
     reserved_epsilon: float,
 ) -> dict[str, Any]:
     """Run the query at a scale fixed by a preview whose cost was reserved; refuse if the cost changed."""
-    plan = Plan.from_json(spec, metadata, bounds)
-    measurement = plan.measurement(scale)
-    charged = plan.cost(measurement)
+    plan, measurement, charged, described = _prepared(spec, metadata, bounds, scale)
     if charged > reserved_epsilon:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
-    described = plan.describe(measurement)
-    raw = measurement(pl.scan_parquet(parquet_path)).collect()
+    raw = measurement(_scan(parquet_path)).collect()
     result = plan.postprocess(raw, described)
     return {"epsilon": charged, "delta": 0.0, "scale": scale, "aggregates": described, **result}
