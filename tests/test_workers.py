@@ -125,3 +125,45 @@ async def test_engine_failure_during_release_refunds(tmp_path: Path) -> None:
     finally:
         service.pool.close()
         store.close()
+
+
+async def test_a_worker_killed_during_a_release_refunds_and_the_next_query_succeeds(tmp_path: Path) -> None:
+    import numpy as np
+    import polars as pl
+
+    from lomas_jupyter_server.datasets import import_dataset
+
+    rows = 3_000_000  # big enough that a release takes a while, so we can kill its worker in the middle
+    rng = np.random.default_rng(0)
+    source = tmp_path / "big.parquet"
+    pl.DataFrame({"g": np.array(["a", "b"])[rng.integers(0, 2, rows)], "x": rng.uniform(0, 1, rows)}).write_parquet(source)
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    meta = {"privacy_unit": 1, "max_rows": rows, "columns": {"g": {"type": "string", "categories": ["a", "b"]},
+                                                             "x": {"type": "float", "bounds": [0.0, 1.0]}}}
+    import_dataset(store, tmp_path, "big", source, meta)
+    store.create_user("alice", "analyst", "test")
+    store.set_grant("alice", "big", 5.0, 0.0, "test")
+    pool = WorkerPool(1, timeout=120)
+    service = DPService(store, tmp_path, pool, pricing_pool=WorkerPool(1, timeout=120))
+    alice = store.get_user("alice")
+    body = {"dataset": "big", "sql": "SELECT g, AVG(x), COUNT(*) FROM big GROUP BY g", "epsilon": 1.0}
+    try:
+        await service.preview(alice, body)  # price it first, so the query below goes straight to its release
+        pool.warm_up()
+        (pid,) = pool.pids()
+        query = asyncio.ensure_future(service.query(alice, body))
+        while pool._idle.qsize():  # the release has taken the worker
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineFailure, match="crashed"):
+            await query
+        budget = store.budget("alice", "big")
+        assert budget.epsilon_spent == 0.0 and budget.releases == 0
+        assert [row["kind"] for row in store.ledger("alice")] == ["refund", "reserve"]
+        answer = await service.query(alice, body)
+        assert answer["budget"]["releases"] == 1 and answer["cost"]["epsilon"] <= 1.0
+    finally:
+        pool.close()
+        service.pricing_pool.close()
+        store.close()
