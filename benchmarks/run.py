@@ -341,7 +341,10 @@ def write_results(table: dict[int, dict[str, float]], rss: dict[int, float], loa
         limit = 1.5 if rows <= 1_000_000 else 1.25
         lines.append(f"| warm query / OpenDP exec at {rows:,} rows <= {limit} | {ratio:.2f}x | {'yes' if ratio <= limit else 'no'} |")
         speedup = table[rows]["3 OpenDP naive (Context+resolve+release)"] / table[rows]["4a service: warm query (HTTP)"]
-        lines.append(f"| naive / warm query at {rows:,} rows >= 10 | {speedup:.1f}x | {'yes' if speedup >= 10 or rows > 1_000_000 else 'no'} |")
+        if rows <= 1_000_000:
+            lines.append(f"| naive / warm query at {rows:,} rows >= 10 | {speedup:.1f}x | {'yes' if speedup >= 10 else 'no'} |")
+        else:
+            lines.append(f"| naive / warm query at {rows:,} rows (no target) | {speedup:.1f}x | - |")
         preview, replay = table[rows]["4b service: preview (HTTP)"], table[rows]["4c service: replay (HTTP)"]
         lines.append(f"| preview p50 < 20 ms ({rows:,} rows) | {preview * 1000:.1f} ms | {'yes' if preview < 0.02 else 'no'} |")
         lines.append(f"| replay p50 < 10 ms ({rows:,} rows) | {replay * 1000:.1f} ms | {'yes' if replay < 0.01 else 'no'} |")
