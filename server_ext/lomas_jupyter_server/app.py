@@ -65,7 +65,8 @@ class LomasApp(ExtensionApp):
     ).tag(config=True)
     worker_memory_mb = Integer(
         help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit). "
-        "Default: three quarters of the machine's memory shared among the workers"
+        "Default: three quarters of the machine's memory shared among the query workers (a 100M-row grouped "
+        "mean needs about 7 GB)"
     ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
     identity_mode = Enum(
@@ -100,7 +101,7 @@ class LomasApp(ExtensionApp):
             total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
         except (ValueError, OSError):
             return 0
-        return int(total_mb * 0.75 / (self.workers + self.pricing_workers))
+        return int(total_mb * 0.75 / self.workers)  # pricing workers never touch data
 
     @default("local_username")
     def _default_local_username(self) -> str:
