@@ -181,18 +181,20 @@ class Service:
         response = (session or self.session).post(self.url + path, json=body, timeout=600)
         return response
 
-    def rss_mb(self) -> float:
-        """Resident memory of the service and all its worker processes."""
-        pids = [self.proc.pid]
+    def memory_mb(self) -> tuple[float, float]:
+        """(resident memory now of the service and all its workers, the largest peak of any one worker)."""
         children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        pids += [int(p) for p in children]
-        total = 0
-        for pid in pids:
+        now, peak = 0, 0
+        for pid in [self.proc.pid, *map(int, children)]:
             try:
-                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
-                pass
-        return total / 1024 / 1024
+                continue
+            fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Vm")}
+            now += int(fields.get("VmRSS", 0))
+            if pid != self.proc.pid:
+                peak = max(peak, int(fields.get("VmHWM", 0)))
+        return now / 1024, peak / 1024
 
     def close(self) -> None:
         self.proc.terminate()
@@ -290,7 +292,7 @@ def main() -> None:
             "3 OpenDP naive (Context+resolve+release)": median_time(opendp_naive(path, rows), args.naive_repeats),
         }
     service = Service(root, args.rows)
-    rss: dict[int, float] = {}
+    rss: dict[int, tuple[float, float]] = {}
     load: dict[str, Any] = {}
     try:
         for rows in args.rows:
@@ -309,7 +311,7 @@ def main() -> None:
                 lambda rows=rows: service.post("preview", body(rows)).raise_for_status(), max(args.repeats, 20))
             table[rows]["4c service: replay (HTTP)"] = median_time(
                 lambda rows=rows: service.post("query", body(rows)).raise_for_status(), max(args.repeats, 20))
-            rss[rows] = service.rss_mb()
+            rss[rows] = service.memory_mb()
         smallest = min(args.rows)
         if args.load_seconds > 0:
             print(f"[{smallest:,}] load: {args.clients} clients for {args.load_seconds:g} s ...", flush=True)
@@ -319,7 +321,7 @@ def main() -> None:
     write_results(table, rss, load, args)
 
 
-def write_results(table: dict[int, dict[str, float]], rss: dict[int, float], load: dict[str, Any],
+def write_results(table: dict[int, dict[str, float]], rss: dict[int, tuple[float, float]], load: dict[str, Any],
                   args: argparse.Namespace) -> None:
     configs = sorted(next(iter(table.values())))
     lines = [
@@ -359,8 +361,10 @@ def write_results(table: dict[int, dict[str, float]], rss: dict[int, float], loa
                   f"- latency p50 {load['p50'] * 1000:.0f} ms, p95 {load['p95'] * 1000:.0f} ms, "
                   f"p99 {load['p99'] * 1000:.0f} ms",
                   f"- budget reads during the load: {load['budget_reads']}, p99 {load['budget_p99'] * 1000:.1f} ms"]
-    lines += ["", "## Memory (RSS of the service and its workers after the queries above)", ""]
-    lines += [f"- {rows:,} rows: {mb:,.0f} MB" for rows, mb in rss.items()]
+    lines += ["", "## Memory", "",
+              "Resident memory of the service and all its workers after the queries above, and the peak of the "
+              "busiest worker so far (the service keeps running, so a peak covers all smaller sizes before it).", ""]
+    lines += [f"- {rows:,} rows: {now:,.0f} MB now, worker peak {peak:,.0f} MB" for rows, (now, peak) in rss.items()]
     (RESULTS / f"{args.results}.md").write_text("\n".join(lines) + "\n")
     plot(table, RESULTS / f"{args.results}.png")
     print("\n".join(lines))
