@@ -82,7 +82,9 @@ class DPService:
         # previews never queue behind running queries: they get their own worker(s)
         self.pricing_pool = pricing_pool or pool
         self.max_epsilon_per_query = max_epsilon_per_query
+        # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -147,8 +149,15 @@ class DPService:
 
     def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
         record = self._dataset(request.dataset)
-        metadata = parse_metadata(record.metadata)
-        spec = compile_sql(request.sql, record.name, metadata)
+        key = (record.name, record.version, request.sql)
+        cached = self._specs.get(key)
+        if cached is None:
+            metadata = parse_metadata(record.metadata)
+            spec = compile_sql(request.sql, record.name, metadata)
+            self._specs[key] = cached = (metadata, spec)
+            while len(self._specs) > PRICE_CACHE_SIZE:
+                self._specs.popitem(last=False)
+        metadata, spec = cached
         engine.effective_bounds(metadata, request.bounds)  # refuse bad bounds before any work
         return record, spec
 
