@@ -73,6 +73,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm caches (file system, imports)
     times = []
     for _ in range(repeats):
+        time.sleep(0.2)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -86,6 +87,9 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            # let the previous configuration's thread pools go idle (rayon threads spin before they park), so
+            # one process's idle spinning is not billed to the next configuration on a small machine
+            time.sleep(0.2)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
