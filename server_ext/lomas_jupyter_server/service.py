@@ -197,6 +197,25 @@ class DPService:
             ),
         }
 
+    async def _release(self, record: DatasetRecord, spec: Any, request: QueryRequest, price: dict[str, Any],
+                       parquet_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run the priced query on a parquet file in a worker: (the worker's answer, the answer's public part)."""
+        released = await self.pool.run(
+            engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price["scale"],
+            price["epsilon"],
+        )
+        answer = {
+            "dataset": record.name,
+            "dataset_version": record.version,
+            "sql": request.sql,
+            "columns": released["columns"],
+            "rows": released["rows"],
+            "intervals": released["intervals"],
+            "aggregates": released["aggregates"],
+            "requested": {"epsilon": request.epsilon, "delta": request.delta},
+        }
+        return released, answer
+
     async def query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec = self._compile(request)
@@ -222,30 +241,12 @@ class DPService:
         # Charge what the mechanism costs (its privacy map), not what was asked for.
         reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"])
         try:
-            released = await self.pool.run(
-                engine.release_task,
-                spec.to_json(),
-                record.metadata,
-                request.bounds,
-                record.parquet_path,
-                preview["scale"],
-                preview["epsilon"],
-            )
+            released, answer = await self._release(record, spec, request, preview, record.parquet_path)
         except BaseException:
             self.store.refund(reservation)  # nothing left the worker: nothing was released
             raise
         self.store.commit(reservation)
-        result = {
-            "dataset": record.name,
-            "dataset_version": record.version,
-            "sql": request.sql,
-            "columns": released["columns"],
-            "rows": released["rows"],
-            "intervals": released["intervals"],
-            "aggregates": released["aggregates"],
-            "cost": {"epsilon": released["epsilon"], "delta": released["delta"]},
-            "requested": {"epsilon": request.epsilon, "delta": request.delta},
-        }
+        result = {**answer, "cost": {"epsilon": released["epsilon"], "delta": released["delta"]}}
         archived = self.store.archive_release(
             user.username,
             record.name,
@@ -273,23 +274,13 @@ class DPService:
         record, spec = self._compile(request)
         preview = await self._price(record, spec, request)
         path = await asyncio.to_thread(dummy_parquet, self.storage_dir, record)
-        released = await self.pool.run(
-            engine.release_task, spec.to_json(), record.metadata, request.bounds, str(path), preview["scale"],
-            preview["epsilon"],
-        )
+        _, answer = await self._release(record, spec, request, preview, str(path))
         budget = self.store.budget(user.username, record.name)
         return {
             "dummy": True,
-            "dataset": record.name,
-            "dataset_version": record.version,
-            "sql": request.sql,
-            "columns": released["columns"],
-            "rows": released["rows"],
-            "intervals": released["intervals"],
-            "aggregates": released["aggregates"],
+            **answer,
             "cost": {"epsilon": 0.0, "delta": 0.0},
             "would_cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
-            "requested": {"epsilon": request.epsilon, "delta": request.delta},
             "budget": budget.to_json() if budget else None,
         }
 
