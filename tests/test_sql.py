@@ -39,7 +39,9 @@ def test_grouped_query_spec() -> None:
     text = str(where)
     assert "'op': 'in'" in text and "'op': 'between'" in text and "'negate': True" in text
     # a literal on the left is flipped: -1 < x  ->  x > -1
-    assert {"op": "cmp", "cmp": ">", "column": "bill_depth_mm", "value": -1.0} == where["args"][1]
+    # an AND chain is one node with all its operands, in order
+    assert [a["op"] for a in where["args"]] == ["in", "between", "is_null", "cmp"]
+    assert {"op": "cmp", "cmp": ">", "column": "bill_depth_mm", "value": -1.0} == where["args"][3]
 
 
 def test_canonical_form_ignores_spelling() -> None:

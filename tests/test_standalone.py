@@ -60,7 +60,7 @@ def test_query_over_http_with_the_python_client(service: dict[str, str]) -> None
 def test_missing_or_wrong_tokens_are_refused(service: dict[str, str]) -> None:
     for headers in ({}, {"Authorization": "token lomas_not-a-real-token"}):
         response = requests.get(service["url"] + "lomas/api/datasets", headers=headers, timeout=10)
-        assert response.status_code == 403 and "token" in response.json()["message"]
+        assert response.status_code == 401 and "token" in response.json()["message"]
     with pytest.raises(LomasError):
         Client(service["url"], "lomas_wrong").datasets()
 

@@ -4,6 +4,7 @@ that worker, and leaves the other queries alone."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -13,12 +14,12 @@ import pytest
 
 from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_metadata, setup_demo
-from lomas_jupyter_server.errors import EngineFailure, QueryRejected
+from lomas_jupyter_server.errors import ChargedFailure, EngineFailure, QueryRejected
 from lomas_jupyter_server.metadata import parse_metadata
 from lomas_jupyter_server.service import DPService
 from lomas_jupyter_server.sql import compile_sql
 from lomas_jupyter_server.store import SQLiteStore
-from lomas_jupyter_server.workers import WorkerPool
+from lomas_jupyter_server.workers import WorkerPool, note_data_access
 
 META = parse_metadata(penguins_metadata())
 SPEC = compile_sql("SELECT COUNT(*) FROM penguins", "penguins", META).to_json()
@@ -101,69 +102,112 @@ async def test_domain_errors_cross_the_process_boundary_as_themselves() -> None:
         pool.close()
 
 
-async def test_engine_failure_during_release_refunds(tmp_path: Path) -> None:
+def _service_with_demo(tmp_path: Path, timeout: float = 60) -> tuple[DPService, SQLiteStore]:
     store = SQLiteStore(tmp_path / "s.sqlite3")
     setup_demo(store, tmp_path, "alice", epsilon=5.0, role="analyst")
-    service = DPService(store, tmp_path, WorkerPool(1, timeout=60))
+    return DPService(store, tmp_path, WorkerPool(1, timeout=timeout), pricing_pool=WorkerPool(1, timeout=60)), store
+
+
+async def test_a_failure_before_the_data_is_read_is_refunded(tmp_path: Path) -> None:
+    service, store = _service_with_demo(tmp_path, timeout=3)
     alice = store.get_user("alice")
     body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 1.0}
     try:
-        ok = await service.query(alice, body)
-        spent = store.budget("alice", "penguins").epsilon_spent
-        assert spent == ok["cost"]["epsilon"]
-        path = Path(store.get_dataset("penguins").parquet_path)
-        good = path.read_bytes()
-        path.write_bytes(b"this is not parquet any more")  # the storage fails under the service
-        with pytest.raises(EngineFailure) as info:
-            await service.query(alice, {**body, "fresh": True})
-        assert str(tmp_path) not in info.value.message
-        assert store.budget("alice", "penguins").epsilon_spent == spent  # refunded
-        assert [row["kind"] for row in store.ledger("alice")][:2] == ["refund", "reserve"]
-        path.write_bytes(good)
-        again = await service.query(alice, {**body, "fresh": True})  # and the next query works
-        assert again["budget"]["releases"] == 2
+        await service.preview(alice, body)
+        service.pool.warm_up()
+        (pid,) = service.pool.pids()
+        await service.pool.run(time.sleep, 0)  # started and idle
+        os.kill(pid, signal.SIGSTOP)  # it will never even look at the task
+        with pytest.raises(EngineFailure, match="longer than 3 s.*nothing was charged"):
+            await service.query(alice, body)
+        budget = store.budget("alice", "penguins")
+        assert budget.epsilon_spent == 0.0 and budget.pending == 0
+        refund, reserve = store.ledger("alice")[:2]
+        assert (refund["kind"], reserve["kind"]) == ("refund", "reserve")
+        assert "before reading the data" in refund["note"]
+        assert (await service.query(alice, body))["budget"]["releases"] == 1  # the stopped worker was replaced
     finally:
         service.pool.close()
-        store.close()
-
-
-async def test_a_worker_killed_during_a_release_refunds_and_the_next_query_succeeds(tmp_path: Path) -> None:
-    import numpy as np
-    import polars as pl
-
-    from lomas_jupyter_server.datasets import import_dataset
-
-    rows = 3_000_000  # big enough that a release takes a while, so we can kill its worker in the middle
-    rng = np.random.default_rng(0)
-    source = tmp_path / "big.parquet"
-    pl.DataFrame({"g": np.array(["a", "b"])[rng.integers(0, 2, rows)], "x": rng.uniform(0, 1, rows)}).write_parquet(source)
-    store = SQLiteStore(tmp_path / "s.sqlite3")
-    meta = {"privacy_unit": 1, "max_rows": rows, "columns": {"g": {"type": "string", "categories": ["a", "b"]},
-                                                             "x": {"type": "float", "bounds": [0.0, 1.0]}}}
-    import_dataset(store, tmp_path, "big", source, meta)
-    store.create_user("alice", "analyst", "test")
-    store.set_grant("alice", "big", 5.0, 0.0, "test")
-    pool = WorkerPool(1, timeout=120)
-    service = DPService(store, tmp_path, pool, pricing_pool=WorkerPool(1, timeout=120))
-    alice = store.get_user("alice")
-    body = {"dataset": "big", "sql": "SELECT g, AVG(x), COUNT(*) FROM big GROUP BY g", "epsilon": 1.0}
-    try:
-        await service.preview(alice, body)  # price it first, so the query below goes straight to its release
-        pool.warm_up()
-        (pid,) = pool.pids()
-        query = asyncio.ensure_future(service.query(alice, body))
-        while pool._idle.qsize():  # the release has taken the worker
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(EngineFailure, match="crashed"):
-            await query
-        budget = store.budget("alice", "big")
-        assert budget.epsilon_spent == 0.0 and budget.releases == 0
-        assert [row["kind"] for row in store.ledger("alice")] == ["refund", "reserve"]
-        answer = await service.query(alice, body)
-        assert answer["budget"]["releases"] == 1 and answer["cost"]["epsilon"] <= 1.0
-    finally:
-        pool.close()
         service.pricing_pool.close()
         store.close()
+
+
+async def test_a_failure_after_the_data_was_read_is_charged(tmp_path: Path) -> None:
+    """A time-out while reading can depend on the data (how many rows a WHERE matches): it is paid for.
+    The dataset file is replaced by a named pipe with no writer, so reading it never ends, on any machine."""
+    service, store = _service_with_demo(tmp_path, timeout=3)
+    alice = store.get_user("alice")
+    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins WHERE year > 2007", "epsilon": 1.0}
+    try:
+        path = Path(store.get_dataset("penguins").parquet_path)
+        good = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(ChargedFailure) as info:
+            await service.query(alice, body)
+        message = info.value.message
+        assert "longer than 3 s" in message and "was charged" in message and str(tmp_path) not in message
+        charged = info.value.details["charged"]["epsilon"]
+        budget = store.budget("alice", "penguins")
+        assert 0 < charged <= 1.0 and budget.epsilon_spent == charged and budget.pending == 0
+        commit = store.ledger("alice")[0]
+        assert commit["kind"] == "commit" and "after reading the data" in commit["note"]
+        path.unlink()
+        path.write_bytes(good)
+        answer = await service.query(alice, {**body, "fresh": True})  # and the next query works
+        assert answer["budget"]["epsilon_spent"] == pytest.approx(charged + answer["cost"]["epsilon"])
+    finally:
+        service.pool.close()
+        service.pricing_pool.close()
+        store.close()
+
+
+def read_then_crash() -> None:
+    note_data_access()
+    os.abort()
+
+
+async def test_failures_say_whether_the_data_was_read() -> None:
+    pool = WorkerPool(1, timeout=60)
+    try:
+        with pytest.raises(EngineFailure) as before:
+            await pool.run(os.abort)
+        assert before.value.data_accessed is False
+        with pytest.raises(EngineFailure) as after:
+            await pool.run(read_then_crash)
+        assert after.value.data_accessed is True
+        with pytest.raises(QueryRejected) as rejected:
+            await pool.run(refuse)
+        assert rejected.value.data_accessed is False
+    finally:
+        pool.close()
+
+
+async def test_a_fresh_workers_start_does_not_count_against_the_time_limit() -> None:
+    """A replacement worker imports OpenDP (seconds on a busy machine); the next task's clock starts after."""
+    pool = WorkerPool(1, timeout=0.5)
+    try:
+        started = time.monotonic()
+        assert await pool.run(time.sleep, 0) is None  # the first task meets a worker that is still starting
+        with pytest.raises(EngineFailure, match="longer than 0.5 s"):
+            await pool.run(time.sleep, 30)  # replaced: the next task again meets a starting worker
+        assert await pool.run(time.sleep, 0) is None
+        assert time.monotonic() - started > 0.5  # the starts took longer than the limit, and did not count
+    finally:
+        pool.close()
+
+
+def product_holding_the_gil(n: int) -> int:
+    """One C call that holds the GIL while it allocates: no thread inside the worker could stop it."""
+    return len(list(itertools.product(range(n), range(n), range(10))))
+
+
+async def test_the_parent_enforces_memory_limits_a_worker_cannot_dodge() -> None:
+    pool = WorkerPool(1, timeout=120, memory_limit_mb=400)
+    try:
+        assert await pool.run(product_holding_the_gil, 100) == 100_000
+        with pytest.raises(EngineFailure, match="more memory"):
+            await pool.run(product_holding_the_gil, 2000)  # 40M tuples: several GB
+        assert await pool.run(product_holding_the_gil, 100) == 100_000
+    finally:
+        pool.close()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,12 +14,18 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.ioloop import PeriodicCallback
+from tornado.routing import AnyMatches, Rule
+from tornado.web import _ApplicationRouter
 from traitlets import Bool, Enum, Float, Integer, Type, Unicode, default
 
 from .errors import Forbidden
 from .handlers import API_PREFIX, ROUTES
 from .identity import LomasTokenIdentityProvider
-from .service import DPService
+from .recovery import settle_abandoned, this_instance
+from .service import DPService, TimingPadding
+from .sql import DEFAULT_MAX_GROUPS
 from .store import AdminStore, SQLiteStore, UserRecord
 from .workers import WorkerPool
 
@@ -25,20 +34,58 @@ def default_storage_dir() -> str:
     return os.environ.get("LOMAS_STORAGE_DIR") or str(Path(jupyter_data_dir()) / "lomas")
 
 
-class LomasServiceServerApp(ServerApp):
-    """The server behind `jupyter lomas`: only the DP API, no contents, kernels or terminals."""
+class NoSuchEndpointHandler(web.RequestHandler):
+    """Every path of a standalone service that is not the DP API: one JSON 404, whatever the method."""
 
-    default_services = ("api", "auth", "security")
+    def prepare(self) -> None:
+        self.set_status(404)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": "not_found", "message": "no such endpoint: this service serves only "
+                                "its DP API under lomas/api/"}))
+
+
+def _access_log(handler: web.RequestHandler) -> None:
+    """Method, path, status and time only: never a query string, header, token, SQL text or body."""
+    status = handler.get_status()
+    log = handler.log if hasattr(handler, "log") else logging.getLogger("lomas")  # type: ignore[attr-defined]
+    level = logging.DEBUG if status < 400 else logging.INFO
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
+            1000 * handler.request.request_time())
+
+
+class LomasServiceServerApp(ServerApp):
+    """The server behind `jupyter lomas` (and the JupyterHub service): the DP API and nothing else.
+
+    jupyter_server registers contents, files, kernels, login, static, metrics and more before extensions
+    load; here every one of those routes is dropped (deny by default), so only routes the lomas extension adds
+    afterwards exist. The request body limit is small: queries are short, and an unauthenticated client must
+    not make the server buffer hundreds of MB before it is refused.
+    """
+
+    default_services = ()
 
     @default("identity_provider_class")
     def _default_identity_provider_class(self) -> type:
         return LomasTokenIdentityProvider
 
+    @default("max_body_size")
+    def _default_max_body_size(self) -> int:
+        return 4 * 1024 * 1024
+
+    @default("max_buffer_size")
+    def _default_max_buffer_size(self) -> int:
+        return 4 * 1024 * 1024
+
     def init_webapp(self) -> None:
         super().init_webapp()
-        # tornado's own XSRF check runs before jupyter_server's prepare() knows the request carries a token;
-        # jupyter_server still checks XSRF for cookie-authenticated requests.
-        self.web_app.settings["xsrf_cookies"] = False
+        app = self.web_app
+        # No cookies identify anyone here (tokens come in a header), so tornado's XSRF cookie check has nothing
+        # to protect.
+        app.settings["xsrf_cookies"] = False
+        app.settings["log_function"] = _access_log
+        app.settings.pop("static_path", None)
+        app.wildcard_router = _ApplicationRouter(app, [(r".*", NoSuchEndpointHandler)])
+        app.default_router = _ApplicationRouter(app, [Rule(AnyMatches(), app.wildcard_router)])
 
 
 class LomasApp(ExtensionApp):
@@ -57,16 +104,42 @@ class LomasApp(ExtensionApp):
     store_class = Type(SQLiteStore, klass=AdminStore, help="AdminStore implementation").tag(config=True)
     store_url = Unicode(help="Where the store lives (a SQLite file path by default)").tag(config=True)
     workers = Integer(help="Worker processes that run OpenDP").tag(config=True)
-    query_timeout = Float(120.0, help="Seconds a query may run before it is stopped (and refunded)").tag(
-        config=True
-    )
+    query_timeout = Float(
+        120.0,
+        help="Seconds a query may run before it is stopped. A query stopped after it started reading the data is "
+        "charged (its time-out can depend on the data); one stopped before is refunded",
+    ).tag(config=True)
     pricing_workers = Integer(
         1, help="Worker processes that only price queries (previews), so previews never wait behind queries"
     ).tag(config=True)
+    memory_share = Float(
+        0.75, help="Share of the machine's memory that all workers together may use (query and pricing workers)"
+    ).tag(config=True)
+    pricing_memory_mb = Integer(
+        1024, help="Resident memory (MB) each pricing worker may use (pricing reads metadata only)"
+    ).tag(config=True)
     worker_memory_mb = Integer(
-        help="Resident memory (MB) a worker may use; a query that needs more is stopped and refunded (0: no limit). "
-        "Default: three quarters of the machine's memory shared among the query workers (a 100M-row grouped "
-        "mean needs about 7 GB)"
+        help="Resident memory (MB) each query worker may use; the parent process kills a worker that goes over "
+        "(0: no limit). Default: `memory_share` of the machine, less the pricing workers' limits, shared "
+        "among the query workers (a 100M-row grouped mean needs about 7 GB)"
+    ).tag(config=True)
+    max_groups = Integer(
+        DEFAULT_MAX_GROUPS,
+        help="Most groups one query may release (the product of its GROUP BY columns' public category counts); "
+        "larger queries are refused before any work",
+    ).tag(config=True)
+    timing_padding = Enum(
+        ["off", "stall", "jitter"],
+        "off",
+        help="Pad the response time of answers computed from the data. stall: never answer sooner than "
+        "`timing_padding_seconds` (every query takes at least that long); jitter: add a random delay of up to "
+        "`timing_padding_seconds` (half of it on average)",
+    ).tag(config=True)
+    timing_padding_seconds = Float(1.0, help="Seconds used by `timing_padding`").tag(config=True)
+    instance_stale_after = Float(
+        120.0,
+        help="Seconds without a heartbeat after which a service replica on another machine counts as dead, so "
+        "that another replica refunds the reservations it left (on this machine death is checked directly)",
     ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
     identity_mode = Enum(
@@ -101,7 +174,8 @@ class LomasApp(ExtensionApp):
             total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
         except (ValueError, OSError):
             return 0
-        return int(total_mb * 0.75 / self.workers)  # pricing workers never touch data
+        shared = total_mb * self.memory_share - self.pricing_workers * self.pricing_memory_mb
+        return max(int(shared / self.workers), 256)
 
     @default("local_username")
     def _default_local_username(self) -> str:
@@ -112,17 +186,48 @@ class LomasApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         store = self.store_class(self.store_url)
-        pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb)
-        pricing_pool = WorkerPool(self.pricing_workers, self.query_timeout, self.worker_memory_mb)
+        worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
+        pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb, worker_log)
+        pricing_pool = WorkerPool(self.pricing_workers, self.query_timeout, self.pricing_memory_mb, worker_log)
         pool.warm_up()
         pricing_pool.warm_up()
-        self.service = DPService(store, self.storage_dir, pool, self.max_epsilon_per_query, pricing_pool)
+        self.instance = this_instance()
+        store.register_instance(self.instance)
+        settled = settle_abandoned(store, self.instance, self.instance_stale_after)
+        if settled:
+            self.log.warning("lomas: refunded %d reservation(s) that a stopped service left unsettled", settled)
+        self.service = DPService(
+            store,
+            self.storage_dir,
+            pool,
+            self.max_epsilon_per_query,
+            pricing_pool,
+            max_groups=self.max_groups,
+            instance_id=self.instance.id,
+            padding=TimingPadding(self.timing_padding, self.timing_padding_seconds),
+            protect_admin_access=self.effective_identity_mode == "token",
+        )
         self.settings["lomas_service"] = self.service
+        self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)
+        self._heartbeat.start()
         if self.demo:
             from .demo import setup_demo
 
             setup_demo(self.service.store, self.storage_dir, self.local_username, self.demo_epsilon)
         self.log.info("lomas: DP service ready (%s identity)", self.effective_identity_mode)
+
+    async def _beat(self) -> None:
+        """Say this instance is alive, and settle what dead replicas left (off the event loop: SQLite may wait
+        for another process's write)."""
+        store, me = self.service.store, self.instance
+        try:
+            await asyncio.to_thread(store.heartbeat, me.id)
+            settled = await asyncio.to_thread(settle_abandoned, store, me, self.instance_stale_after)
+        except Exception:
+            self.log.warning("lomas: heartbeat failed", exc_info=True)
+            return
+        if settled:
+            self.log.warning("lomas: refunded %d reservation(s) that a stopped replica left unsettled", settled)
 
     def initialize_handlers(self) -> None:
         for route, handler in ROUTES:
@@ -147,8 +252,10 @@ class LomasApp(ExtensionApp):
     async def stop_extension(self) -> None:
         service = getattr(self, "service", None)
         if service is not None:
+            self._heartbeat.stop()
             service.pool.close()
             service.pricing_pool.close()
+            service.store.retire_instance(self.instance.id, "refunded: the service was stopped during the query")
             service.store.close()
 
 

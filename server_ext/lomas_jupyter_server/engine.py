@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import polars as pl
 from .errors import BadRequest, QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
 from .sql import Aggregate, QuerySpec
+from .workers import note_data_access
 
 dp.enable_features("contrib")
 
@@ -75,14 +77,21 @@ def effective_bounds(
     return bounds
 
 
+def _balanced(exprs: list[pl.Expr], combine: Callable[[pl.Expr, pl.Expr], pl.Expr]) -> pl.Expr:
+    """Combine many conditions as a balanced tree: depth log2(n), so long IN lists or OR chains never nest
+    deeply in polars or OpenDP."""
+    while len(exprs) > 1:
+        paired = [combine(exprs[i], exprs[i + 1]) for i in range(0, len(exprs) - 1, 2)]
+        exprs = paired + ([exprs[-1]] if len(exprs) % 2 else [])
+    return exprs[0]
+
+
 def _predicate(node: dict[str, Any]) -> pl.Expr:
     op = node["op"]
     if op == "and":
-        left, right = (_predicate(a) for a in node["args"])
-        return left & right
+        return _balanced([_predicate(a) for a in node["args"]], lambda a, b: a & b)
     if op == "or":
-        left, right = (_predicate(a) for a in node["args"])
-        return left | right
+        return _balanced([_predicate(a) for a in node["args"]], lambda a, b: a | b)
     if op == "not":
         return ~_predicate(node["arg"])
     col = pl.col(node["column"])
@@ -97,10 +106,7 @@ def _predicate(node: dict[str, Any]) -> pl.Expr:
             "<=": col <= value,
         }[node["cmp"]]
     if op == "in":  # OpenDP 0.16 has no is_in: an OR of equalities is the same filter
-        expr = col == node["values"][0]
-        for value in node["values"][1:]:
-            expr = expr | (col == value)
-        return expr
+        return _balanced([col == value for value in node["values"]], lambda a, b: a | b)
     if op == "between":
         return (col >= node["low"]) & (col <= node["high"])
     if op == "is_null":
@@ -392,6 +398,7 @@ def release_task(
     plan, measurement, charged, described = _prepared(spec, metadata, bounds, scale)
     if charged > reserved_epsilon:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
+    note_data_access()  # from here on, a failure can depend on the data: it will be charged
     raw = measurement(_scan(parquet_path)).collect()
     result = plan.postprocess(raw, described)
     return {"epsilon": charged, "delta": 0.0, "scale": scale, "aggregates": described, **result}

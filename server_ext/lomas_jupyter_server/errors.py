@@ -11,6 +11,7 @@ class LomasError(Exception):
 
     status = 400
     code = "bad_request"
+    data_accessed = False  # set on failures that happened after a worker started reading private data
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
@@ -57,7 +58,15 @@ class InsufficientBudget(LomasError):
 
 
 class EngineFailure(LomasError):
-    """The worker crashed or timed out: nothing was released, nothing is charged."""
+    """The worker crashed, ran out of time or memory, or could not start: nothing was released."""
 
     status = 503
     code = "engine_failure"
+
+
+class ChargedFailure(LomasError):
+    """A query failed after the engine had started reading the data: nothing was released, but the failure
+    itself can depend on the data, so its reservation was charged."""
+
+    status = 503
+    code = "failed_after_data_access"

@@ -18,6 +18,26 @@ from .service import DPService
 from .store import UserRecord
 
 MAX_BODY_BYTES = 200 * 1024 * 1024
+MAX_JSON_DEPTH = 16  # the deepest valid request (bounds: {col: [lo, hi]}) is 3
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion (a hostile body must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class Unauthorized(tornado.web.HTTPError):
+    def __init__(self) -> None:
+        super().__init__(401)
 
 
 class LomasHandler(ExtensionHandlerMixin, APIHandler):
@@ -37,10 +57,14 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             raise BadRequest("the request body is too large")
         try:
             body = json.loads(raw)
+        except RecursionError:
+            raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
         return body
 
     def reply(self, payload: Any, status: int = 200) -> None:
@@ -58,8 +82,12 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, LomasError):
             payload = exc.to_json()
-        elif isinstance(exc, tornado.web.HTTPError) and status_code in (401, 403) and not exc.log_message:
-            payload = {"error": "unauthorized", "message": "authentication required: send a valid token"}
+        elif isinstance(exc, Unauthorized):
+            if self.extensionapp.effective_identity_mode == "token":
+                how = "send your lomas token in the header 'Authorization: token <token>'"
+            else:
+                how = "log in to this Jupyter server or send its token"
+            payload = {"error": "unauthorized", "message": f"authentication required: {how}"}
         elif isinstance(exc, tornado.web.HTTPError):
             if exc.log_message:
                 message = exc.log_message % exc.args if exc.args else exc.log_message
@@ -83,6 +111,12 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, LomasError):
             status_code = exc.status
+        elif status_code == 403 and getattr(self, "_jupyter_current_user", None) is None:
+            # nobody was identified (no token, a wrong or revoked one, an XSRF refusal of a cookie-less call):
+            # that is "who are you?", not "you may not"
+            status_code = 401
+            self.set_header("WWW-Authenticate", 'token realm="lomas"')
+            kwargs["exc_info"] = (Unauthorized, Unauthorized(), None)
         super().send_error(status_code, **kwargs)
 
 
@@ -180,6 +214,11 @@ class AdminUserHandler(LomasHandler):
     @authorized
     def patch(self, username: str) -> None:
         self.reply(self.service.set_role(self.lomas_user, username, self.json_body()))
+
+    @tornado.web.authenticated
+    @authorized
+    def delete(self, username: str) -> None:
+        self.reply(self.service.remove_user(self.lomas_user, username))
 
 
 class AdminTokensHandler(LomasHandler):

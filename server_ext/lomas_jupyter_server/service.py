@@ -10,6 +10,8 @@ import base64
 import binascii
 import json
 import math
+import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,9 @@ from typing import Any
 
 from . import engine
 from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset
-from .errors import BadRequest, Forbidden, LomasError, NotFound
+from .errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
-from .sql import compile_sql
+from .sql import DEFAULT_MAX_GROUPS, compile_sql
 from .store import AdminStore, DatasetRecord, UserRecord
 from .workers import WorkerPool
 
@@ -67,6 +69,29 @@ class QueryRequest:
         return {"epsilon": self.epsilon, "delta": self.delta, "bounds": self.bounds}
 
 
+@dataclass(frozen=True)
+class TimingPadding:
+    """Response-time padding for answers computed from the data (Lomas calls it stall/jitter).
+
+    `stall`: no such answer comes back sooner than `seconds` after the request arrived, so run times below
+    that say nothing. `jitter`: a uniform random delay of up to `seconds` is added. Both cost latency: stall
+    makes every query take at least `seconds`, jitter adds `seconds / 2` on average.
+    """
+
+    method: str = "off"  # off | stall | jitter
+    seconds: float = 0.0
+
+    async def pad(self, started: float) -> None:
+        if self.method == "stall":
+            delay = self.seconds - (time.monotonic() - started)
+        elif self.method == "jitter":
+            delay = secrets.SystemRandom().uniform(0, self.seconds)
+        else:
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class DPService:
     def __init__(
         self,
@@ -75,6 +100,10 @@ class DPService:
         pool: WorkerPool,
         max_epsilon_per_query: float = 10.0,
         pricing_pool: WorkerPool | None = None,
+        max_groups: int = DEFAULT_MAX_GROUPS,
+        instance_id: str | None = None,
+        padding: TimingPadding | None = None,
+        protect_admin_access: bool = False,
     ) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
@@ -82,9 +111,14 @@ class DPService:
         # previews never queue behind running queries: they get their own worker(s)
         self.pricing_pool = pricing_pool or pool
         self.max_epsilon_per_query = max_epsilon_per_query
+        self.max_groups = max_groups
+        self.instance_id = instance_id  # the service process that holds this service's reservations
+        self.padding = padding or TimingPadding()
+        # with token identity, the API must never lock every admin out (lomas-admin can always recover)
+        self.protect_admin_access = protect_admin_access
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
+        self._specs: OrderedDict[tuple[str, int, str, int], tuple[Any, Any]] = OrderedDict()
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -149,11 +183,11 @@ class DPService:
 
     def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
         record = self._dataset(request.dataset)
-        key = (record.name, record.version, request.sql)
+        key = (record.name, record.version, request.sql, self.max_groups)
         cached = self._specs.get(key)
         if cached is None:
             metadata = parse_metadata(record.metadata)
-            spec = compile_sql(request.sql, record.name, metadata)
+            spec = compile_sql(request.sql, record.name, metadata, self.max_groups)
             self._specs[key] = cached = (metadata, spec)
             while len(self._specs) > PRICE_CACHE_SIZE:
                 self._specs.popitem(last=False)
@@ -238,14 +272,31 @@ class DPService:
         if self.store.get_grant(user.username, record.name) is None:
             raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
         preview = await self._price(record, spec, request)
+        started = time.monotonic()
         # Charge what the mechanism costs (its privacy map), not what was asked for.
-        reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"])
+        reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"],
+                                         owner=self.instance_id)
         try:
             released, answer = await self._release(record, spec, request, preview, record.parquet_path)
+        except LomasError as err:
+            if not err.data_accessed:
+                self.store.refund(reservation, note=f"refunded: failed before reading the data ({err.code})")
+                raise type(err)(f"{err.message}; nothing was charged", **err.details) from None
+            # The failure can depend on the data (a time-out on a predicate that matches many rows, say):
+            # refunding it would answer a question for free.
+            self.store.commit(reservation, note=f"charged: failed after reading the data ({err.code})")
+            await self.padding.pad(started)
+            cost = f"epsilon={preview['epsilon']:.6g}" + (f", delta={preview['delta']:.3g}" if preview["delta"] else "")
+            raise ChargedFailure(
+                f"{err.message}. This attempt was charged ({cost}) because it failed after the engine had "
+                "started reading the data, and such a failure can itself reveal something about the data",
+                charged={"epsilon": preview["epsilon"], "delta": preview["delta"]},
+            ) from None
         except BaseException:
-            self.store.refund(reservation)  # nothing left the worker: nothing was released
+            self.store.refund(reservation, note="refunded: the request was cancelled before the release")
             raise
         self.store.commit(reservation)
+        await self.padding.pad(started)
         result = {**answer, "cost": {"epsilon": released["epsilon"], "delta": released["delta"]}}
         archived = self.store.archive_release(
             user.username,
@@ -332,7 +383,13 @@ class DPService:
 
     def set_role(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
-        return self.store.set_role(username, body.get("role", ""), admin.username).to_json()
+        return self.store.set_role(username, body.get("role", ""), admin.username,
+                                   keep_admin_access=self.protect_admin_access).to_json()
+
+    def remove_user(self, admin: UserRecord, username: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        revoked = self.store.remove_user(username, admin.username, keep_admin_access=self.protect_admin_access)
+        return {"username": username, "removed": True, "tokens_revoked": revoked}
 
     def issue_token(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
@@ -345,7 +402,8 @@ class DPService:
         self.require_admin(admin)
         if self.store.get_user(username) is None:
             raise NotFound(f"no user '{username}'")
-        return {"username": username, "revoked": self.store.revoke_tokens(username, admin.username)}
+        revoked = self.store.revoke_tokens(username, admin.username, keep_admin_access=self.protect_admin_access)
+        return {"username": username, "revoked": revoked}
 
     def set_grant(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)

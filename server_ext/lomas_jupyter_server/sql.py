@@ -8,6 +8,7 @@ with bounds and key sets taken from server metadata. No client text ever reaches
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,9 @@ from .metadata import ColumnMetadata, DatasetMetadata
 MAX_SQL_CHARS = 20_000
 MAX_AGGREGATES = 20
 MAX_IN_VALUES = 1000
+MAX_CONDITIONS = 200  # comparisons, IN, BETWEEN and IS NULL tests in one WHERE
+MAX_NESTING = 12  # levels of AND/OR/NOT inside one another (a chain of ORs is one level)
+DEFAULT_MAX_GROUPS = 10_000
 
 SUPPORTED = (
     "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), MEDIAN(col), "
@@ -108,6 +112,7 @@ class _Compiler:
     def __init__(self, metadata: DatasetMetadata, table: str) -> None:
         self.metadata = metadata
         self.table = table
+        self.conditions = 0
 
     def column(self, node: exp.Expression, purpose: str) -> ColumnMetadata:
         if not isinstance(node, exp.Column):
@@ -156,20 +161,38 @@ class _Compiler:
             raise QueryRejected(f"column '{col.name}' is boolean: compare it with TRUE or FALSE")
         return value
 
-    def predicate(self, node: exp.Expression) -> dict[str, Any]:
-        if isinstance(node, exp.Paren):
-            return self.predicate(node.this)
-        if isinstance(node, exp.And):
-            return {"op": "and", "args": [self.predicate(node.left), self.predicate(node.right)]}
-        if isinstance(node, exp.Or):
-            return {"op": "or", "args": [self.predicate(node.left), self.predicate(node.right)]}
+    def predicate(self, node: exp.Expression, depth: int = 0) -> dict[str, Any]:
+        """WHERE as a tree whose AND/OR nodes take any number of arguments: a chain of 200 ORs is one node,
+        not 200 levels, so nothing downstream recurses deeply."""
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, (exp.And, exp.Or)):
+            if depth >= MAX_NESTING:
+                raise QueryRejected(f"WHERE nests AND/OR/NOT more than {MAX_NESTING} levels deep")
+            kind = type(node)
+            operands, pending = [], [node]
+            while pending:  # flatten a same-operator chain without recursion
+                item = pending.pop()
+                while isinstance(item, exp.Paren):
+                    item = item.this
+                if isinstance(item, kind):
+                    pending.extend([item.right, item.left])
+                else:
+                    operands.append(item)
+            return {"op": "and" if kind is exp.And else "or",
+                    "args": [self.predicate(operand, depth + 1) for operand in operands]}
         if isinstance(node, exp.Not):
             inner = node.this
             while isinstance(inner, exp.Paren):
                 inner = inner.this
             if isinstance(inner, exp.Is):
                 return self.is_null(inner, negate=True)
-            return {"op": "not", "arg": self.predicate(node.this)}
+            if depth >= MAX_NESTING:
+                raise QueryRejected(f"WHERE nests AND/OR/NOT more than {MAX_NESTING} levels deep")
+            return {"op": "not", "arg": self.predicate(node.this, depth + 1)}
+        self.conditions += 1
+        if self.conditions > MAX_CONDITIONS:
+            raise QueryRejected(f"WHERE has more than {MAX_CONDITIONS} conditions; use IN (...) for lists of values")
         if isinstance(node, exp.Is):
             return self.is_null(node, negate=bool(node.args.get("negate")))
         comparisons = {exp.EQ: "==", exp.NEQ: "!=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
@@ -185,9 +208,9 @@ class _Compiler:
             if node.args.get("query") or node.args.get("unnest") or node.args.get("field"):
                 raise _reject("IN accepts a list of literal values only (no subqueries)")
             col = self.column(node.this, "the left side of IN")
-            values = [self.literal(v, col) for v in node.expressions]
-            if not values or len(values) > MAX_IN_VALUES:
+            if not node.expressions or len(node.expressions) > MAX_IN_VALUES:
                 raise _reject(f"IN needs 1 to {MAX_IN_VALUES} values")
+            values = [self.literal(v, col) for v in node.expressions]
             return {"op": "in", "column": col.name, "values": values}
         if isinstance(node, exp.Between):
             col = self.column(node.this, "the left side of BETWEEN")
@@ -258,7 +281,10 @@ class _Compiler:
 
 
 def _short(node: exp.Expression) -> str:
-    text = node.sql()
+    try:
+        text = node.sql()
+    except RecursionError:
+        return "(a deeply nested expression)"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -272,8 +298,17 @@ def _default_alias(kind: str, column: str | None, quantile: float | None) -> str
     return f"{kind}_{column}"
 
 
-def compile_sql(sql: str, table: str, metadata: DatasetMetadata) -> QuerySpec:
-    """Parse and check `sql` against the allowlist and the dataset's metadata."""
+def compile_sql(sql: str, table: str, metadata: DatasetMetadata,
+                max_groups: int = DEFAULT_MAX_GROUPS) -> QuerySpec:
+    """Parse and check `sql` against the allowlist and the dataset's metadata, and bound the work it asks for
+    (groups, conditions, nesting) from public information alone, before anything runs."""
+    try:
+        return _compile(sql, table, metadata, max_groups)
+    except RecursionError:
+        raise QueryRejected("the query is nested too deeply") from None
+
+
+def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -> QuerySpec:
     if not isinstance(sql, str) or not sql.strip():
         raise QueryRejected("the query is empty. " + SUPPORTED)
     if len(sql) > MAX_SQL_CHARS:
@@ -325,6 +360,14 @@ def compile_sql(sql: str, table: str, metadata: DatasetMetadata) -> QuerySpec:
             if col.name in group_by:
                 raise _reject(f"GROUP BY lists '{col.name}' twice")
             group_by.append(col.name)
+        sizes = [len(metadata.column(name).categories or ()) for name in group_by]  # type: ignore[union-attr]
+        groups = math.prod(sizes)
+        if groups > max_groups:
+            product = " x ".join(f"{size:,}" for size in sizes)
+            raise QueryRejected(
+                f"GROUP BY {', '.join(group_by)} makes {product} = {groups:,} groups; this service releases at "
+                f"most {max_groups:,} groups per query. Group by fewer columns."
+            )
 
     aggregates: list[Aggregate] = []
     outputs: list[OutputColumn] = []

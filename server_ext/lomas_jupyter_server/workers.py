@@ -1,74 +1,130 @@
 """Worker processes for OpenDP: an OpenDP panic aborts its process, and it must not be ours.
 
 Each worker is a long-lived `spawn`ed process (never fork a process that runs an event loop and holds sockets)
-that imported the engine once. A worker runs one task at a time over its own pipe, so a crash, a hang or a
-memory blow-up costs only that task and that worker, which is replaced; other queries carry on.
+that imports the engine once and then says it is ready. A worker runs one task at a time over its own pipe, so
+a crash, a hang or a memory blow-up costs only that task and that worker, which is replaced; other queries
+carry on.
+
+Limits are enforced from outside the worker, where no GIL-holding C call can dodge them: the parent measures
+each busy worker's resident memory and kills it when it goes over, and stops a task that runs past its time.
+The time limit starts when a ready worker receives the task, never while a fresh worker is still starting.
+
+A task tells the parent, before it reads any row, that it is about to (`note_data_access`). A failure after
+that point can depend on the data (a time-out on a predicate that matches many rows, say), so the caller must
+charge for it; the error says so (`LomasError.data_accessed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from .errors import EngineFailure, LomasError
 
 log = logging.getLogger(__name__)
 
-MEMORY_EXIT_CODE = 75  # a worker that exits with this code went over its memory limit
+START_TIMEOUT = 300.0  # seconds a fresh worker may take to import OpenDP on a very busy machine
+WATCH_INTERVAL = 0.02  # seconds between the parent's memory readings of busy workers
+_task_conn: Connection | None = None  # inside a worker: the pipe of the task that is running
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def note_data_access() -> None:
+    """Inside a worker: tell the parent that the running task starts reading private data now.
+    Outside a worker (tests, benchmarks) it does nothing."""
+    if _task_conn is not None:
+        _task_conn.send(("data_access", None))
 
 
-def _memory_watchdog(limit: int) -> None:
-    """Inside the worker: leave (with a code the parent recognises) before the machine starts swapping."""
-    while True:
-        if _rss_bytes() > limit:
-            os._exit(MEMORY_EXIT_CODE)
-        time.sleep(0.05)
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the service dies (a `kill -9` of the service leaves no orphans)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
-def _serve(conn: Connection, memory_limit: int) -> None:
+def _setup_worker_log(log_path: str | None) -> None:
+    """Worker tracebacks may hold paths or values: they go to the worker log, never the server's output."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s pid=%(process)d %(levelname)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _serve(conn: Connection, log_path: str | None) -> None:
+    global _task_conn
+    _die_with_parent()
+    _setup_worker_log(log_path)
     from . import engine  # noqa: F401  (imports OpenDP and polars once, before the first task)
 
-    if memory_limit > 0 and os.path.exists("/proc/self/statm"):
-        threading.Thread(target=_memory_watchdog, args=(memory_limit,), daemon=True).start()
+    conn.send(("ready", os.getpid()))
     while True:
         try:
             fn, args = conn.recv()
         except EOFError:
             return
+        _task_conn = conn
         try:
             conn.send(("ok", fn(*args)))
         except LomasError as err:
             conn.send(("error", (type(err).__name__, err.message)))
         except Exception:
-            # details stay in this worker's log: they may hold paths or data
-            log.exception("lomas: engine failure")
-            conn.send(("error", ("EngineFailure", "the query failed inside the DP engine; nothing was charged")))
+            log.exception("lomas: engine failure in %s", getattr(fn, "__name__", "task"))
+            conn.send(("error", ("EngineFailure", "the query failed inside the DP engine")))
+        finally:
+            _task_conn = None
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_limit: int) -> None:
+    def __init__(self, ctx: Any, log_path: str | None) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, memory_limit), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, log_path), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False
+        self.busy_since: float | None = None  # set while a task runs: the memory watch looks at busy workers
+        self.killed_for_memory = False
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    def wait_ready(self, timeout: float) -> bool:
+        if self.ready:
+            return True
+        if self.conn.poll(timeout):
+            try:
+                kind, _ = self.conn.recv()
+            except (EOFError, OSError):
+                return False
+            self.ready = kind == "ready"
+        return self.ready
+
+    def rss_bytes(self) -> int:
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -89,28 +145,46 @@ def _rebuild_error(kind: str, message: str) -> LomasError:
 class WorkerPool:
     """`await pool.run(fn, *args)` runs a module-level function in a worker and returns its result."""
 
-    def __init__(self, workers: int, timeout: float, memory_limit_mb: int = 0) -> None:
+    def __init__(self, workers: int, timeout: float, memory_limit_mb: int = 0, log_path: str | None = None,
+                 start_timeout: float = START_TIMEOUT) -> None:
         self.workers = max(1, workers)
         self.timeout = timeout
+        self.start_timeout = start_timeout
         self.memory_limit = memory_limit_mb * 1024 * 1024
+        self.log_path = log_path
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
         # threads only wait on pipes; the event loop never blocks on a query
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="lomas-wait")
+        if self.memory_limit > 0 and os.path.isdir("/proc"):
+            threading.Thread(target=self._watch_memory, name="lomas-memory-watch", daemon=True).start()
+
+    def _new_worker(self) -> _Worker:
+        worker = _Worker(self._ctx, self.log_path)
+        self._all.add(worker)
+        return worker
+
+    def _watch_memory(self) -> None:
+        """From the parent: a worker over its limit is killed, whatever it is doing."""
+        while not self._closed.wait(WATCH_INTERVAL):
+            with self._lock:
+                busy = [w for w in self._all if w.busy_since is not None]
+            for worker in busy:
+                if worker.rss_bytes() > self.memory_limit:
+                    worker.killed_for_memory = True
+                    worker.process.kill()
 
     def _acquire(self) -> _Worker:
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 raise EngineFailure("the DP engine is shutting down")
             if self._idle.empty() and len(self._all) < self.workers:
-                worker = _Worker(self._ctx, self.memory_limit)
-                self._all.add(worker)
-                return worker
+                return self._new_worker()
         worker = self._idle.get()
-        if not worker.process.is_alive():  # died while idle (e.g. its memory watchdog): a fresh one instead
+        if not worker.process.is_alive():  # died while idle: a fresh one instead
             self._replace(worker)
             return self._acquire()
         return worker
@@ -119,33 +193,46 @@ class WorkerPool:
         worker.kill()
         with self._lock:
             self._all.discard(worker)
-            if self._closed:
+            if self._closed.is_set():
                 return
-            fresh = _Worker(self._ctx, self.memory_limit)
-            self._all.add(fresh)
+            fresh = self._new_worker()
         self._idle.put(fresh)
 
     def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         worker = self._acquire()
+        if not worker.wait_ready(self.start_timeout):
+            self._replace(worker)
+            raise EngineFailure("a DP engine worker could not start; try again")
+        data_accessed = False
         try:
+            worker.busy_since = time.monotonic()
             worker.conn.send((fn, args))
-            if not worker.conn.poll(self.timeout):
-                self._replace(worker)
-                raise EngineFailure(
-                    f"the query took longer than {self.timeout:g} s and was stopped; nothing was charged"
-                )
-            status, payload = worker.conn.recv()
+            deadline = worker.busy_since + self.timeout
+            while True:
+                if not worker.conn.poll(max(deadline - time.monotonic(), 0)):
+                    self._replace(worker)
+                    raise _failure(f"the query took longer than {self.timeout:g} s and was stopped",
+                                   data_accessed)
+                status, payload = worker.conn.recv()
+                if status == "data_access":
+                    data_accessed = True
+                    continue
+                break
         except (EOFError, OSError):
             worker.process.join(timeout=5)
-            code = worker.process.exitcode
+            over_memory = worker.killed_for_memory
             self._replace(worker)
-            if code == MEMORY_EXIT_CODE:
-                raise EngineFailure("the query needed more memory than a worker may use; nothing was charged") from None
-            raise EngineFailure("the query engine crashed while running this query; nothing was charged") from None
+            if over_memory:
+                raise _failure("the query needed more memory than a worker may use", data_accessed) from None
+            raise _failure("the query engine crashed while running this query", data_accessed) from None
+        finally:
+            worker.busy_since = None
         self._idle.put(worker)
         if status == "ok":
             return payload
-        raise _rebuild_error(*payload)
+        error = _rebuild_error(*payload)
+        error.data_accessed = data_accessed
+        raise error
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -159,14 +246,18 @@ class WorkerPool:
         """Start every worker now rather than on the first queries."""
         with self._lock:
             while len(self._all) < self.workers:
-                worker = _Worker(self._ctx, self.memory_limit)
-                self._all.add(worker)
-                self._idle.put(worker)
+                self._idle.put(self._new_worker())
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
+            self._closed.set()
             workers, self._all = list(self._all), set()
         for worker in workers:
             worker.kill()
         self._waiters.shutdown(wait=False, cancel_futures=True)
+
+
+def _failure(message: str, data_accessed: bool) -> EngineFailure:
+    error = EngineFailure(message)
+    error.data_accessed = data_accessed
+    return error

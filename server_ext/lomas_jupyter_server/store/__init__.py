@@ -6,6 +6,7 @@ from .base import (
     Budget,
     DatasetRecord,
     GrantRecord,
+    InstanceRecord,
     ReleaseRecord,
     UserRecord,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Budget",
     "DatasetRecord",
     "GrantRecord",
+    "InstanceRecord",
     "ReleaseRecord",
     "SQLiteStore",
     "UserRecord",

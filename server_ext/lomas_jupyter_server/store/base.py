@@ -84,6 +84,9 @@ class Budget:
     delta_spent: float
     releases: int
     last_cost: float | None
+    epsilon_pending: float = 0.0  # reserved by queries still running (included in epsilon_spent)
+    delta_pending: float = 0.0
+    pending: int = 0
 
     @property
     def epsilon_remaining(self) -> float:
@@ -105,7 +108,22 @@ class Budget:
             "delta_remaining": self.delta_remaining,
             "releases": self.releases,
             "last_cost": self.last_cost,
+            "epsilon_pending": self.epsilon_pending,
+            "delta_pending": self.delta_pending,
+            "pending": self.pending,
         }
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A running service process that may hold reservations (one per replica and start)."""
+
+    id: str
+    hostname: str
+    pid: int
+    process_start: str  # the OS's start time of `pid`, so a reused pid is not mistaken for the owner
+    started_at: str
+    heartbeat_at: str
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,12 @@ class AdminStore(ABC):
     def list_users(self) -> list[UserRecord]: ...
 
     @abstractmethod
-    def set_role(self, username: str, role: str, actor: str) -> UserRecord: ...
+    def set_role(self, username: str, role: str, actor: str, keep_admin_access: bool = False) -> UserRecord:
+        """With `keep_admin_access`, refuse (atomically) a change that leaves no admin with a valid token."""
+
+    @abstractmethod
+    def remove_user(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
+        """Ends a user's access (their tokens are revoked); their ledger and releases stay. Returns tokens revoked."""
 
     @abstractmethod
     def issue_token(self, username: str, label: str, actor: str) -> str:
@@ -180,7 +203,7 @@ class AdminStore(ABC):
     def user_for_token(self, token: str) -> UserRecord | None: ...
 
     @abstractmethod
-    def revoke_tokens(self, username: str, actor: str) -> int: ...
+    def revoke_tokens(self, username: str, actor: str, keep_admin_access: bool = False) -> int: ...
 
     # datasets
     @abstractmethod
@@ -209,15 +232,30 @@ class AdminStore(ABC):
     def budget(self, username: str, dataset: str) -> Budget | None: ...
 
     @abstractmethod
-    def reserve(self, username: str, dataset: str, epsilon: float, delta: float) -> str:
-        """Atomically check the remaining budget and record a reservation; returns its id.
-        Raises InsufficientBudget (with cost and remaining) when it does not fit."""
+    def reserve(self, username: str, dataset: str, epsilon: float, delta: float, owner: str | None = None) -> str:
+        """Atomically check the remaining budget and record a reservation held by service instance `owner`;
+        returns its id. Raises InsufficientBudget (with cost and remaining) when it does not fit."""
 
     @abstractmethod
-    def commit(self, reservation_id: str) -> None: ...
+    def commit(self, reservation_id: str, note: str = "") -> None: ...
 
     @abstractmethod
-    def refund(self, reservation_id: str) -> None: ...
+    def refund(self, reservation_id: str, note: str = "") -> None: ...
+
+    # service instances: a replica settles only the reservations that a dead owner left
+    @abstractmethod
+    def register_instance(self, instance: InstanceRecord) -> None: ...
+
+    @abstractmethod
+    def heartbeat(self, instance_id: str) -> None: ...
+
+    @abstractmethod
+    def running_instances(self) -> list[InstanceRecord]: ...
+
+    @abstractmethod
+    def retire_instance(self, instance_id: str | None, note: str) -> int:
+        """Mark an instance stopped and refund, with `note`, every reservation it left unsettled, in one
+        transaction (None: reservations from before instances were recorded). Returns how many."""
 
     @abstractmethod
     def ledger(self, username: str | None = None, limit: int = 500) -> list[dict[str, Any]]: ...

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .base import (
     Budget,
     DatasetRecord,
     GrantRecord,
+    InstanceRecord,
     ReleaseRecord,
     UserRecord,
     hash_token,
@@ -52,6 +54,38 @@ def _add_budget_totals(conn: sqlite3.Connection) -> None:
     for (username, dataset), (eps, delta, releases, last) in totals.items():
         conn.execute("INSERT INTO budget_totals VALUES (?, ?, ?, ?, ?, ?)",
                      (username, dataset, str(eps), str(delta), releases, last))
+
+
+def _add_ownership_and_pending(conn: sqlite3.Connection) -> None:
+    """Reservations name the service instance that holds them (so a replica settles only what a dead owner
+    left), ledger rows can say why, users can be removed, and budget totals carry what is still pending."""
+    def add_column(table: str, column: str, definition: str) -> None:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+    add_column("users", "removed_at", "TEXT")
+    add_column("ledger", "instance_id", "TEXT")
+    add_column("ledger", "note", "TEXT NOT NULL DEFAULT ''")
+    add_column("budget_totals", "epsilon_pending", "TEXT NOT NULL DEFAULT '0'")
+    add_column("budget_totals", "delta_pending", "TEXT NOT NULL DEFAULT '0'")
+    add_column("budget_totals", "pending", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, hostname TEXT NOT NULL, "
+                 "pid INTEGER NOT NULL, process_start TEXT NOT NULL, started_at TEXT NOT NULL, "
+                 "heartbeat_at TEXT NOT NULL, stopped_at TEXT)")
+    conn.execute("CREATE INDEX IF NOT EXISTS ledger_reservation ON ledger (reservation_id)")
+    open_rows = conn.execute(
+        "SELECT username, dataset, epsilon, delta FROM ledger r WHERE kind = 'reserve' AND NOT EXISTS "
+        "(SELECT 1 FROM ledger s WHERE s.reservation_id = r.reservation_id AND s.kind != 'reserve')"
+    ).fetchall()
+    pending: dict[tuple[str, str], list[Any]] = {}
+    for row in open_rows:
+        entry = pending.setdefault((row[0], row[1]), [Fraction(0), Fraction(0), 0])
+        entry[0] += Fraction(row[2])
+        entry[1] += Fraction(row[3])
+        entry[2] += 1
+    for (username, dataset), (eps, delta, count) in pending.items():
+        conn.execute("UPDATE budget_totals SET epsilon_pending = ?, delta_pending = ?, pending = ? "
+                     "WHERE username = ? AND dataset = ?", (str(eps), str(delta), count, username, dataset))
 
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
@@ -129,6 +163,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     CREATE INDEX releases_replay ON releases (username, dataset, dataset_version, canonical);
     """,
     _add_budget_totals,
+    _add_ownership_and_pending,
 ]
 
 
@@ -193,34 +228,69 @@ class SQLiteStore(AdminStore):
         _check_username(username)
         _check_role(role)
         with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
-                raise Conflict(f"user '{username}' already exists")
+            row = conn.execute("SELECT removed_at FROM users WHERE username = ?", (username,)).fetchone()
             now = utcnow()
-            conn.execute("INSERT INTO users VALUES (?, ?, ?)", (username, role, now))
+            if row is not None and row["removed_at"] is None:
+                raise Conflict(f"user '{username}' already exists")
+            if row is not None:  # a removed user comes back with their history (their privacy loss is theirs)
+                conn.execute("UPDATE users SET role = ?, removed_at = NULL WHERE username = ?", (role, username))
+                created = conn.execute("SELECT created_at FROM users WHERE username = ?", (username,)).fetchone()
+                now = created["created_at"]
+            else:
+                conn.execute("INSERT INTO users (username, role, created_at) VALUES (?, ?, ?)", (username, role, now))
             self._audit(conn, actor, "create_user", username=username, role=role)
         return UserRecord(username, role, now)
 
     def get_user(self, username: str) -> UserRecord | None:
-        rows = self._read("SELECT * FROM users WHERE username = ?", (username,))
+        rows = self._read("SELECT username, role, created_at FROM users WHERE username = ? AND removed_at IS NULL",
+                          (username,))
         return UserRecord(**dict(rows[0])) if rows else None
 
     def list_users(self) -> list[UserRecord]:
-        return [UserRecord(**dict(r)) for r in self._read("SELECT * FROM users ORDER BY username")]
+        rows = self._read("SELECT username, role, created_at FROM users WHERE removed_at IS NULL ORDER BY username")
+        return [UserRecord(**dict(r)) for r in rows]
 
-    def set_role(self, username: str, role: str, actor: str) -> UserRecord:
+    def _check_admin_access_kept(self, conn: sqlite3.Connection, what: str) -> None:
+        """Inside a change's transaction: refuse it if no admin could use the API afterwards."""
+        row = conn.execute(
+            "SELECT 1 FROM users u JOIN tokens t ON t.username = u.username "
+            "WHERE u.role = 'admin' AND u.removed_at IS NULL AND t.revoked = 0 LIMIT 1"
+        ).fetchone()
+        if row is None:
+            raise Conflict(f"refused: {what} would leave no admin with a valid token. Give another admin a token "
+                           "first (an admin on the service's machine can always use `lomas-admin`).")
+
+    def set_role(self, username: str, role: str, actor: str, keep_admin_access: bool = False) -> UserRecord:
         _check_role(role)
         with self._tx() as conn:
-            if conn.execute("UPDATE users SET role = ? WHERE username = ?", (role, username)).rowcount == 0:
+            updated = conn.execute("UPDATE users SET role = ? WHERE username = ? AND removed_at IS NULL",
+                                   (role, username)).rowcount
+            if updated == 0:
                 raise NotFound(f"no user '{username}'")
+            if keep_admin_access:
+                self._check_admin_access_kept(conn, f"making '{username}' an {role}")
             self._audit(conn, actor, "set_role", username=username, role=role)
         user = self.get_user(username)
         assert user is not None
         return user
 
+    def remove_user(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
+        with self._tx() as conn:
+            now = utcnow()
+            if conn.execute("UPDATE users SET removed_at = ? WHERE username = ? AND removed_at IS NULL",
+                            (now, username)).rowcount == 0:
+                raise NotFound(f"no user '{username}'")
+            revoked = conn.execute("UPDATE tokens SET revoked = 1 WHERE username = ? AND revoked = 0",
+                                   (username,)).rowcount
+            if keep_admin_access:
+                self._check_admin_access_kept(conn, f"removing '{username}'")
+            self._audit(conn, actor, "remove_user", username=username, tokens_revoked=revoked)
+        return revoked
+
     def issue_token(self, username: str, label: str, actor: str) -> str:
         token = new_token()
         with self._tx() as conn:
-            if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+            if not conn.execute("SELECT 1 FROM users WHERE username = ? AND removed_at IS NULL", (username,)).fetchone():
                 raise NotFound(f"no user '{username}'")
             conn.execute(
                 "INSERT INTO tokens (username, token_hash, label, created_at) VALUES (?, ?, ?, ?)",
@@ -231,17 +301,19 @@ class SQLiteStore(AdminStore):
 
     def user_for_token(self, token: str) -> UserRecord | None:
         rows = self._read(
-            "SELECT u.* FROM tokens t JOIN users u ON u.username = t.username "
-            "WHERE t.token_hash = ? AND t.revoked = 0",
+            "SELECT u.username, u.role, u.created_at FROM tokens t JOIN users u ON u.username = t.username "
+            "WHERE t.token_hash = ? AND t.revoked = 0 AND u.removed_at IS NULL",
             (hash_token(token),),
         )
         return UserRecord(**dict(rows[0])) if rows else None
 
-    def revoke_tokens(self, username: str, actor: str) -> int:
+    def revoke_tokens(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
         with self._tx() as conn:
             count = conn.execute(
                 "UPDATE tokens SET revoked = 1 WHERE username = ? AND revoked = 0", (username,)
             ).rowcount
+            if keep_admin_access and count:
+                self._check_admin_access_kept(conn, f"revoking the tokens of '{username}'")
             self._audit(conn, actor, "revoke_tokens", username=username, count=count)
         return count
 
@@ -302,24 +374,26 @@ class SQLiteStore(AdminStore):
             rows = self._read("SELECT * FROM grants WHERE username = ? ORDER BY dataset", (username,))
         return [GrantRecord(**dict(r)) for r in rows]
 
-    def _totals(self, conn: sqlite3.Connection, username: str, dataset: str) -> tuple[Fraction, Fraction, int, float | None]:
+    def _totals(self, conn: sqlite3.Connection, username: str, dataset: str) -> _Totals:
         row = conn.execute(
             "SELECT * FROM budget_totals WHERE username = ? AND dataset = ?", (username, dataset)
         ).fetchone()
         if row is None:
-            return Fraction(0), Fraction(0), 0, None
-        return Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"], row["last_cost"]
+            return _Totals()
+        return _Totals(Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"],
+                       row["last_cost"], Fraction(row["epsilon_pending"]), Fraction(row["delta_pending"]),
+                       row["pending"])
 
-    def _add_to_totals(self, conn: sqlite3.Connection, username: str, dataset: str, epsilon: Fraction,
-                       delta: Fraction, release_cost: float | None = None) -> None:
-        eps, dlt, releases, last = self._totals(conn, username, dataset)
-        if release_cost is not None:
-            releases, last = releases + 1, release_cost
+    def _write_totals(self, conn: sqlite3.Connection, username: str, dataset: str, totals: _Totals) -> None:
         conn.execute(
-            "INSERT INTO budget_totals VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username, dataset) DO UPDATE SET "
-            "epsilon_spent = excluded.epsilon_spent, delta_spent = excluded.delta_spent, "
-            "releases = excluded.releases, last_cost = excluded.last_cost",
-            (username, dataset, str(eps + epsilon), str(dlt + delta), releases, last),
+            "INSERT INTO budget_totals (username, dataset, epsilon_spent, delta_spent, releases, last_cost, "
+            "epsilon_pending, delta_pending, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (username, dataset) DO UPDATE SET epsilon_spent = excluded.epsilon_spent, "
+            "delta_spent = excluded.delta_spent, releases = excluded.releases, last_cost = excluded.last_cost, "
+            "epsilon_pending = excluded.epsilon_pending, delta_pending = excluded.delta_pending, "
+            "pending = excluded.pending",
+            (username, dataset, str(totals.epsilon), str(totals.delta), totals.releases, totals.last_cost,
+             str(totals.epsilon_pending), str(totals.delta_pending), totals.pending),
         )
 
     def budget(self, username: str, dataset: str) -> Budget | None:
@@ -327,10 +401,11 @@ class SQLiteStore(AdminStore):
             grant = self.get_grant(username, dataset)
             if grant is None:
                 return None
-            eps, delta, releases, last = self._totals(self._conn, username, dataset)
-        return Budget(username, dataset, grant.epsilon, grant.delta, float(eps), float(delta), releases, last)
+            t = self._totals(self._conn, username, dataset)
+        return Budget(username, dataset, grant.epsilon, grant.delta, float(t.epsilon), float(t.delta), t.releases,
+                      t.last_cost, float(t.epsilon_pending), float(t.delta_pending), t.pending)
 
-    def reserve(self, username: str, dataset: str, epsilon: float, delta: float) -> str:
+    def reserve(self, username: str, dataset: str, epsilon: float, delta: float, owner: str | None = None) -> str:
         _check_amount(epsilon, "epsilon")
         _check_amount(delta, "delta")
         reservation_id = uuid.uuid4().hex
@@ -344,10 +419,11 @@ class SQLiteStore(AdminStore):
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining={"epsilon": 0.0, "delta": 0.0},
                 )
-            exact_eps, exact_delta, _, _ = self._totals(conn, username, dataset)
-            spent_eps, spent_delta = float(exact_eps), float(exact_delta)
+            totals = self._totals(conn, username, dataset)
+            spent_eps, spent_delta = float(totals.epsilon), float(totals.delta)
             # compare the correctly rounded exact sums: float noise in 0.1 + 0.2 never decides a refusal
-            if float(exact_eps + Fraction(epsilon)) > grant["epsilon"] or float(exact_delta + Fraction(delta)) > grant["delta"]:
+            if (float(totals.epsilon + Fraction(epsilon)) > grant["epsilon"]
+                    or float(totals.delta + Fraction(delta)) > grant["delta"]):
                 remaining = {
                     "epsilon": max(grant["epsilon"] - spent_eps, 0.0),
                     "delta": max(grant["delta"] - spent_delta, 0.0),
@@ -357,46 +433,101 @@ class SQLiteStore(AdminStore):
                     + (f", delta={delta:.3g}" if delta else "")
                     + f"; remaining epsilon={remaining['epsilon']:.6g}"
                     + (f", delta={remaining['delta']:.3g}" if grant["delta"] else "")
+                    + (f" ({totals.pending} of your queries are still running)" if totals.pending else "")
                     + ". Nothing was charged.",
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining=remaining,
                 )
             conn.execute(
-                "INSERT INTO ledger (reservation_id, username, dataset, kind, epsilon, delta, created_at) "
-                "VALUES (?, ?, ?, 'reserve', ?, ?, ?)",
-                (reservation_id, username, dataset, float(epsilon), float(delta), utcnow()),
+                "INSERT INTO ledger (reservation_id, username, dataset, kind, epsilon, delta, created_at, "
+                "instance_id) VALUES (?, ?, ?, 'reserve', ?, ?, ?, ?)",
+                (reservation_id, username, dataset, float(epsilon), float(delta), utcnow(), owner),
             )
-            self._add_to_totals(conn, username, dataset, Fraction(epsilon), Fraction(delta))
+            totals.epsilon += Fraction(epsilon)
+            totals.delta += Fraction(delta)
+            totals.epsilon_pending += Fraction(epsilon)
+            totals.delta_pending += Fraction(delta)
+            totals.pending += 1
+            self._write_totals(conn, username, dataset, totals)
         return reservation_id
 
-    def _settle(self, reservation_id: str, kind: str) -> None:
+    def _settle_in(self, conn: sqlite3.Connection, reservation_id: str, kind: str, note: str) -> None:
+        row = conn.execute(
+            "SELECT * FROM ledger WHERE reservation_id = ? AND kind = 'reserve'", (reservation_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such reservation")
+        settled = conn.execute(
+            "SELECT kind FROM ledger WHERE reservation_id = ? AND kind != 'reserve'", (reservation_id,)
+        ).fetchone()
+        if settled is not None:
+            raise Conflict(f"reservation already settled ({settled['kind']})")
+        conn.execute(
+            "INSERT INTO ledger (reservation_id, username, dataset, kind, epsilon, delta, created_at, instance_id, "
+            "note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (reservation_id, row["username"], row["dataset"], kind, row["epsilon"], row["delta"], utcnow(),
+             row["instance_id"], note),
+        )
+        totals = self._totals(conn, row["username"], row["dataset"])
+        totals.epsilon_pending -= Fraction(row["epsilon"])
+        totals.delta_pending -= Fraction(row["delta"])
+        totals.pending -= 1
+        if kind == "refund":
+            totals.epsilon -= Fraction(row["epsilon"])
+            totals.delta -= Fraction(row["delta"])
+        else:
+            totals.releases += 1
+            totals.last_cost = row["epsilon"]
+        self._write_totals(conn, row["username"], row["dataset"], totals)
+
+    def commit(self, reservation_id: str, note: str = "") -> None:
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT * FROM ledger WHERE reservation_id = ? AND kind = 'reserve'", (reservation_id,)
-            ).fetchone()
-            if row is None:
-                raise NotFound("no such reservation")
-            settled = conn.execute(
-                "SELECT kind FROM ledger WHERE reservation_id = ? AND kind != 'reserve'", (reservation_id,)
-            ).fetchone()
-            if settled is not None:
-                raise Conflict(f"reservation already settled ({settled['kind']})")
+            self._settle_in(conn, reservation_id, "commit", note)
+
+    def refund(self, reservation_id: str, note: str = "") -> None:
+        with self._tx() as conn:
+            self._settle_in(conn, reservation_id, "refund", note)
+
+    # --- service instances (who holds which reservation) -------------------------------------------------
+
+    def register_instance(self, instance: InstanceRecord) -> None:
+        with self._tx() as conn:
             conn.execute(
-                "INSERT INTO ledger (reservation_id, username, dataset, kind, epsilon, delta, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (reservation_id, row["username"], row["dataset"], kind, row["epsilon"], row["delta"], utcnow()),
+                "INSERT INTO instances (id, hostname, pid, process_start, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (instance.id, instance.hostname, instance.pid, instance.process_start, instance.started_at,
+                 instance.heartbeat_at),
             )
-            if kind == "refund":
-                self._add_to_totals(conn, row["username"], row["dataset"], -Fraction(row["epsilon"]),
-                                    -Fraction(row["delta"]))
+
+    def heartbeat(self, instance_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE instances SET heartbeat_at = ? WHERE id = ?", (utcnow(), instance_id))
+
+    def running_instances(self) -> list[InstanceRecord]:
+        rows = self._read("SELECT id, hostname, pid, process_start, started_at, heartbeat_at FROM instances "
+                          "WHERE stopped_at IS NULL ORDER BY started_at")
+        return [InstanceRecord(**dict(r)) for r in rows]
+
+    def retire_instance(self, instance_id: str | None, note: str) -> int:
+        with self._tx() as conn:
+            if instance_id is None:
+                owner_clause, args = "r.instance_id IS NULL", ()
             else:
-                self._add_to_totals(conn, row["username"], row["dataset"], Fraction(0), Fraction(0), row["epsilon"])
-
-    def commit(self, reservation_id: str) -> None:
-        self._settle(reservation_id, "commit")
-
-    def refund(self, reservation_id: str) -> None:
-        self._settle(reservation_id, "refund")
+                stopped = conn.execute("SELECT stopped_at FROM instances WHERE id = ?", (instance_id,)).fetchone()
+                if stopped is not None and stopped["stopped_at"] is not None:
+                    return 0  # another replica retired it first
+                conn.execute("UPDATE instances SET stopped_at = ? WHERE id = ?", (utcnow(), instance_id))
+                owner_clause, args = "r.instance_id = ?", (instance_id,)
+            open_ids = [row[0] for row in conn.execute(
+                f"SELECT reservation_id FROM ledger r WHERE kind = 'reserve' AND {owner_clause} AND NOT EXISTS "
+                "(SELECT 1 FROM ledger s WHERE s.reservation_id = r.reservation_id AND s.kind != 'reserve')",
+                args,
+            )]
+            for reservation_id in open_ids:
+                self._settle_in(conn, reservation_id, "refund", note)
+            if open_ids:
+                self._audit(conn, "system", "settle_abandoned", instance=instance_id, refunded=len(open_ids))
+        return len(open_ids)
 
     def ledger(self, username: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
         if username is None:
@@ -479,6 +610,19 @@ class SQLiteStore(AdminStore):
         return [
             AuditEntry(r["id"], r["actor"], r["action"], json.loads(r["detail_json"]), r["created_at"]) for r in rows
         ]
+
+
+@dataclass
+class _Totals:
+    """One (user, dataset)'s running totals, exact; `epsilon`/`delta` include what is pending."""
+
+    epsilon: Fraction = Fraction(0)
+    delta: Fraction = Fraction(0)
+    releases: int = 0
+    last_cost: float | None = None
+    epsilon_pending: Fraction = Fraction(0)
+    delta_pending: Fraction = Fraction(0)
+    pending: int = 0
 
 
 def _statements(script: str) -> list[str]:
