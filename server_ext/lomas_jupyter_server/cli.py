@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("username")
     add.add_argument("--role", choices=["admin", "analyst"], default="analyst")
     user.add_parser("list")
+    remove = user.add_parser("remove", help="end a user's access (their ledger and releases are kept)")
+    remove.add_argument("username")
     role = user.add_parser("role")
     role.add_argument("username")
     role.add_argument("role", choices=["admin", "analyst"])
@@ -90,6 +92,8 @@ def run(argv: list[str] | None = None) -> int:
                 _print(store.create_user(args.username, args.role, actor).to_json())
             elif args.action == "list":
                 _print([u.to_json() for u in store.list_users()])
+            elif args.action == "remove":
+                print(f"removed '{args.username}'; revoked {store.remove_user(args.username, actor)} token(s)")
             else:
                 _print(store.set_role(args.username, args.role, actor).to_json())
         elif args.command == "token":

@@ -88,6 +88,7 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             else:
                 how = "log in to this Jupyter server or send its token"
             payload = {"error": "unauthorized", "message": f"authentication required: {how}"}
+            self.set_header("WWW-Authenticate", 'token realm="lomas"')
         elif isinstance(exc, tornado.web.HTTPError):
             if exc.log_message:
                 message = exc.log_message % exc.args if exc.args else exc.log_message
@@ -115,7 +116,6 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             # nobody was identified (no token, a wrong or revoked one, an XSRF refusal of a cookie-less call):
             # that is "who are you?", not "you may not"
             status_code = 401
-            self.set_header("WWW-Authenticate", 'token realm="lomas"')
             kwargs["exc_info"] = (Unauthorized, Unauthorized(), None)
         super().send_error(status_code, **kwargs)
 
