@@ -16,7 +16,7 @@ from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_metadata, setup_demo
 from lomas_jupyter_server.errors import ChargedFailure, EngineFailure, QueryRejected
 from lomas_jupyter_server.metadata import parse_metadata
-from lomas_jupyter_server.service import DPService
+from lomas_jupyter_server.service import DPService, TimingPadding
 from lomas_jupyter_server.sql import compile_sql
 from lomas_jupyter_server.store import SQLiteStore
 from lomas_jupyter_server.workers import WorkerPool, note_data_access
@@ -211,3 +211,19 @@ async def test_the_parent_enforces_memory_limits_a_worker_cannot_dodge() -> None
         assert await pool.run(product_holding_the_gil, 100) == 100_000
     finally:
         pool.close()
+
+
+async def test_stall_padding_holds_back_answers_computed_from_the_data(tmp_path: Path) -> None:
+    service, store = _service_with_demo(tmp_path)
+    service.padding = TimingPadding("stall", 1.5)
+    alice = store.get_user("alice")
+    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.5}
+    try:
+        await service.preview(alice, body)
+        started = time.monotonic()
+        await service.query(alice, body)
+        assert time.monotonic() - started >= 1.5  # a lower bound: true on any machine
+    finally:
+        service.pool.close()
+        service.pricing_pool.close()
+        store.close()

@@ -1,0 +1,148 @@
+"""Trust-boundary figures for a standalone `jupyter lomas`: event-loop lag under heavy queries, how fast hostile
+requests are refused, and whether memory stays flat.
+
+    .venv/bin/python benchmarks/trust_boundary.py [--rows 3000000] [--seconds 30]
+
+Writes benchmarks/results/trust-boundary.md. Loop lag is measured as the round trip of `GET whoami` (answered
+on the event loop without a worker) every 50 ms while clients keep the query workers busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.servers import BIN, running_server  # noqa: E402
+
+
+def cli(storage: Path, *args: str) -> str:
+    return subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def tree_rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=3_000_000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lomas-tb-"))
+    rng = np.random.default_rng(0)
+    source = work / "big.parquet"
+    pl.DataFrame({"g": np.array(["a", "b", "c", "d"])[rng.integers(0, 4, args.rows)],
+                  "x": rng.uniform(0, 100, args.rows)}).write_parquet(source)
+    meta = {"privacy_unit": 1, "max_rows": args.rows,
+            "columns": {"g": {"type": "string", "categories": ["a", "b", "c", "d"]},
+                        "x": {"type": "float", "bounds": [0.0, 100.0]},
+                        **{k: {"type": "string", "categories": [f"c{i}" for i in range(1000)], "nullable": True}
+                           for k in ("k1", "k2", "k3")}}}
+    pl.DataFrame({"g": ["a"], "x": [1.0], "k1": ["c1"], "k2": ["c2"], "k3": ["c3"]}).write_parquet(work / "w.parquet")
+    (work / "big.json").write_text(json.dumps({k: v for k, v in meta.items()} | {
+        "columns": {"g": meta["columns"]["g"], "x": meta["columns"]["x"]}}))
+    (work / "wide.json").write_text(json.dumps(meta | {"max_rows": 10}))
+    storage = work / "store"
+    cli(storage, "dataset", "import", "big", str(source), "--metadata", str(work / "big.json"))
+    cli(storage, "dataset", "import", "wide", str(work / "w.parquet"), "--metadata", str(work / "wide.json"))
+    cli(storage, "user", "add", "alice")
+    cli(storage, "grant", "alice", "big", "--epsilon", "100000")
+    token = cli(storage, "token", "issue", "alice")
+    headers = {"Authorization": f"token {token}"}
+    env = {"JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_DATA_DIR": str(work / "data")}
+    lines = [f"# Trust-boundary figures ({args.rows:,} rows, {os.cpu_count()} cores)", ""]
+    with running_server("jupyter-lomas", [f"--LomasApp.storage_dir={storage}"], work, env) as (url, pid):
+        requests.get(url + "lomas/api/whoami", headers=headers, timeout=30)
+        idle_rss = tree_rss_mb(pid)
+        # 1. a 10^9-group query, refused from public metadata
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            r = requests.post(url + "lomas/api/preview", headers=headers, timeout=60,
+                              json={"dataset": "wide", "sql": "SELECT k1, k2, k3, COUNT(*) FROM wide GROUP BY k1, k2, k3",
+                                    "epsilon": 1})
+            times.append(time.perf_counter() - start)
+            assert r.status_code == 400, r.text
+        lines.append(f"- 10^9-group query refused (400): median {1000 * statistics.median(times):.1f} ms, "
+                     f"max {1000 * max(times):.1f} ms over 20; tree RSS {idle_rss:.0f} -> {tree_rss_mb(pid):.0f} MB")
+        # 2. an unauthenticated 300 MB body
+        before = tree_rss_mb(pid)
+        start = time.perf_counter()
+        try:
+            status = requests.post(url + "lomas/api/query", data=(b"x" * 2**20 for _ in range(300)),
+                                   headers={"Content-Length": str(300 * 2**20)}, timeout=120).status_code
+        except requests.ConnectionError:
+            status = "connection closed"
+        lines.append(f"- unauthenticated 300 MB POST: {status} after {time.perf_counter() - start:.2f} s; "
+                     f"tree RSS {before:.0f} -> {tree_rss_mb(pid):.0f} MB")
+        # 3. loop lag while clients keep the workers busy with heavy queries
+        stop = threading.Event()
+        answered: list[float] = []
+
+        def heavy(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                body = {"dataset": "big", "epsilon": 1.0, "fresh": True,
+                        "sql": "SELECT g, MEDIAN(x), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY x), AVG(x) FROM big "
+                               "GROUP BY g"}
+                start = time.perf_counter()
+                requests.post(url + "lomas/api/query", headers=headers, json=body, timeout=600)
+                answered.append(time.perf_counter() - start)
+
+        idle_lag = []
+        for _ in range(100):
+            start = time.perf_counter()
+            requests.get(url + "lomas/api/whoami", headers=headers, timeout=30)
+            idle_lag.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        clients = [threading.Thread(target=heavy, args=(i,), daemon=True) for i in range(args.clients)]
+        for c in clients:
+            c.start()
+        busy_lag, peak = [], 0.0
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            requests.get(url + "lomas/api/whoami", headers=headers, timeout=30)
+            busy_lag.append(time.perf_counter() - start)
+            peak = max(peak, tree_rss_mb(pid))
+            time.sleep(0.05)
+        stop.set()
+        for c in clients:
+            c.join(timeout=600)
+        lines.append(f"- `GET whoami` round trip idle: p50 {1000 * statistics.median(idle_lag):.1f} ms, "
+                     f"p99 {1000 * percentile(idle_lag, 0.99):.1f} ms")
+        lines.append(f"- `GET whoami` round trip while {args.clients} clients run grouped quantile queries for "
+                     f"{args.seconds:g} s ({len(answered)} answered, median {statistics.median(answered):.2f} s each): "
+                     f"p50 {1000 * statistics.median(busy_lag):.1f} ms, p99 {1000 * percentile(busy_lag, 0.99):.1f} ms, "
+                     f"max {1000 * max(busy_lag):.1f} ms over {len(busy_lag)} probes; peak tree RSS {peak:.0f} MB")
+    out = ROOT / "benchmarks" / "results" / "trust-boundary.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
