@@ -55,7 +55,7 @@ async def test_a_crashing_worker_fails_only_its_own_task() -> None:
 async def test_a_worker_killed_mid_query_is_replaced() -> None:
     pool = WorkerPool(1, timeout=60)
     try:
-        pool.warm_up()
+        await pool.run(time.sleep, 0)  # started and ready: the kill below hits a running task
         (pid,) = pool.pids()
         task = asyncio.ensure_future(pool.run(time.sleep, 20))
         await asyncio.sleep(1.0)

@@ -199,9 +199,12 @@ class WorkerPool:
         self._idle.put(fresh)
 
     def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        worker = self._acquire()
-        if not worker.wait_ready(self.start_timeout):
+        for _ in range(3):  # a worker that died while starting is replaced; its task never began
+            worker = self._acquire()
+            if worker.wait_ready(self.start_timeout):
+                break
             self._replace(worker)
+        else:
             raise EngineFailure("a DP engine worker could not start; try again")
         data_accessed = False
         try:
