@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,22 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.servers import BIN, running_server  # noqa: E402
-
-
-def cli(storage: Path, *args: str) -> str:
-    return subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def tree_rss_mb(pid: int) -> float:
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+from tests.servers import add_analyst, lomas_admin, running_server, tree_rss_mb  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,21 +44,20 @@ def main() -> None:
     source = work / "big.parquet"
     pl.DataFrame({"g": np.array(["a", "b", "c", "d"])[rng.integers(0, 4, args.rows)],
                   "x": rng.uniform(0, 100, args.rows)}).write_parquet(source)
-    meta = {"privacy_unit": 1, "max_rows": args.rows,
-            "columns": {"g": {"type": "string", "categories": ["a", "b", "c", "d"]},
-                        "x": {"type": "float", "bounds": [0.0, 100.0]},
-                        **{k: {"type": "string", "categories": [f"c{i}" for i in range(1000)], "nullable": True}
-                           for k in ("k1", "k2", "k3")}}}
-    pl.DataFrame({"g": ["a"], "x": [1.0], "k1": ["c1"], "k2": ["c2"], "k3": ["c3"]}).write_parquet(work / "w.parquet")
-    (work / "big.json").write_text(json.dumps({k: v for k, v in meta.items()} | {
-        "columns": {"g": meta["columns"]["g"], "x": meta["columns"]["x"]}}))
-    (work / "wide.json").write_text(json.dumps(meta | {"max_rows": 10}))
+    big_meta = {"privacy_unit": 1, "max_rows": args.rows,
+                "columns": {"g": {"type": "string", "categories": ["a", "b", "c", "d"]},
+                            "x": {"type": "float", "bounds": [0.0, 100.0]}}}
+    # three columns with 1,000 public categories each: a 10^9-group key product
+    wide_meta = {"privacy_unit": 1, "max_rows": 10,
+                 "columns": {k: {"type": "string", "categories": [f"c{i}" for i in range(1000)]}
+                             for k in ("k1", "k2", "k3")}}
+    pl.DataFrame({"k1": ["c1"], "k2": ["c2"], "k3": ["c3"]}).write_parquet(work / "w.parquet")
+    (work / "big.json").write_text(json.dumps(big_meta))
+    (work / "wide.json").write_text(json.dumps(wide_meta))
     storage = work / "store"
-    cli(storage, "dataset", "import", "big", str(source), "--metadata", str(work / "big.json"))
-    cli(storage, "dataset", "import", "wide", str(work / "w.parquet"), "--metadata", str(work / "wide.json"))
-    cli(storage, "user", "add", "alice")
-    cli(storage, "grant", "alice", "big", "--epsilon", "100000")
-    token = cli(storage, "token", "issue", "alice")
+    lomas_admin(storage, "dataset", "import", "big", str(source), "--metadata", str(work / "big.json"))
+    lomas_admin(storage, "dataset", "import", "wide", str(work / "w.parquet"), "--metadata", str(work / "wide.json"))
+    token = add_analyst(storage, "alice", {"big": 100000})
     headers = {"Authorization": f"token {token}"}
     env = {"JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_DATA_DIR": str(work / "data")}
     lines = [f"# Trust-boundary figures ({args.rows:,} rows, {os.cpu_count()} cores)", ""]

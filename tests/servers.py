@@ -50,3 +50,32 @@ def running_server(command: str, args: list[str], root: Path, env: dict[str, str
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def lomas_admin(storage: Path, *args: str) -> str:
+    """Run the real `lomas-admin` on a storage folder; returns what it printed."""
+    out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def add_analyst(storage: Path, username: str, grants: dict[str, float]) -> str:
+    """An analyst with an epsilon grant per dataset; returns their new API token."""
+    lomas_admin(storage, "user", "add", username)
+    for dataset, epsilon in grants.items():
+        lomas_admin(storage, "grant", username, dataset, "--epsilon", str(epsilon))
+    return lomas_admin(storage, "token", "issue", username)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a server and all its worker processes."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20

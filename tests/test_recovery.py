@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,12 +18,7 @@ import requests
 
 from lomas_jupyter_server.store import SQLiteStore
 
-from .servers import BIN, running_server
-
-
-def admin_cli(storage: Path, *args: str) -> str:
-    return subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args],
-                          capture_output=True, text=True, check=True).stdout.strip()
+from .servers import add_analyst, lomas_admin, running_server
 
 
 def _running(pid: int) -> bool:
@@ -45,10 +39,8 @@ def test_kill_9_with_queries_in_flight_then_restart(tmp_path: Path) -> None:
                                                              "x": {"type": "float", "bounds": [0.0, 100.0]}}}
     (tmp_path / "big.json").write_text(json.dumps(meta))
     storage = tmp_path / "store"
-    admin_cli(storage, "dataset", "import", "big", str(source), "--metadata", str(tmp_path / "big.json"))
-    admin_cli(storage, "user", "add", "alice")
-    admin_cli(storage, "grant", "alice", "big", "--epsilon", "50")
-    token = admin_cli(storage, "token", "issue", "alice")
+    lomas_admin(storage, "dataset", "import", "big", str(source), "--metadata", str(tmp_path / "big.json"))
+    token = add_analyst(storage, "alice", {"big": 50})
     headers = {"Authorization": f"token {token}"}
     env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1"]

@@ -6,38 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
 from lomas_jupyter_server.handlers import ROUTES
 
-from .servers import BIN, running_server
-
-
-def admin_cli(storage: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args],
-                          capture_output=True, text=True, check=check)
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a server and all its worker processes."""
-    proc = psutil.Process(pid)
-    procs = [proc, *proc.children(recursive=True)]
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
+from .servers import add_analyst, free_port, lomas_admin, running_server, tree_rss_mb
 
 WIDE_CATEGORIES = [f"c{i}" for i in range(1000)]
 
@@ -47,19 +26,16 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     root = tmp_path_factory.mktemp("attack")
     storage = root / "store"  # under the server's root folder, as in the finding
     (root / "secret.txt").write_text("the server's own secret\n")
-    admin_cli(storage, "demo", "--user", "boss")
-    for name in ("alice", "carol", "dave"):
-        admin_cli(storage, "user", "add", name)
-        admin_cli(storage, "grant", name, "penguins", "--epsilon", "5")
+    lomas_admin(storage, "demo", "--user", "boss")
     # a dataset whose public key product is 10^9: three columns with 1,000 public categories each
     (root / "wide.csv").write_text("a,b,c\n" + "".join(f"c{i},c{i},c{i}\n" for i in range(5)))
     metadata = {"privacy_unit": 1, "max_rows": 100,
                 "columns": {k: {"type": "string", "categories": WIDE_CATEGORIES} for k in "abc"}}
     (root / "wide.json").write_text(json.dumps(metadata))
-    admin_cli(storage, "dataset", "import", "wide", str(root / "wide.csv"), "--metadata", str(root / "wide.json"))
-    admin_cli(storage, "grant", "alice", "wide", "--epsilon", "5")
-    tokens = {name: admin_cli(storage, "token", "issue", name).stdout.strip()
-              for name in ("boss", "alice", "carol", "dave")}
+    lomas_admin(storage, "dataset", "import", "wide", str(root / "wide.csv"), "--metadata", str(root / "wide.json"))
+    tokens = {"boss": lomas_admin(storage, "token", "issue", "boss"),
+              "alice": add_analyst(storage, "alice", {"penguins": 5, "wide": 5}),
+              **{name: add_analyst(storage, name, {"penguins": 5}) for name in ("carol", "dave")}}
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
     args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", f"--ServerApp.root_dir={root}"]
     with running_server("jupyter-lomas", args, root, env) as (url, pid):
@@ -106,10 +82,7 @@ def test_the_server_registers_no_route_outside_the_allowlist(tmp_path: Path) -> 
         "sys.stdout.flush()\n"
         "os._exit(0)\n"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-c", script, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+    argv = [sys.executable, "-c", script, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={free_port()}",
             f"--LomasApp.storage_dir={tmp_path / 'store'}", "--LomasApp.workers=1", "--ServerApp.base_url=/dp/"]
     if os.geteuid() == 0:
         argv.append("--allow-root")
@@ -174,9 +147,9 @@ def test_the_api_never_locks_out_the_last_admin_and_the_cli_recovers(service: di
         response = call(service, method, path, "boss", json=body)
         assert response.status_code == 409 and "no admin with a valid token" in response.json()["message"]
         assert call(service, "GET", "lomas/api/admin/users", "boss").ok  # nothing changed
-    admin_cli(service["storage"], "token", "revoke", "boss")  # the machine's admin may do anything...
+    lomas_admin(service["storage"], "token", "revoke", "boss")  # the machine's admin may do anything...
     assert call(service, "GET", "lomas/api/whoami", "boss").status_code == 401
-    service["tokens"]["boss"] = admin_cli(service["storage"], "token", "issue", "boss").stdout.strip()  # ...and recover
+    service["tokens"]["boss"] = lomas_admin(service["storage"], "token", "issue", "boss")  # ...and recover
     assert call(service, "GET", "lomas/api/admin/users", "boss").ok
 
 

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
 from lomas_jupyter import Client, LomasError
 
-from .servers import BIN, free_port, running_server
-
-
-def _admin(storage: Path, *args: str) -> str:
-    out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), *args],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+from .servers import add_analyst, free_port, lomas_admin, running_server
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("standalone")
     storage = root / "storage"
-    _admin(storage, "demo", "--user", "boss")
-    _admin(storage, "user", "add", "alice")
-    _admin(storage, "grant", "alice", "penguins", "--epsilon", "1.0")
-    tokens = {"alice": _admin(storage, "token", "issue", "alice"), "boss": _admin(storage, "token", "issue", "boss")}
+    lomas_admin(storage, "demo", "--user", "boss")
+    tokens = {"alice": add_analyst(storage, "alice", {"penguins": 1.0}),
+              "boss": lomas_admin(storage, "token", "issue", "boss")}
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
     args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1"]
     with running_server("jupyter-lomas", args, root, env) as (url, _pid):

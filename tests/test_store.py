@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from lomas_jupyter_server.demo import setup_demo
 from lomas_jupyter_server.errors import Conflict, InsufficientBudget
-from lomas_jupyter_server.store import SQLiteStore
+from lomas_jupyter_server.recovery import process_start, settle_abandoned, this_instance
+from lomas_jupyter_server.store import InstanceRecord, SQLiteStore
 from lomas_jupyter_server.store.sqlite import MIGRATIONS
 
 
@@ -155,3 +160,32 @@ def test_running_totals_match_the_ledger_and_are_rebuilt_by_the_migration(store:
     assert reopened.schema_version == len(MIGRATIONS)
     again = reopened.budget("alice", "penguins")
     assert again == budget
+
+
+def test_a_replica_settles_only_what_a_dead_owner_left(store: SQLiteStore) -> None:
+    """Replicas share one store: a live owner's reservations are left alone, a dead one's are refunded once."""
+    me = this_instance()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # a real process that has exited: its pid is gone (or reused with another start time)
+    now = datetime.now(timezone.utc)
+    fresh, stale = now.isoformat(), (now - timedelta(seconds=600)).isoformat()
+    owners = {
+        "live here": InstanceRecord("live", me.hostname, os.getpid(), process_start(os.getpid()) or "", fresh, fresh),
+        "dead here": InstanceRecord("dead", me.hostname, finished.pid, "1", fresh, fresh),
+        "elsewhere, beating": InstanceRecord("far-live", "other-host", 1, "1", fresh, fresh),
+        "elsewhere, silent": InstanceRecord("far-dead", "other-host", 1, "1", stale, stale),
+    }
+    reservations = {}
+    for label, owner in [("me", me), *owners.items()]:
+        store.register_instance(owner)
+        reservations[label] = store.reserve("alice", "penguins", 0.25, 0.0, owner=owner.id)
+    assert store.budget("alice", "penguins").pending == 5
+
+    assert settle_abandoned(store, me, stale_after=120) == 2
+    assert settle_abandoned(store, me, stale_after=120) == 0  # settled once only
+    settled = {r["reservation_id"]: r for r in store.ledger("alice") if r["kind"] == "refund"}
+    assert set(settled) == {reservations["dead here"], reservations["elsewhere, silent"]}
+    assert all("stopped before the release left it" in r["note"] for r in settled.values())
+    budget = store.budget("alice", "penguins")
+    assert budget.pending == 3 and budget.epsilon_spent == pytest.approx(0.75)
+    assert {i.id for i in store.running_instances()} == {me.id, "live", "far-live"}

@@ -193,7 +193,7 @@ class LomasApp(ExtensionApp):
         pricing_pool.warm_up()
         self.instance = this_instance()
         store.register_instance(self.instance)
-        settled = settle_abandoned(store, self.instance, self.instance_stale_after)
+        settled = settle_abandoned(store, self.instance, self.instance_stale_after, at_start=True)
         if settled:
             self.log.warning("lomas: refunded %d reservation(s) that a stopped service left unsettled", settled)
         self.service = DPService(

@@ -41,10 +41,13 @@ def is_dead(instance: InstanceRecord, stale_after: float, now: datetime | None =
     return (now - datetime.fromisoformat(instance.heartbeat_at)).total_seconds() > stale_after
 
 
-def settle_abandoned(store: AdminStore, me: InstanceRecord, stale_after: float) -> int:
-    """Refund what dead instances left pending; returns how many reservations were settled."""
-    settled = store.retire_instance(None, "refunded at start: reserved before the service recorded owners, "
-                                    "and never settled")
+def settle_abandoned(store: AdminStore, me: InstanceRecord, stale_after: float, at_start: bool = False) -> int:
+    """Refund what dead instances left pending; returns how many reservations were settled. At start, also
+    what was reserved before reservations had owners (no service of this version can hold those)."""
+    settled = 0
+    if at_start:
+        settled += store.retire_instance(None, "refunded at start: reserved before the service recorded owners, "
+                                         "and never settled")
     for instance in store.running_instances():
         if instance.id != me.id and is_dead(instance, stale_after):
             settled += store.retire_instance(

@@ -118,7 +118,7 @@ class DPService:
         self.protect_admin_access = protect_admin_access
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._specs: OrderedDict[tuple[str, int, str, int], tuple[Any, Any]] = OrderedDict()
+        self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class DPService:
 
     def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
         record = self._dataset(request.dataset)
-        key = (record.name, record.version, request.sql, self.max_groups)
+        key = (record.name, record.version, request.sql)
         cached = self._specs.get(key)
         if cached is None:
             metadata = parse_metadata(record.metadata)

@@ -166,9 +166,9 @@ class _Compiler:
         not 200 levels, so nothing downstream recurses deeply."""
         while isinstance(node, exp.Paren):
             node = node.this
+        if isinstance(node, (exp.And, exp.Or, exp.Not)) and depth >= MAX_NESTING:
+            raise QueryRejected(f"WHERE nests AND/OR/NOT more than {MAX_NESTING} levels deep")
         if isinstance(node, (exp.And, exp.Or)):
-            if depth >= MAX_NESTING:
-                raise QueryRejected(f"WHERE nests AND/OR/NOT more than {MAX_NESTING} levels deep")
             kind = type(node)
             operands, pending = [], [node]
             while pending:  # flatten a same-operator chain without recursion
@@ -187,8 +187,6 @@ class _Compiler:
                 inner = inner.this
             if isinstance(inner, exp.Is):
                 return self.is_null(inner, negate=True)
-            if depth >= MAX_NESTING:
-                raise QueryRejected(f"WHERE nests AND/OR/NOT more than {MAX_NESTING} levels deep")
             return {"op": "not", "arg": self.predicate(node.this, depth + 1)}
         self.conditions += 1
         if self.conditions > MAX_CONDITIONS:
@@ -281,10 +279,7 @@ class _Compiler:
 
 
 def _short(node: exp.Expression) -> str:
-    try:
-        text = node.sql()
-    except RecursionError:
-        return "(a deeply nested expression)"
+    text = node.sql()
     return text if len(text) <= 60 else text[:57] + "..."
 
 

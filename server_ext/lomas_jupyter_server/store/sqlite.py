@@ -228,14 +228,13 @@ class SQLiteStore(AdminStore):
         _check_username(username)
         _check_role(role)
         with self._tx() as conn:
-            row = conn.execute("SELECT removed_at FROM users WHERE username = ?", (username,)).fetchone()
+            row = conn.execute("SELECT removed_at, created_at FROM users WHERE username = ?", (username,)).fetchone()
             now = utcnow()
             if row is not None and row["removed_at"] is None:
                 raise Conflict(f"user '{username}' already exists")
             if row is not None:  # a removed user comes back with their history (their privacy loss is theirs)
                 conn.execute("UPDATE users SET role = ?, removed_at = NULL WHERE username = ?", (role, username))
-                created = conn.execute("SELECT created_at FROM users WHERE username = ?", (username,)).fetchone()
-                now = created["created_at"]
+                now = row["created_at"]
             else:
                 conn.execute("INSERT INTO users (username, role, created_at) VALUES (?, ?, ?)", (username, role, now))
             self._audit(conn, actor, "create_user", username=username, role=role)
