@@ -7,17 +7,26 @@ bottom (`preview_task`, `release_task`) are what worker processes run.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import opendp.prelude as dp
 import polars as pl
 
+from .accuracy import (
+    DISTRIBUTIONS,
+    Noise,
+    combined_half_width,
+    quantile_rank_error,
+    ratio_grid,
+    ratio_interval,
+)
 from .errors import BadRequest, QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
 from .sql import Aggregate, QuerySpec
@@ -32,10 +41,14 @@ POLARS_TYPES: dict[str, pl.DataType] = {
     "string": pl.String(),
     "bool": pl.Boolean(),
 }
+LAPLACE, GAUSSIAN = "laplace", "gaussian"
 MECHANISM_NAMES = {
     "Integer Laplace": "Laplace (integer)",
     "Float Laplace": "Laplace",
+    "Integer Gaussian": "Gaussian (integer)",
+    "Float Gaussian": "Gaussian",
     "ExponentialMin": "Exponential (report noisy min)",
+    "GumbelMin": "Exponential (Gumbel, report noisy min)",
 }
 
 
@@ -114,37 +127,102 @@ def _predicate(node: dict[str, Any]) -> pl.Expr:
     raise QueryRejected(f"unknown predicate {op}")  # specs come from compile_sql; defensive only
 
 
-def _internal(i: int, part: str = "") -> str:
-    return f"__a{i}{part}"
+# --- what a query releases -----------------------------------------------------------------------------------
 
 
-def _aggregate_exprs(
-    i: int, agg: Aggregate, col: ColumnMetadata | None, bounds: dict[str, tuple[float, float]]
-) -> list[pl.Expr]:
-    if agg.kind == "count_star":
-        return [dp.len(signed=True).alias(_internal(i))]
+@dataclass(frozen=True)
+class Statistic:
+    """One noisy number per group that a plan releases. Aggregates are computed from these, so a statistic two
+    aggregates need (the count behind COUNT(x) and AVG(x), say) is released, and paid for, once."""
+
+    kind: str  # rows | count | sum | centred_sum | quantile
+    column: str | None = None
+    quantile: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one output aggregate is computed from released statistics (indices into Plan.statistics)."""
+
+    how: str  # count | sum | centred_sum | avg | quantile
+    uses: tuple[int, ...]
+
+
+def centre(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> float:
+    """The middle of the bounds (a whole number for int columns, so their sums stay exact integers)."""
+    lo, hi = bounds[col.name]
+    return (int(lo) + int(hi)) // 2 if col.type == "int" else (lo + hi) / 2
+
+
+def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[Statistic], list[Recipe]]:
+    """The fewest statistics that answer every aggregate, and how each aggregate is derived from them.
+
+    AVG(x) = c + S/C with S the sum of (x - c) over non-null x, c the centre of the bounds, C the count of
+    non-null x: S's sensitivity is half the width of the bounds. When C is released anyway (COUNT(x) or AVG(x)
+    in the same query, or COUNT(*) for a column without nulls), SUM(x) = S + c C costs no extra statistic and
+    its noise is never larger than a direct sum's: sqrt(half_width^2 + c^2) <= max(|lo|, |hi|) per unit scale.
+    """
+    statistics: list[Statistic] = []
+
+    def use(stat: Statistic) -> int:
+        if stat not in statistics:
+            statistics.append(stat)
+        return statistics.index(stat)
+
+    def count_of(column: str) -> Statistic:
+        col = metadata.column(column)
+        assert col is not None
+        return Statistic("count", column) if col.nullable else Statistic("rows")
+
+    counted = {count_of(a.column) for a in spec.aggregates if a.kind in ("count", "avg") and a.column}
+    if any(a.kind == "count_star" for a in spec.aggregates):
+        counted.add(Statistic("rows"))
+    recipes = []
+    for agg in spec.aggregates:
+        if agg.kind == "count_star":
+            recipes.append(Recipe("count", (use(Statistic("rows")),)))
+            continue
+        assert agg.column is not None
+        if agg.kind == "count":
+            recipes.append(Recipe("count", (use(count_of(agg.column)),)))
+        elif agg.kind == "avg" or (agg.kind == "sum" and count_of(agg.column) in counted):
+            parts = (use(Statistic("centred_sum", agg.column)), use(count_of(agg.column)))
+            recipes.append(Recipe("avg" if agg.kind == "avg" else "centred_sum", parts))
+        elif agg.kind == "sum":
+            recipes.append(Recipe("sum", (use(Statistic("sum", agg.column)),)))
+        elif agg.kind == "quantile":
+            recipes.append(Recipe("quantile", (use(Statistic("quantile", agg.column, agg.quantile)),)))
+        else:  # pragma: no cover - specs come from compile_sql
+            raise QueryRejected(f"unknown aggregate {agg.kind}")
+    return statistics, recipes
+
+
+def _statistic_name(j: int) -> str:
+    return f"__s{j}"
+
+
+def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> pl.Expr:
+    if stat.kind == "rows":
+        return dp.len(signed=True)
+    col = metadata.column(stat.column)  # type: ignore[arg-type]
     assert col is not None
     c = pl.col(col.name)
-    if agg.kind == "count":
-        return [c.dp.count(signed=True).alias(_internal(i))]
-    if agg.kind == "sum":
-        lo, hi = bounds[col.name]
-        zero = min(max(0, lo), hi)  # SQL SUM ignores nulls: impute 0 where the bounds allow
-        return [c.fill_null(zero).dp.sum((lo, hi)).alias(_internal(i))]
-    if agg.kind == "avg":
-        # AVG = lo + SUM(x - lo) / COUNT(x) over non-null rows: SQL semantics, and the shifted sum has a
-        # sensitivity of (hi - lo) instead of max(|lo|, |hi|).
-        lo, hi = bounds[col.name]
-        shifted = (c - lo).fill_null(0)
-        return [
-            shifted.dp.sum((0, hi - lo)).alias(_internal(i, "_s")),
-            c.dp.count(signed=True).alias(_internal(i, "_c")),
-        ]
-    if agg.kind == "quantile":
-        candidates = _candidates(col, bounds)
-        middle = candidates[len(candidates) // 2]
-        return [c.fill_null(middle).dp.quantile(agg.quantile, candidates).alias(_internal(i))]
-    raise QueryRejected(f"unknown aggregate {agg.kind}")
+    if stat.kind == "count":
+        return c.dp.count(signed=True)  # non-null values, as SQL's COUNT(x)
+    number = int if col.type == "int" else float
+    if stat.kind == "sum":
+        # SQL SUM ignores nulls: clip to the bounds, then a null adds 0; the sum's bounds include 0, which
+        # keeps the sensitivity at max(|lo|, |hi|)
+        lo, hi = (number(b) for b in bounds[col.name])
+        zero = number(0)
+        return c.clip(lo, hi).fill_null(zero).dp.sum((min(lo, zero), max(hi, zero)))
+    if stat.kind == "centred_sum":
+        lo, hi = (number(b) for b in bounds[col.name])
+        middle = number(centre(col, bounds))
+        return (c - middle).fill_null(number(0)).dp.sum((lo - middle, hi - middle))
+    if stat.kind == "quantile":
+        return c.drop_nulls().dp.quantile(stat.quantile, _candidates(col, bounds))
+    raise QueryRejected(f"unknown statistic {stat.kind}")  # pragma: no cover
 
 
 def _candidates(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> list[Any]:
@@ -159,23 +237,22 @@ def _candidates(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> 
 
 def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
     cols = [metadata.column(k) for k in spec.group_by]
-    rows = list(itertools.product(*[c.categories for c in cols]))  # type: ignore[union-attr]
+    rows = list(itertools.product(*[c.group_keys for c in cols]))  # type: ignore[union-attr]
     schema = {c.name: POLARS_TYPES[c.type] for c in cols}  # type: ignore[union-attr]
     return pl.LazyFrame(rows, schema=schema, orient="row")
 
 
-def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> pl.LazyFrame:
+def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
+               statistics: list[Statistic]) -> pl.LazyFrame:
     frame = pl.LazyFrame(schema=polars_schema(metadata))
     if spec.where is not None:
         frame = frame.filter(_predicate(spec.where))
-    exprs: list[pl.Expr] = []
-    for i, agg in enumerate(spec.aggregates):
-        col = metadata.column(agg.column) if agg.column else None
-        exprs.extend(_aggregate_exprs(i, agg, col, bounds))
+    exprs = [_statistic_expr(stat, metadata, bounds).alias(_statistic_name(j)) for j, stat in enumerate(statistics)]
     if not spec.group_by:
         return frame.select(exprs)
     grouped = frame.group_by(list(spec.group_by)).agg(exprs)
-    # The public key set, built here from metadata: every category appears, seen in the data or not.
+    # The public key set, built here from metadata: every category (and NULL for a nullable column) appears,
+    # seen in the data or not.
     return _key_frame(spec, metadata).join(grouped, on=list(spec.group_by), how="left", nulls_equal=True)
 
 
@@ -188,7 +265,7 @@ def input_domain(spec: QuerySpec, metadata: DatasetMetadata) -> Any:
     )
     domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=metadata.max_rows))
     if spec.group_by:
-        groups = math.prod(len(metadata.column(k).categories) for k in spec.group_by)  # type: ignore[union-attr,arg-type]
+        groups = math.prod(len(metadata.column(k).group_keys) for k in spec.group_by)  # type: ignore[union-attr]
         domain = dp.with_margin(
             domain,
             dp.polars.Margin(by=list(spec.group_by), max_length=metadata.max_rows, max_groups=groups),
@@ -200,89 +277,239 @@ def _opendp_type(dtype: pl.DataType) -> str:
     return {pl.Int64: "i64", pl.Float64: "f64", pl.String: "String", pl.Boolean: "bool"}[type(dtype)]
 
 
+# --- calibration: the least noise the budget allows, charged at its privacy map -------------------------------
+
+
+@dataclass
+class Calibrated:
+    """A measurement ready to run: its mechanism, global noise scale and exact (epsilon, delta) charge."""
+
+    mechanism: str  # LAPLACE (pure DP) | GAUSSIAN (zCDP, converted to (epsilon, delta))
+    scale: float
+    delta_target: float  # the delta the zCDP conversion is fixed at (0 for Laplace)
+    base: Any  # the OpenDP polars measurement (its summary names the noise)
+    measurement: Any  # what runs and what is charged: base, or base converted to (epsilon, delta)
+    epsilon: float
+    delta: float
+    choice: dict[str, Any] | None = None
+
+
+@functools.lru_cache(maxsize=512)
+def rho_for(epsilon: float, delta: float) -> float:
+    """Largest zCDP rho whose conversion to (epsilon, delta) by OpenDP's own combinator stays within epsilon.
+
+    The conversion is a function of rho alone, so a one-parameter Gaussian measurement stands in for the
+    query; the query's own converted map is checked afterwards."""
+    gaussian = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
+    curve = dp.c.make_zCDP_to_approxDP(gaussian)
+
+    def converted(rho: float) -> float:
+        return float(curve.map(math.sqrt(2 * rho)).epsilon(delta))
+
+    log_term = -math.log(delta)
+    low = (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2  # the classic bound: never above epsilon
+    high = low * 2
+    while converted(high) <= epsilon:
+        low, high = high, high * 2
+    while (high - low) > 1e-10 * low:
+        mid = (low + high) / 2
+        if converted(mid) <= epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 @dataclass
 class Plan:
     spec: QuerySpec
     metadata: DatasetMetadata
     bounds: dict[str, tuple[float, float]]
+    statistics: list[Statistic] = field(init=False)
+    recipes: list[Recipe] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.statistics, self.recipes = plan_statistics(self.spec, self.metadata)
 
     @classmethod
     def from_json(cls, spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None) -> Plan:
         meta = parse_metadata(metadata)
         return cls(QuerySpec.from_json(spec), meta, effective_bounds(meta, bounds))
 
-    def measurement(self, scale: float) -> Any:
+    def base_measurement(self, scale: float, mechanism: str = LAPLACE) -> Any:
+        measure = dp.max_divergence() if mechanism == LAPLACE else dp.zero_concentrated_divergence()
         try:
             return dp.polars.make_private_lazyframe(
                 input_domain(self.spec, self.metadata),
                 dp.symmetric_distance(),
-                dp.max_divergence(),
-                build_plan(self.spec, self.metadata, self.bounds),
+                measure,
+                build_plan(self.spec, self.metadata, self.bounds, self.statistics),
                 global_scale=scale,
             )
         except dp.OpenDPException as err:
             raise QueryRejected(f"the DP engine refused the query: {_opendp_message(err)}") from None
 
-    def cost(self, measurement: Any) -> float:
-        return float(measurement.map(self.metadata.privacy_unit))
+    def measurement(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> tuple[Any, Any]:
+        """(base, charged): a zCDP measurement is charged through OpenDP's conversion to (epsilon, delta)."""
+        base = self.base_measurement(scale, mechanism)
+        if mechanism == LAPLACE:
+            return base, base
+        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), delta)
 
-    def calibrate(self, epsilon: float) -> tuple[Any, float, float]:
-        """Smallest noise whose privacy loss is at most `epsilon`: (measurement, scale, charged epsilon).
+    def cost(self, measurement: Any) -> tuple[float, float]:
+        loss = measurement.map(self.metadata.privacy_unit)
+        return (float(loss[0]), float(loss[1])) if isinstance(loss, tuple) else (float(loss), 0.0)
 
-        Pure-DP loss is inversely proportional to the noise scale, so one build at scale 1 gives the answer in
-        closed form; float rounding terms can leave it a hair above target, so we verify and nudge upward.
-        """
-        at_unit = self.cost(self.measurement(1.0))
-        scale = at_unit / epsilon
+    def at_scale(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> Calibrated:
+        base, charged = self.measurement(scale, mechanism, delta)
+        epsilon, spent_delta = self.cost(charged)
+        return Calibrated(mechanism, scale, delta, base, charged, epsilon, spent_delta)
+
+    def calibrate(self, epsilon: float, delta: float = 0.0) -> Calibrated:
+        """The least noise within (epsilon, delta): Laplace under pure DP and, when delta > 0 is offered,
+        Gaussian under zCDP converted to (epsilon, delta); whichever gives the narrower intervals."""
+        laplace = self.calibrate_mechanism(LAPLACE, epsilon)
+        if delta <= 0:
+            return laplace
+        try:
+            gaussian = self.calibrate_mechanism(GAUSSIAN, epsilon, delta)
+        except (dp.OpenDPException, QueryRejected, ArithmeticError, ValueError):
+            # e.g. a delta so small that no finite noise converts within epsilon: Laplace needs no delta
+            laplace.choice = {"mechanism": LAPLACE, "gaussian_to_laplace_noise": None,
+                              "reason": f"no Gaussian noise fits (ε, δ={delta:g}); Laplace is kept and no δ is spent"}
+            return laplace
+        ratio = noise_ratio(gaussian.base, laplace.base)
+        chosen = gaussian if ratio < 1 else laplace
+        parts = len(self.statistics)
+        chosen.choice = {
+            "mechanism": chosen.mechanism,
+            "gaussian_to_laplace_noise": ratio,
+            "reason": (
+                f"Gaussian noise under zCDP (converted to (ε, δ={delta:g})) is {ratio:.2f}x Laplace's for "
+                f"this query's {parts} noisy statistic{'s' if parts > 1 else ''}"
+                + ("; it spends δ" if chosen is gaussian else "; Laplace is kept and no δ is spent")
+            ),
+        }
+        return chosen
+
+    def calibrate_mechanism(self, mechanism: str, epsilon: float, delta: float = 0.0) -> Calibrated:
+        """Pure-DP loss is proportional to 1/scale and zCDP's rho to 1/scale^2, so one build at scale 1 gives
+        the answer in closed form; float rounding terms can leave it a hair above target, so we verify and
+        nudge upward."""
+        at_unit = self.cost(self.base_measurement(1.0, mechanism))[0]
+        if mechanism == LAPLACE:
+            scale = at_unit / epsilon
+        else:
+            scale = math.sqrt(at_unit / rho_for(epsilon, delta))
         step = 1e-12
         for _ in range(200):
-            measurement = self.measurement(scale)
-            charged = self.cost(measurement)
-            if charged <= epsilon:
-                return measurement, scale, charged
+            calibrated = self.at_scale(scale, mechanism, delta)
+            if calibrated.epsilon <= epsilon and calibrated.delta <= delta:
+                return calibrated
             scale *= 1 + step
             step *= 2
         raise QueryRejected("could not calibrate noise for this epsilon")  # pragma: no cover
 
-    def describe(self, measurement: Any) -> list[dict[str, Any]]:
-        """Per aggregate: mechanism, noise scale, and the 95% accuracy (half-width) where it is known."""
-        at_alpha = _summary(measurement, ALPHA)
-        has_avg = any(agg.kind == "avg" for agg in self.spec.aggregates)
-        at_half = _summary(measurement, ALPHA / 2) if has_avg else {}
-        out = []
-        for i, agg in enumerate(self.spec.aggregates):
-            info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": agg.column}
-            if agg.quantile is not None:
-                info["quantile"] = agg.quantile
-            if agg.kind == "avg":
-                s, c = at_alpha[_internal(i, "_s")], at_alpha[_internal(i, "_c")]
-                info |= {
-                    "mechanism": f"{MECHANISM_NAMES.get(s['distribution'], s['distribution'])} on the sum, "
-                    f"{MECHANISM_NAMES.get(c['distribution'], c['distribution'])} on the count",
-                    "scale": {"sum": s["scale"], "count": c["scale"]},
-                    "accuracy": None,
-                    "accuracy_parts": {
-                        "sum": at_half[_internal(i, "_s")]["accuracy"],
-                        "count": at_half[_internal(i, "_c")]["accuracy"],
-                    },
-                    "bounds": list(self.bounds[agg.column]),
-                }
-            else:
-                row = at_alpha[_internal(i)]
-                info |= {
-                    "mechanism": MECHANISM_NAMES.get(row["distribution"], row["distribution"]),
-                    "scale": row["scale"],
-                    "accuracy": row["accuracy"],
-                }
-                if agg.kind in ("sum", "quantile"):
-                    info["bounds"] = list(self.bounds[agg.column]) if agg.column in self.bounds else None
-            info["alpha"] = ALPHA
-            out.append(info)
-        return out
+    # --- what the answer means --------------------------------------------------------------------------
 
-    def postprocess(self, raw: pl.DataFrame, described: list[dict[str, Any]]) -> dict[str, Any]:
-        """Raw noisy columns -> the user's columns, with a 95% interval per value where one is known."""
-        order = {k: {v: n for n, v in enumerate(self.metadata.column(k).categories)} for k in self.spec.group_by}  # type: ignore[union-attr]
+    def describe(self, calibrated: Calibrated) -> dict[str, Any]:
+        """The public plan: each released statistic with its noise, and each output aggregate with how it is
+        computed, its 95% accuracy, and what its interval covers."""
+        summary = _summary(calibrated.base, ALPHA)
+        released = []
+        for j, stat in enumerate(self.statistics):
+            row = summary[_statistic_name(j)]
+            noise = _noise(row)
+            released.append({
+                "statistic": self._label(stat),
+                "mechanism": MECHANISM_NAMES.get(row["distribution"], row["distribution"]),
+                "scale": row["scale"],
+                "accuracy": noise.half_width(ALPHA) if noise else None,
+            })
+        aggregates = [self._describe_aggregate(agg, recipe, released, summary)
+                      for agg, recipe in zip(self.spec.aggregates, self.recipes)]
+        return {
+            "mechanism": calibrated.mechanism,
+            "scale": calibrated.scale,
+            "choice": calibrated.choice,
+            "statistics": released,
+            "aggregates": aggregates,
+        }
+
+    def _label(self, stat: Statistic) -> str:
+        if stat.kind == "rows":
+            return "COUNT(*)"
+        if stat.kind == "count":
+            return f"COUNT({stat.column})"
+        lo, hi = self.bounds[stat.column]  # type: ignore[index]
+        if stat.kind == "sum":
+            return f"SUM({stat.column}) clipped to [{lo:g}, {hi:g}]"
+        if stat.kind == "centred_sum":
+            col = self.metadata.column(stat.column)  # type: ignore[arg-type]
+            return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]"  # type: ignore[arg-type]
+        return f"PERCENTILE({stat.quantile:g}) of {stat.column}"
+
+    def _describe_aggregate(self, agg: Aggregate, recipe: Recipe, released: list[dict[str, Any]],
+                            summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": agg.column, "alpha": ALPHA}
+        if agg.quantile is not None:
+            info["quantile"] = agg.quantile
+        parts = [released[j] for j in recipe.uses]
+        info["statistics"] = [p["statistic"] for p in parts]
+        info["derived"] = recipe.how in ("centred_sum", "avg")
+        info["mechanism"] = ", ".join(dict.fromkeys(p["mechanism"] for p in parts))
+        info["scale"] = parts[0]["scale"] if len(parts) == 1 else {"sum": parts[0]["scale"],
+                                                                    "count": parts[1]["scale"]}
+        bounds = self.bounds.get(agg.column) if agg.column else None  # type: ignore[arg-type]
+        info["bounds"] = list(bounds) if bounds and agg.kind in ("sum", "avg", "quantile") else None
+        clipped = f", each value clipped to [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
+        if recipe.how == "count":
+            info["accuracy"] = parts[0]["accuracy"]
+            info["covers"] = ("the number of rows" if agg.kind == "count_star"
+                              else f"the number of non-null values of {agg.column}")
+        elif recipe.how == "sum":
+            info["accuracy"] = parts[0]["accuracy"]
+            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+        elif recipe.how == "centred_sum":
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            total, count = (_noise(summary[_statistic_name(j)]) for j in recipe.uses)
+            info["accuracy"] = combined_half_width(total, count, centre(col, self.bounds), ALPHA)  # type: ignore[arg-type]
+            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+        elif recipe.how == "avg":
+            info["accuracy"] = None  # it depends on the group's count: each interval is computed per group
+            info["covers"] = f"the mean of non-null {agg.column}{clipped}"
+        else:
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            candidates = _candidates(col, self.bounds)  # type: ignore[arg-type]
+            rows = quantile_rank_error(parts[0]["scale"], len(candidates), agg.quantile, ALPHA)  # type: ignore[arg-type]
+            info["accuracy"] = None
+            info["rank_error_rows"] = rows
+            info["candidates"] = len(candidates)
+            info["covers"] = (
+                f"the rank of the value among non-null {agg.column}: with 95% confidence it is within "
+                f"{rows:,.1f} rows of the requested position, beyond the best of the {len(candidates)} "
+                f"candidates over [{candidates[0]:g}, {candidates[-1]:g}]"
+            )
+        return info
+
+    def interval_tables(self, calibrated: Calibrated) -> list[Any]:
+        """Per aggregate, the data-free part of its interval (a pivot grid for AVG), computed once per plan."""
+        summary = _summary(calibrated.base, ALPHA)
+        tables: list[Any] = []
+        for agg, recipe in zip(self.spec.aggregates, self.recipes):
+            if recipe.how != "avg":
+                tables.append(None)
+                continue
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            lo, hi = self.bounds[agg.column]  # type: ignore[index]
+            middle = centre(col, self.bounds)  # type: ignore[arg-type]
+            total, count = (_noise(summary[_statistic_name(j)]) for j in recipe.uses)
+            tables.append(ratio_grid(total, count, lo - middle, hi - middle, ALPHA))  # type: ignore[arg-type]
+        return tables
+
+    def postprocess(self, raw: pl.DataFrame, described: dict[str, Any], tables: list[Any]) -> dict[str, Any]:
+        """Released statistics -> the user's columns, each value with the 95% interval of what it covers."""
+        order = {k: {v: n for n, v in enumerate(self.metadata.column(k).group_keys)} for k in self.spec.group_by}  # type: ignore[union-attr]
         records = raw.to_dicts()
         records.sort(key=lambda r: tuple(order[k].get(r[k], len(order[k])) for k in self.spec.group_by))
         rows, intervals = [], []
@@ -295,35 +522,61 @@ class Plan:
                     continue
                 i = output.aggregate
                 assert i is not None
-                agg, info = self.spec.aggregates[i], described[i]
-                value, bounds = self._value(i, agg, info, record)
-                row[output.name] = value
-                interval[output.name] = bounds
+                values = [record[_statistic_name(j)] for j in self.recipes[i].uses]
+                row[output.name], interval[output.name] = self._value(i, values, described["aggregates"][i],
+                                                                      tables[i])
             rows.append(row)
             intervals.append(interval)
         return {"columns": [o.name for o in self.spec.outputs], "rows": rows, "intervals": intervals}
 
-    def _value(self, i: int, agg: Aggregate, info: dict[str, Any], record: dict[str, Any]) -> tuple[Any, Any]:
-        if agg.kind in ("count", "count_star"):
-            noisy = record[_internal(i)]
+    def _value(self, i: int, values: list[Any], info: dict[str, Any], table: Any) -> tuple[Any, Any]:
+        """(value, [low, high]): the value always lies inside its own interval."""
+        agg, how = self.spec.aggregates[i], self.recipes[i].how
+        if how == "count":
+            (noisy,) = values
+            acc = int(info["accuracy"])  # integer noise on an integer count
+            return max(noisy, 0), [max(noisy - acc, 0), max(noisy + acc, 0)]
+        if how == "quantile":
+            return values[0], None
+        col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+        is_int = col.type == "int"  # type: ignore[union-attr]
+        if how in ("sum", "centred_sum"):
+            if how == "sum":
+                value = values[0]
+            else:
+                total, count = values
+                value = total + centre(col, self.bounds) * count  # type: ignore[arg-type]
             acc = info["accuracy"]
-            return max(noisy, 0), [max(noisy - acc, 0.0), noisy + acc]
-        if agg.kind == "sum":
-            noisy = record[_internal(i)]
-            acc = info["accuracy"]
-            return noisy, [noisy - acc, noisy + acc]
-        if agg.kind == "avg":
-            lo, hi = self.bounds[agg.column]  # type: ignore[index]
-            s, c = record[_internal(i, "_s")], record[_internal(i, "_c")]
-            acc_s, acc_c = info["accuracy_parts"]["sum"], info["accuracy_parts"]["count"]
-            value = min(max(lo + s / c, lo), hi) if c > 0 else (lo + hi) / 2
-            # union bound over the two noises, each at alpha/2: the true mean lies within these with >= 95%
-            low = lo + max(s - acc_s, 0.0) / (c + acc_c) if c + acc_c > 0 else lo
-            high = lo + (s + acc_s) / (c - acc_c) if c - acc_c > 0 else hi
-            return value, [max(min(low, hi), lo), min(max(high, lo), hi)]
-        if agg.kind == "quantile":
-            return record[_internal(i)], None
-        raise QueryRejected(f"unknown aggregate {agg.kind}")  # pragma: no cover
+            if is_int:  # the true sum is a whole number: round the interval inward, onto whole numbers
+                return value, [math.ceil(value - acc), math.floor(value + acc)]
+            return value, [value - acc, value + acc]
+        # AVG
+        total, count = values
+        lo, hi = self.bounds[agg.column]  # type: ignore[index]
+        middle = float(centre(col, self.bounds))  # type: ignore[arg-type]
+        offset = min(max(total / count, lo - middle), hi - middle) if count > 0 else 0.0
+        plausible = ratio_interval(total, count, table)
+        low, high = plausible if plausible else (offset, offset)
+        return middle + offset, [middle + min(low, offset), middle + max(high, offset)]
+
+
+def _noise(row: dict[str, Any]) -> Noise | None:
+    if row["distribution"] not in DISTRIBUTIONS:
+        return None  # a quantile's selection noise: its accuracy is stated in rows, not as an interval
+    return Noise.from_summary(row["distribution"], row["scale"])
+
+
+def noise_ratio(gaussian: Any, laplace: Any) -> float:
+    """How much noise the Gaussian plan adds relative to the Laplace one: the geometric mean, over the
+    released statistics, of the ratio of 95% half-widths (of selection scales for quantiles)."""
+    g, lap = _summary(gaussian, ALPHA), _summary(laplace, ALPHA)
+    logs = []
+    for name, row in lap.items():
+        a, b = _noise(g[name]), _noise(row)
+        ratio = a.half_width(ALPHA) / b.half_width(ALPHA) if a and b and b.half_width(ALPHA) > 0 \
+            else g[name]["scale"] / row["scale"]
+        logs.append(math.log(max(ratio, 1e-300)))
+    return math.exp(sum(logs) / len(logs))
 
 
 def _summary(measurement: Any, alpha: float) -> dict[str, dict[str, Any]]:
@@ -349,32 +602,33 @@ def check_epsilon(epsilon: Any, max_epsilon: float) -> float:
 
 
 def preview_task(
-    spec: dict[str, Any], metadata: dict[str, Any], epsilon: float, bounds: dict[str, Any] | None
+    spec: dict[str, Any], metadata: dict[str, Any], epsilon: float, delta: float, bounds: dict[str, Any] | None
 ) -> dict[str, Any]:
     plan = Plan.from_json(spec, metadata, bounds)
-    measurement, scale, charged = plan.calibrate(epsilon)
-    return {"scale": scale, "epsilon": charged, "delta": 0.0, "aggregates": plan.describe(measurement)}
+    calibrated = plan.calibrate(epsilon, delta)
+    return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "delta_target": calibrated.delta_target,
+            "plan": plan.describe(calibrated)}
 
 
 # A warm worker keeps the measurements it built and the scans it opened: a repeated query shape pays only for
 # its execution. Both are plain functions of their keys, so a cached entry is the same as a rebuilt one.
-_MEASUREMENTS: OrderedDict[str, tuple[Plan, Any, float, list[dict[str, Any]]]] = OrderedDict()
+_PREPARED: OrderedDict[str, tuple[Plan, Calibrated, dict[str, Any], list[Any]]] = OrderedDict()
 _SCANS: OrderedDict[str, pl.LazyFrame] = OrderedDict()
 _CACHE_SIZE = 256
 
 
-def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None,
-              scale: float) -> tuple[Plan, Any, float, list[dict[str, Any]]]:
-    key = json.dumps([spec, metadata, bounds, scale], sort_keys=True)
-    if key in _MEASUREMENTS:
-        _MEASUREMENTS.move_to_end(key)
-        return _MEASUREMENTS[key]
+def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None, mechanism: str,
+              scale: float, delta: float) -> tuple[Plan, Calibrated, dict[str, Any], list[Any]]:
+    key = json.dumps([spec, metadata, bounds, mechanism, scale, delta], sort_keys=True)
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        return _PREPARED[key]
     plan = Plan.from_json(spec, metadata, bounds)
-    measurement = plan.measurement(scale)
-    entry = (plan, measurement, plan.cost(measurement), plan.describe(measurement))
-    _MEASUREMENTS[key] = entry
-    if len(_MEASUREMENTS) > _CACHE_SIZE:
-        _MEASUREMENTS.popitem(last=False)
+    calibrated = plan.at_scale(scale, mechanism, delta)
+    entry = (plan, calibrated, plan.describe(calibrated), plan.interval_tables(calibrated))
+    _PREPARED[key] = entry
+    if len(_PREPARED) > _CACHE_SIZE:
+        _PREPARED.popitem(last=False)
     return entry
 
 
@@ -391,14 +645,18 @@ def release_task(
     metadata: dict[str, Any],
     bounds: dict[str, Any] | None,
     parquet_path: str,
-    scale: float,
-    reserved_epsilon: float,
+    price: dict[str, Any],
 ) -> dict[str, Any]:
-    """Run the query at a scale fixed by a preview whose cost was reserved; refuse if the cost changed."""
-    plan, measurement, charged, described = _prepared(spec, metadata, bounds, scale)
-    if charged > reserved_epsilon:
+    """Run the query with the mechanism and scale a preview fixed and whose cost was reserved; refuse if the
+    cost changed."""
+    plan_doc = price["plan"]
+    plan, calibrated, described, tables = _prepared(spec, metadata, bounds, plan_doc["mechanism"],
+                                                    plan_doc["scale"], price["delta_target"])
+    if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged
-    raw = measurement(_scan(parquet_path)).collect()
-    result = plan.postprocess(raw, described)
-    return {"epsilon": charged, "delta": 0.0, "scale": scale, "aggregates": described, **result}
+    raw = calibrated.measurement(_scan(parquet_path)).collect()
+    result = plan.postprocess(raw, described, tables)
+    described = described | {"choice": price["plan"].get("choice")}
+    return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "plan": described,
+            "aggregates": described["aggregates"], **result}

@@ -31,6 +31,12 @@ class ColumnMetadata:
     def numeric(self) -> bool:
         return self.type in ("int", "float")
 
+    @property
+    def group_keys(self) -> tuple[Any, ...]:
+        """Every group a GROUP BY on this column has: the public categories, and NULL when the column may hold
+        it (that nulls can occur is public; SQL keeps them as a group)."""
+        return tuple(self.categories or ()) + ((None,) if self.nullable else ())
+
     def quantile_candidates(self) -> list[float] | list[int]:
         """Candidates for quantiles: the declared list, else an even grid over the bounds."""
         if self.candidates:

@@ -198,13 +198,13 @@ class DPService:
     async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
         """Noise scale, exact cost and accuracy, computed by a worker from metadata only (and remembered: the
         same query on the same dataset version at the same epsilon always prices the same)."""
-        key = json.dumps([record.name, record.version, spec.canonical(), request.epsilon, request.bounds],
-                         sort_keys=True)
+        key = json.dumps([record.name, record.version, spec.canonical(), request.epsilon, request.delta,
+                          request.bounds], sort_keys=True)
         if key in self._prices:
             self._prices.move_to_end(key)
             return self._prices[key]
         price = await self.pricing_pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
-                                            request.bounds)
+                                            request.delta, request.bounds)
         self._prices[key] = price
         while len(self._prices) > PRICE_CACHE_SIZE:
             self._prices.popitem(last=False)
@@ -222,7 +222,8 @@ class DPService:
             "columns": [o.name for o in spec.outputs],
             "cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
-            "aggregates": preview["aggregates"],
+            "aggregates": preview["plan"]["aggregates"],
+            "plan": preview["plan"],
             "budget": budget.to_json() if budget else None,
             "affordable": bool(
                 budget
@@ -235,8 +236,7 @@ class DPService:
                        parquet_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run the priced query on a parquet file in a worker: (the worker's answer, the answer's public part)."""
         released = await self.pool.run(
-            engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price["scale"],
-            price["epsilon"],
+            engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price,
         )
         answer = {
             "dataset": record.name,
@@ -246,6 +246,7 @@ class DPService:
             "rows": released["rows"],
             "intervals": released["intervals"],
             "aggregates": released["aggregates"],
+            "plan": released["plan"],
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
         }
         return released, answer

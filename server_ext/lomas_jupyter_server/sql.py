@@ -355,7 +355,7 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             if col.name in group_by:
                 raise _reject(f"GROUP BY lists '{col.name}' twice")
             group_by.append(col.name)
-        sizes = [len(metadata.column(name).categories or ()) for name in group_by]  # type: ignore[union-attr]
+        sizes = [len(metadata.column(name).group_keys) for name in group_by]  # type: ignore[union-attr]
         groups = math.prod(sizes)
         if groups > max_groups:
             product = " x ".join(f"{size:,}" for size in sizes)

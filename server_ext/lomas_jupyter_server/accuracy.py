@@ -1,0 +1,195 @@
+"""What a noisy number is worth: exact 95% statements for the noise OpenDP adds.
+
+Plain math on public quantities (noise scales, bounds, candidate counts), never on data. Every interval here is
+computed from the exact distribution of the noise, not from a normal approximation or a union bound, and rounds
+outward, so its coverage is at least the stated level. Where a truncated sum is needed, the dropped probability
+mass counts as a miss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+TAIL = 1e-13  # probability mass we are willing to drop from a discrete support (counted against coverage)
+GRID_CELLS = 48  # cells over the bounds for the AVG pivot; more is tighter and slower, never less valid
+
+# OpenDP's names in `summarize_polars_measurement` -> (family, discrete)
+DISTRIBUTIONS = {
+    "Float Laplace": ("laplace", False),
+    "Integer Laplace": ("laplace", True),
+    "Float Gaussian": ("gaussian", False),
+    "Integer Gaussian": ("gaussian", True),
+}
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One noise draw: Laplace or Gaussian, on the reals or the integers, with OpenDP's scale parameter."""
+
+    family: str  # "laplace" | "gaussian"
+    discrete: bool
+    scale: float
+
+    @classmethod
+    def from_summary(cls, distribution: str, scale: float) -> Noise:
+        family, discrete = DISTRIBUTIONS[distribution]
+        return cls(family, discrete, float(scale))
+
+    def cdf(self, x: np.ndarray) -> np.ndarray:
+        """P(e <= x); for discrete noise x is taken at its floor."""
+        x = np.asarray(x, dtype=float)
+        s = self.scale
+        if s == 0:
+            return (x >= 0).astype(float)
+        if self.discrete:
+            x = np.floor(x)
+            if self.family == "laplace":
+                p = math.exp(-1.0 / s)
+                with np.errstate(over="ignore"):
+                    return np.where(x >= 0, 1 - p ** (x + 1) / (1 + p), p ** (-x) / (1 + p))
+            if s >= 2:
+                # Poisson summation: the discrete Gaussian's CDF at an integer equals the continuous one at +0.5
+                # up to exp(-2 pi^2 s^2) < 1e-34
+                return ndtr((x + 0.5) / s)
+            values, probs, _ = self.support()
+            cumulative = np.cumsum(probs)
+            index = np.searchsorted(values, x, side="right") - 1
+            return np.where(index >= 0, cumulative[np.clip(index, 0, None)], 0.0)
+        if self.family == "laplace":
+            with np.errstate(over="ignore"):
+                return np.where(x >= 0, 1 - 0.5 * np.exp(-x / s), 0.5 * np.exp(x / s))
+        return ndtr(x / s)
+
+    def prob_between(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """P(low <= e <= high), element-wise."""
+        low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+        if self.discrete:
+            below = self.cdf(np.ceil(low) - 1)
+        else:
+            below = self.cdf(low)
+        return np.clip(self.cdf(high) - below, 0.0, 1.0) * (high >= low)
+
+    def support(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Discrete noise only: values, probabilities, and the mass left out (at most TAIL)."""
+        assert self.discrete
+        s = max(self.scale, 1e-12)
+        if self.family == "laplace":
+            p = math.exp(-1.0 / s)
+            # P(|e| > k) = 2 p^(k+1) / (1 + p)
+            k = max(0, math.ceil(math.log(TAIL * (1 + p) / 2) / math.log(p)) - 1) if p > 0 else 0
+            values = np.arange(-k, k + 1, dtype=float)
+            probs = (1 - p) / (1 + p) * p ** np.abs(values)
+            left_out = 2 * p ** (k + 1) / (1 + p)
+            return values, probs, float(left_out)
+        k = math.ceil(s * math.sqrt(2 * math.log(1 / TAIL)) + 2)
+        values = np.arange(-k, k + 1, dtype=float)
+        weights = np.exp(-(values**2) / (2 * s * s))
+        # the mass beyond +-k is below TAIL relative to the centre's; normalise on the kept support and count
+        # the (tiny) remainder as left out
+        return values, weights / weights.sum(), TAIL
+
+    def half_width(self, alpha: float) -> float:
+        """Smallest t with P(|e| <= t) >= 1 - alpha: the 1 - alpha interval is value +- t."""
+        s = self.scale
+        if s == 0:
+            return 0.0
+        if not self.discrete:
+            if self.family == "laplace":
+                return s * math.log(1 / alpha)
+            return s * float(ndtri(1 - alpha / 2))
+        if self.family == "laplace":
+            p = math.exp(-1.0 / s)
+            return float(max(0, math.ceil(math.log(alpha * (1 + p) / 2) / math.log(p) - 1e-12) - 1))
+        low, high = 0, math.ceil(s * float(ndtri(1 - alpha / 4)) + 2)
+        while low < high:  # smallest integer k with P(|e| <= k) >= 1 - alpha
+            mid = (low + high) // 2
+            if self.prob_between(-mid, mid) >= 1 - alpha:
+                high = mid
+            else:
+                low = mid + 1
+        return float(low)
+
+
+def combined_half_width(first: Noise, second: Noise, weight: float, alpha: float) -> float:
+    """Smallest t (to 1e-9 relative) with P(|e1 + weight * e2| <= t) >= 1 - alpha, for independent draws;
+    `second` must be discrete (it is always a count's noise here).
+
+    Used where one released number is derived from two noisy statistics: SUM = centred sum + centre * count.
+    """
+    if weight == 0 or second.scale == 0:
+        return first.half_width(alpha)
+    values, probs, left_out = second.support()
+    shifts = weight * values
+
+    def coverage(t: float) -> float:
+        return float(np.dot(probs, first.prob_between(-t - shifts, t - shifts))) - left_out
+
+    high = first.half_width(alpha / 2) + abs(weight) * second.half_width(alpha / 2)  # a union bound: valid
+    while coverage(high) < 1 - alpha:  # only the left-out tail can make the union bound fall short
+        high *= 1.01
+    low = 0.0
+    while high - low > 1e-9 * high:
+        mid = (low + high) / 2
+        if coverage(mid) >= 1 - alpha:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def ratio_grid(total: Noise, count: Noise, low: float, high: float, alpha: float,
+               cells: int = GRID_CELLS) -> list[list[float]]:
+    """For an AVG released as centre + S/C (S a centred sum over [low, high], C a count): cells [d0, d1] of
+    the centred range, each with the largest 1 - alpha half-width of S - d C over the cell. Data-free: computed
+    once per query, then `ratio_interval` applies it to each group's noisy S and C."""
+    edges = np.linspace(low, high, cells + 1)
+    widths = {d: combined_half_width(total, count, d, alpha) for d in sorted({abs(float(e)) for e in edges})}
+    return [[float(a), float(b), max(widths[abs(float(a))], widths[abs(float(b))])]
+            for a, b in zip(edges[:-1], edges[1:])]
+
+
+def ratio_interval(noisy_sum: float, noisy_count: float, grid: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """The set of centred means d for which the noisy pair is plausible at level 1 - alpha, as an interval.
+
+    For the true mean d*, S - d* C = e_S - d* e_C exactly (the data cancel), so |S - d* C| <= q(d*) holds with
+    probability >= 1 - alpha whatever the data: the set {d : |S - d C| <= q(d)} covers d* at that rate (a
+    Fieller-type pivot, with no union bound over the two noises). q grows with |d|, so each cell uses its
+    largest q and the set found is a superset. None if no d in the range is plausible."""
+    found_low, found_high = math.inf, -math.inf
+    for d0, d1, q in grid:
+        if noisy_count == 0:
+            if abs(noisy_sum) > q:
+                continue
+            lo, hi = d0, d1
+        else:
+            a, b = (noisy_sum - q) / noisy_count, (noisy_sum + q) / noisy_count
+            lo, hi = max(min(a, b), d0), min(max(a, b), d1)
+            if lo > hi:
+                continue
+        found_low, found_high = min(found_low, lo), max(found_high, hi)
+    return (found_low, found_high) if found_low <= found_high else None
+
+
+def alpha_fraction(quantile: float) -> tuple[int, int]:
+    """The (numerator, denominator) OpenDP scores a quantile with when the data size is unknown."""
+    exact = Fraction(quantile)
+    if exact.denominator < 10_000:
+        return exact.numerator, exact.denominator
+    return round(quantile * 10_000), 10_000
+
+
+def quantile_rank_error(scale: float, candidates: int, quantile: float, alpha: float) -> float:
+    """Rows: with probability >= 1 - alpha the released candidate's rank error is at most the best candidate's
+    plus this. Rank error of c = |(1 - q) #{x < c} - q #{x > c}|, i.e. how many rows c sits from the q-th
+    position (OpenDP's score divided by its alpha denominator). Report-noisy-min picks a candidate whose score
+    is t above the best with probability at most (K - 1) exp(-t / scale)."""
+    if candidates <= 1:
+        return 0.0
+    _, denominator = alpha_fraction(quantile)
+    return scale * math.log((candidates - 1) / alpha) / denominator
