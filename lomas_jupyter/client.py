@@ -79,8 +79,19 @@ class Release:
         return pl.DataFrame(self.rows, schema=self.columns, orient="row") if self.rows else pl.DataFrame(
             schema=self.columns)
 
+    @property
+    def covers(self) -> dict[str, str]:
+        """Per aggregate column, what its interval is about (clipping to the bounds, nulls, quantile ranks)."""
+        return {a["name"]: a["covers"] for a in self.aggregates if a.get("covers")}
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The noisy statistics released (each once), the mechanism and why it was chosen."""
+        return self.raw.get("plan") or {}
+
     def with_intervals(self) -> pl.DataFrame:
-        """Each aggregate followed by `<name>_low` and `<name>_high` (95% interval; null where unknown)."""
+        """Each aggregate followed by `<name>_low` and `<name>_high`: its 95% interval, of what `covers` says
+        (values clipped to the bounds, nulls ignored); null for quantiles, whose statement is in ranks."""
         out: list[dict[str, Any]] = []
         for row, interval in zip(self.rows, self.intervals):
             record: dict[str, Any] = {}

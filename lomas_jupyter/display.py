@@ -16,16 +16,29 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _notes(release: Release) -> str:
+    """What each column's interval covers: clipping, nulls, and the rank statement of quantiles."""
+    items = []
+    for agg in release.aggregates:
+        if agg.get("covers"):
+            kind = "95% interval of" if agg["kind"] != "quantile" else "95% statement on"
+            items.append(f"<li><b>{html.escape(agg['name'])}</b>: {kind} {html.escape(agg['covers'])}</li>")
+    return f'<ul style="margin:0.2em 0;padding-left:1.2em">{"".join(items)}</ul>' if items else ""
+
+
 def release_html(release: Release) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in release.columns)
+    ranks = {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
     body = []
     for row, interval in zip(release.rows, release.intervals):
         cells = []
         for name in release.columns:
-            text = _fmt(row[name])
+            text = "NULL" if row[name] is None else _fmt(row[name])
             bounds = interval.get(name)
             if bounds:
                 text += f' <small style="opacity:0.7">[{_fmt(bounds[0])}, {_fmt(bounds[1])}]</small>'
+            elif ranks.get(name) is not None:
+                text += f' <small style="opacity:0.7">(rank ±{ranks[name]:,.0f} rows)</small>'
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     mechanisms = sorted({a["mechanism"] for a in release.aggregates})
@@ -37,6 +50,7 @@ def release_html(release: Release) -> str:
         + (f", δ={release.cost['delta']:.2g}" if release.cost.get("delta") else "")
         + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
         + " · [brackets]: 95% interval"
+        + _choice(release.raw.get("plan"))
     )
     if release.replay:
         original = release.raw.get("replay_of", {})
@@ -54,25 +68,46 @@ def release_html(release: Release) -> str:
     label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
     return (
         '<div class="lomas-release">' + label + '<table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
-        + f'</tbody></table><div style="font-size:0.85em;opacity:0.8">{footer}</div></div>'
+        + f'</tbody></table><div style="font-size:0.85em;opacity:0.8">{footer}{_notes(release)}</div></div>'
     )
 
 
+def _choice(plan: dict[str, Any] | None) -> str:
+    choice = (plan or {}).get("choice")
+    return f" · {html.escape(choice['reason'])}" if choice else ""
+
+
 def preview_html(preview: dict[str, Any]) -> str:
-    rows = []
+    """The plan: each noisy statistic released (once, however many outputs use it) and how each output is
+    computed from them, with its 95% accuracy and what that covers."""
+    plan = preview.get("plan") or {}
+    released = "".join(
+        f"<tr><td>{html.escape(s['statistic'])}</td><td>{html.escape(s['mechanism'])}</td>"
+        f"<td>{s['scale']:,.4g}</td><td>{'± ' + format(s['accuracy'], ',.4g') if s['accuracy'] is not None else ''}"
+        "</td></tr>"
+        for s in plan.get("statistics", [])
+    )
+    outputs = []
     for agg in preview["aggregates"]:
-        accuracy = agg.get("accuracy")
-        acc = f"± {accuracy:,.4g}" if accuracy is not None else "see interval per group" if agg["kind"] == "avg" \
-            else "n/a (exponential mechanism)"
-        scale = agg["scale"]
-        scale_text = ", ".join(f"{k} {v:,.4g}" for k, v in scale.items()) if isinstance(scale, dict) else f"{scale:,.4g}"
-        rows.append(f"<tr><td>{html.escape(agg['name'])}</td><td>{html.escape(agg['mechanism'])}</td>"
-                    f"<td>{scale_text}</td><td>{acc}</td></tr>")
+        if agg.get("accuracy") is not None:
+            acc = f"± {agg['accuracy']:,.4g}"
+        elif agg["kind"] == "avg":
+            acc = "per group (depends on its count)"
+        else:
+            acc = f"rank ± {agg.get('rank_error_rows', 0):,.0f} rows"
+        source = ("derived from " if agg.get("derived") else "") + ", ".join(agg.get("statistics", []))
+        outputs.append(f"<tr><td>{html.escape(agg['name'])}</td><td>{html.escape(source)}</td><td>{acc}</td>"
+                       f"<td>{html.escape(agg.get('covers', ''))}</td></tr>")
     budget = preview.get("budget") or {}
+    cost = preview["cost"]
+    choice = (plan.get("choice") or {}).get("reason")
     return (
         "<div class='lomas-preview'><b>Preview (nothing spent)</b>: this query would cost "
-        f"ε={preview['cost']['epsilon']:.4g}"
+        f"ε={cost['epsilon']:.4g}" + (f", δ={cost['delta']:.2g}" if cost.get("delta") else "")
         + (f"; you have ε={budget['epsilon_remaining']:.4g} left" if budget else "")
-        + "<table><thead><tr><th>output</th><th>mechanism</th><th>noise scale</th><th>95% accuracy</th></tr>"
-        "</thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+        + (f"<br>Mechanism: {html.escape(choice)}" if choice else "")
+        + "<table><thead><tr><th>noisy statistic</th><th>mechanism</th><th>noise scale</th><th>95% accuracy</th>"
+        "</tr></thead><tbody>" + released + "</tbody></table>"
+        "<table><thead><tr><th>output</th><th>computed from</th><th>95% accuracy</th><th>covers</th></tr></thead>"
+        "<tbody>" + "".join(outputs) + "</tbody></table></div>"
     )

@@ -42,7 +42,9 @@ class LomasMagics(Magics):
     @magic_arguments()
     @argument("dataset", help="the dataset to query")
     @argument("--epsilon", "-e", type=float, default=None, help="privacy budget to spend")
-    @argument("--delta", "-d", type=float, default=0.0)
+    @argument("--delta", "-d", type=float, default=0.0,
+              help="delta you allow this query to spend (default 0); with delta > 0 the service uses Gaussian noise "
+              "under zCDP when that is more accurate than Laplace, and says which it chose")
     @argument("--preview", action="store_true", help="show cost and accuracy without spending")
     @argument("--dummy", action="store_true", help="run on dummy rows made from public metadata (free)")
     @argument("--fresh", action="store_true", help="a new release even if this query was answered before (charged)")

@@ -51,10 +51,15 @@ def test_quickstart_runs_and_shows_results(jupyter_server: dict[str, str], monke
     assert "<<widget>>" in out["%lomas budget"]
     preview = out["%%dpquery penguins --epsilon 0.5 --preview"]
     assert "nothing spent" in preview and "Laplace" in preview
+    assert "noisy statistic" in preview and "derived from" in preview and "clipped to [30, 60]" in preview
+    with_delta = out["%%dpquery penguins --epsilon 0.5 --delta 1e-6 --preview"]
+    assert "Gaussian noise under zCDP" in with_delta and "it spends δ" in with_delta and "δ=1e-06" in with_delta
     dummy = out["%%dpquery penguins --epsilon 0.5 --dummy"]
     assert "DUMMY DATA" in dummy and "Nothing was charged" in dummy
     release = out["%%dpquery penguins --epsilon 0.5 -o by_species"]
     assert "DP release #1" in release and "Gentoo" in release and "95% interval" in release
+    assert "95% interval of the mean of non-null bill_length_mm, each value clipped to [30, 60]" in release
+    assert "rank ±" in out["%%dpquery penguins --epsilon 0.3"]
     assert "shape: (3, 3)" in out["by_species"]
     assert "mean_bill" in out["by_species"]
     assert "total_mass_low" in out["from lomas_jupyter import Client"]

@@ -40,6 +40,7 @@ def test_query_over_http_with_the_python_client(service: dict[str, str]) -> None
     release = alice.query("penguins", "SELECT island, COUNT(*) AS n FROM penguins GROUP BY island", epsilon=0.25)
     assert release.df.columns == ["island", "n"] and release.df.height == 3
     assert set(release.with_intervals().columns) == {"island", "n", "n_low", "n_high"}
+    assert release.covers == {"n": "the number of rows"} and release.plan["mechanism"] == "laplace"
     budget = alice.budget("penguins")
     assert budget["epsilon_spent"] == pytest.approx(release.cost["epsilon"]) and budget["epsilon_spent"] <= 0.25
     with pytest.raises(LomasError) as info:
@@ -66,3 +67,21 @@ def test_only_the_dp_api_is_exposed(service: dict[str, str]) -> None:
 def test_unreachable_service_is_one_clear_error() -> None:
     with pytest.raises(LomasError, match="unreachable"):
         Client(f"http://127.0.0.1:{free_port()}/", "x").datasets()
+
+
+def test_delta_is_spent_only_when_gaussian_noise_is_chosen(service: dict[str, str]) -> None:
+    boss = Client(service["url"], service["boss"])
+    boss.grant("boss", "penguins", 5.0, 1e-5)
+    many = ("SELECT species, island, sex, COUNT(*), AVG(bill_length_mm), AVG(bill_depth_mm), "
+            "AVG(flipper_length_mm), AVG(body_mass_g) FROM penguins GROUP BY species, island, sex")
+    before = boss.budget("penguins")
+    preview = boss.preview("penguins", many, 0.5, 1e-6)
+    assert preview["plan"]["mechanism"] == "gaussian" and preview["cost"]["delta"] == 1e-6
+    release = boss.query("penguins", many, 0.5, 1e-6)
+    assert release.cost == preview["cost"] and release.plan["choice"]["mechanism"] == "gaussian"
+    single = boss.query("penguins", "SELECT COUNT(*) FROM penguins", 0.5, 1e-6)
+    assert single.cost["delta"] == 0.0 and "no δ is spent" in single.plan["choice"]["reason"]
+    after = boss.budget("penguins")
+    assert after["delta_spent"] == pytest.approx(before["delta_spent"] + 1e-6, abs=1e-15)
+    assert after["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + release.cost["epsilon"]
+                                                   + single.cost["epsilon"])
