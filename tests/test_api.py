@@ -74,7 +74,7 @@ async def test_admin_flows(api, tmp_path: Path) -> None:
             "columns": {"g": {"type": "string", "categories": ["x", "y"]}, "v": {"type": "int", "bounds": [0, 99]}}}
     status, dataset = await api("admin/datasets", "POST", {"name": "small", "metadata": meta, "format": "parquet",
                                                            "data_base64": base64.b64encode(buf.getvalue()).decode()})
-    assert status == 201 and dataset["version"] == 1
+    assert status == 201 and dataset["version"] == 1 and dataset["warnings"] == []
 
     status, grant = await api("admin/grants", "PUT", {"username": "alice", "dataset": "small", "epsilon": 2.0})
     assert status == 200 and grant["epsilon"] == 2.0

@@ -320,3 +320,37 @@ def test_half_widths_agree_with_opendps_accuracy_functions(scale: float) -> None
             dp.discrete_laplacian_scale_to_accuracy(scale, alpha)) - 1
         assert Noise("gaussian", True, scale).half_width(alpha) == math.ceil(
             dp.discrete_gaussian_scale_to_accuracy(scale, alpha)) - 1
+
+
+def test_float_sums_use_fixed_point_where_a_loose_max_rows_would_inflate_the_noise(tmp_path: Path) -> None:
+    """At max_rows 1e9 OpenDP's float-sum rounding term makes a [0, 10] sum's noise 445x larger; summed as
+    fixed-point integers it stays at 10/epsilon, and the intervals still cover (rounding included)."""
+    assert engine.float_sum_inflation(10_000, 0.0, 10.0) == pytest.approx(1.0)
+    assert engine.float_sum_inflation(10**9, 0.0, 10.0) > 400
+    doc = KNOWN_META.to_json() | {"max_rows": 10**9}
+    loose = parse_metadata(doc)
+    frame = _known_table(tmp_path / "t.parquet")
+    truth = frame.select(pl.col("x").clip(0.0, 10.0).sum().alias("sx"), pl.col("x").clip(0.0, 10.0).mean().alias("ax"),
+                         ).to_dicts()[0]
+    plan = _plan("SELECT SUM(x) AS sx FROM t", loose, "t")
+    assert plan.steps[0] is not None and plan.steps[0] < 1e-8
+    calibrated = plan.calibrate(1.0)
+    described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
+    (stat,) = described["statistics"]
+    assert stat["scale"] == pytest.approx(10.0, rel=1e-3) and "in steps of" in stat["statistic"]
+    assert stat["accuracy"] < 1.01 * dp.laplacian_scale_to_accuracy(10.0, 0.05) + 1e9 * plan.steps[0]
+    both = _plan("SELECT AVG(x) AS ax FROM t", loose, "t")
+    both_cal = both.calibrate(1.0)
+    both_described, both_tables = both.describe(both_cal), both.interval_tables(both_cal)
+    lf = pl.scan_parquet(tmp_path / "t.parquet")
+    hits = {"sx": 0, "ax": 0}
+    for _ in range(RELEASES):
+        out = plan.postprocess(calibrated.measurement(lf).collect(), described, tables)
+        low, high = out["intervals"][0]["sx"]
+        assert low <= out["rows"][0]["sx"] <= high
+        hits["sx"] += low <= truth["sx"] <= high
+        out = both.postprocess(both_cal.measurement(lf).collect(), both_described, both_tables)
+        low, high = out["intervals"][0]["ax"]
+        assert low <= out["rows"][0]["ax"] <= high
+        hits["ax"] += low <= truth["ax"] <= high
+    assert hits["sx"] >= _min_hits(0.95) and hits["ax"] >= _min_hits(0.95), hits

@@ -95,3 +95,28 @@ def test_bad_sources(store: SQLiteStore, tmp_path: Path) -> None:
         import_dataset(store, tmp_path, "t", b"not parquet", penguins_metadata(), fmt="parquet")
     with pytest.raises(LomasError, match="dataset names"):
         import_dataset(store, tmp_path, "../etc", penguins_csv(), penguins_metadata())
+
+
+def test_import_warns_when_max_rows_costs_accuracy(tmp_path: Path) -> None:
+    """The real CLI: a loose max_rows on a float column is flagged at import (and fixed point named); a tight
+    one is not."""
+    import subprocess
+
+    import yaml
+
+    from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
+
+    from .servers import BIN
+
+    def run(max_rows: int) -> str:
+        doc = penguins_metadata() | {"max_rows": max_rows}
+        meta = tmp_path / f"meta{max_rows}.yaml"
+        meta.write_text(yaml.safe_dump(doc))
+        out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(tmp_path / "s"), "dataset", "import",
+                              f"p{max_rows}", str(penguins_csv()), "--metadata", str(meta)],
+                             capture_output=True, text=True, check=True)
+        return out.stderr
+
+    loose = run(10**9)
+    assert "warning: column 'bill_length_mm'" in loose and "fixed point" in loose and "max_rows" in loose
+    assert "warning" not in run(1000)

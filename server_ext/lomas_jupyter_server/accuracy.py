@@ -50,9 +50,10 @@ class Noise:
         if self.discrete:
             x = np.floor(x)
             if self.family == "laplace":
+                # p^k written as exp(-k/s): stable for the huge scales of fixed-point sums, where p is 1 - 1e-12
                 p = math.exp(-1.0 / s)
                 with np.errstate(over="ignore"):
-                    return np.where(x >= 0, 1 - p ** (x + 1) / (1 + p), p ** (-x) / (1 + p))
+                    return np.where(x >= 0, 1 - np.exp(-(x + 1) / s) / (1 + p), np.exp(x / s) / (1 + p))
             if s >= 2:
                 # Poisson summation: the discrete Gaussian's CDF at an integer equals the continuous one at +0.5
                 # up to exp(-2 pi^2 s^2) < 1e-34
@@ -81,11 +82,11 @@ class Noise:
         s = max(self.scale, 1e-12)
         if self.family == "laplace":
             p = math.exp(-1.0 / s)
-            # P(|e| > k) = 2 p^(k+1) / (1 + p)
-            k = max(0, math.ceil(math.log(TAIL * (1 + p) / 2) / math.log(p)) - 1) if p > 0 else 0
+            # P(|e| > k) = 2 exp(-(k + 1)/s) / (1 + p)
+            k = max(0, math.ceil(-s * math.log(TAIL * (1 + p) / 2)) - 1)
             values = np.arange(-k, k + 1, dtype=float)
-            probs = (1 - p) / (1 + p) * p ** np.abs(values)
-            left_out = 2 * p ** (k + 1) / (1 + p)
+            probs = (1 - p) / (1 + p) * np.exp(-np.abs(values) / s)
+            left_out = 2 * math.exp(-(k + 1) / s) / (1 + p)
             return values, probs, float(left_out)
         k = math.ceil(s * math.sqrt(2 * math.log(1 / TAIL)) + 2)
         values = np.arange(-k, k + 1, dtype=float)
@@ -104,8 +105,9 @@ class Noise:
                 return s * math.log(1 / alpha)
             return s * float(ndtri(1 - alpha / 2))
         if self.family == "laplace":
+            # P(|e| > k) = 2 exp(-(k + 1)/s) / (1 + p) <= alpha
             p = math.exp(-1.0 / s)
-            return float(max(0, math.ceil(math.log(alpha * (1 + p) / 2) / math.log(p) - 1e-12) - 1))
+            return float(max(0, math.ceil(-s * math.log(alpha * (1 + p) / 2) - 1e-9) - 1))
         low, high = 0, math.ceil(s * float(ndtri(1 - alpha / 4)) + 2)
         while low < high:  # smallest integer k with P(|e| <= k) >= 1 - alpha
             mid = (low + high) // 2

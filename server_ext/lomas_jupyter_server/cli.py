@@ -106,6 +106,10 @@ def run(argv: list[str] | None = None) -> int:
                 doc = yaml.safe_load(args.metadata.read_text())
                 record = import_dataset(store, storage, args.name, args.data, doc, args.description, actor=actor,
                                         progress=lambda m: print(f"... {m}", file=sys.stderr))
+                from .engine import metadata_warnings  # OpenDP loads only for this command
+
+                for warning in metadata_warnings(record.metadata):
+                    print(f"warning: {warning}", file=sys.stderr)
                 _print(record.to_public_json())
             else:
                 _print([d.to_public_json() for d in store.list_datasets()])

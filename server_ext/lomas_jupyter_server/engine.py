@@ -201,7 +201,8 @@ def _statistic_name(j: int) -> str:
     return f"__s{j}"
 
 
-def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> pl.Expr:
+def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
+                    step: float | None) -> pl.Expr:
     if stat.kind == "rows":
         return dp.len(signed=True)
     col = metadata.column(stat.column)  # type: ignore[arg-type]
@@ -210,6 +211,8 @@ def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str
     if stat.kind == "count":
         return c.dp.count(signed=True)  # non-null values, as SQL's COUNT(x)
     number = int if col.type == "int" else float
+    if step is not None:
+        return _fixed_point_sum(c, stat, col, bounds, step)
     if stat.kind == "sum":
         # SQL SUM ignores nulls: clip to the bounds, then a null adds 0; the sum's bounds include 0, which
         # keeps the sensitivity at max(|lo|, |hi|)
@@ -223,6 +226,80 @@ def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str
     if stat.kind == "quantile":
         return c.drop_nulls().dp.quantile(stat.quantile, _candidates(col, bounds))
     raise QueryRejected(f"unknown statistic {stat.kind}")  # pragma: no cover
+
+
+FIXED_POINT_ABOVE = 1.01  # use fixed point when OpenDP's float rounding term would add more than 1% noise
+
+
+@functools.lru_cache(maxsize=1024)
+def float_sum_inflation(max_rows: int, lo: float, hi: float) -> float:
+    """OpenDP's float-sum noise relative to an exact sum's (max(|lo|, |hi|)): its rounding term grows with
+    max_rows, e.g. 1.0 up to 1e6 rows, 5.4x at 1e8 and 445x at 1e9."""
+    domain = dp.lazyframe_domain([dp.series_domain("v", dp.option_domain(dp.atom_domain(T="f64")))])
+    domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=max_rows))
+    plan = pl.LazyFrame(schema={"v": pl.Float64}).select(pl.col("v").fill_null(0.0).dp.sum((lo, hi)))
+    measurement = dp.polars.make_private_lazyframe(domain, dp.symmetric_distance(), dp.max_divergence(), plan,
+                                                   global_scale=1.0)
+    (row,) = dp.summarize_polars_measurement(measurement).to_dicts()
+    return float(row["scale"]) / max(abs(lo), abs(hi))
+
+
+def _sum_range(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The range a sum statistic's terms take: the bounds with 0 added, or centred on the bounds' middle."""
+    lo, hi = bounds[col.name]
+    if stat.kind == "centred_sum":
+        middle = centre(col, bounds)
+        return lo - middle, hi - middle
+    return min(lo, 0), max(hi, 0)
+
+
+def fixed_point_step(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> float | None:
+    """For a float sum that OpenDP's rounding term would make noisier: the step (a power of two) its values are
+    rounded to so they can be summed exactly as integers. Chosen as fine as i64 allows for max_rows values
+    (and 2^40 per value, where float64 still rounds exactly); None where a float sum is as good."""
+    col = metadata.column(stat.column) if stat.column else None
+    if col is None or col.type != "float" or stat.kind not in ("sum", "centred_sum"):
+        return None
+    lo, hi = _sum_range(stat, col, bounds)
+    if float_sum_inflation(metadata.max_rows, lo, hi) <= FIXED_POINT_ABOVE:
+        return None
+    magnitude = max(abs(lo), abs(hi))
+    per_unit = min(2.0**62 / (metadata.max_rows * magnitude), 2.0**40 / magnitude)
+    return 2.0 ** -math.floor(math.log2(per_unit))
+
+
+def _fixed_point_sum(c: pl.Expr, stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
+                     step: float) -> pl.Expr:
+    """round((clip(x) - shift) / step) as an i64, summed exactly: adding an offset first makes the value
+    non-negative, so the truncating cast rounds to nearest."""
+    lo, hi = bounds[col.name]
+    shift = centre(col, bounds) if stat.kind == "centred_sum" else 0.0
+    low, high = _sum_range(stat, col, bounds)
+    offset = math.ceil(max(abs(low), abs(high)) / step) + 1
+    units = (((c.clip(lo, hi) - shift) / step + (offset + 0.5)).cast(pl.Int64) - offset).fill_null(0)
+    return units.dp.sum((math.floor(low / step) - 1, math.ceil(high / step) + 1))
+
+
+def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
+    """What the metadata costs in accuracy, for the admin at import: float sums where max_rows is loose enough
+    for OpenDP's rounding term to matter (they are then summed in fixed point, with a rounding allowance)."""
+    metadata = parse_metadata(metadata_doc)
+    warnings = []
+    for col in metadata.columns:
+        if col.type != "float" or col.bounds is None:
+            continue
+        lo, hi = col.bounds
+        inflation = float_sum_inflation(metadata.max_rows, min(lo, 0.0), max(hi, 0.0))
+        if inflation > FIXED_POINT_ABOVE:
+            step = fixed_point_step(Statistic("sum", col.name), metadata, {col.name: col.bounds})
+            assert step is not None
+            warnings.append(
+                f"column '{col.name}': with max_rows {metadata.max_rows:,}, OpenDP's float sums would add "
+                f"{inflation:,.2f}x the noise; lomas sums it in fixed point instead (steps of {step:.3g}), and each "
+                f"SUM interval allows up to {metadata.max_rows * step:.3g} for that rounding. A max_rows closer to "
+                "the real row count makes sums exact."
+            )
+    return warnings
 
 
 def _candidates(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> list[Any]:
@@ -243,11 +320,12 @@ def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
 
 
 def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
-               statistics: list[Statistic]) -> pl.LazyFrame:
+               statistics: list[Statistic], steps: list[float | None]) -> pl.LazyFrame:
     frame = pl.LazyFrame(schema=polars_schema(metadata))
     if spec.where is not None:
         frame = frame.filter(_predicate(spec.where))
-    exprs = [_statistic_expr(stat, metadata, bounds).alias(_statistic_name(j)) for j, stat in enumerate(statistics)]
+    exprs = [_statistic_expr(stat, metadata, bounds, step).alias(_statistic_name(j))
+             for j, (stat, step) in enumerate(zip(statistics, steps))]
     if not spec.group_by:
         return frame.select(exprs)
     grouped = frame.group_by(list(spec.group_by)).agg(exprs)
@@ -327,9 +405,11 @@ class Plan:
     bounds: dict[str, tuple[float, float]]
     statistics: list[Statistic] = field(init=False)
     recipes: list[Recipe] = field(init=False)
+    steps: list[float | None] = field(init=False)  # per statistic: its fixed-point step, None if exact as is
 
     def __post_init__(self) -> None:
         self.statistics, self.recipes = plan_statistics(self.spec, self.metadata)
+        self.steps = [fixed_point_step(stat, self.metadata, self.bounds) for stat in self.statistics]
 
     @classmethod
     def from_json(cls, spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None) -> Plan:
@@ -343,7 +423,7 @@ class Plan:
                 input_domain(self.spec, self.metadata),
                 dp.symmetric_distance(),
                 measure,
-                build_plan(self.spec, self.metadata, self.bounds, self.statistics),
+                build_plan(self.spec, self.metadata, self.bounds, self.statistics, self.steps),
                 global_scale=scale,
             )
         except dp.OpenDPException as err:
@@ -419,12 +499,13 @@ class Plan:
         released = []
         for j, stat in enumerate(self.statistics):
             row = summary[_statistic_name(j)]
-            noise = _noise(row)
+            noise, unit = _noise(row), self._unit(j)
             released.append({
-                "statistic": self._label(stat),
+                "statistic": self._label(stat, self.steps[j]),
                 "mechanism": MECHANISM_NAMES.get(row["distribution"], row["distribution"]),
-                "scale": row["scale"],
-                "accuracy": noise.half_width(ALPHA) if noise else None,
+                "scale": row["scale"] * unit,
+                "accuracy": noise.half_width(ALPHA) * unit + self._rounding(j) if noise else None,
+                "fixed_point_step": self.steps[j],
             })
         aggregates = [self._describe_aggregate(agg, recipe, released, summary)
                       for agg, recipe in zip(self.spec.aggregates, self.recipes)]
@@ -436,17 +517,27 @@ class Plan:
             "aggregates": aggregates,
         }
 
-    def _label(self, stat: Statistic) -> str:
+    def _unit(self, j: int) -> float:
+        """What one unit of statistic j's released number is worth: 1, or its fixed-point step."""
+        return self.steps[j] or 1.0
+
+    def _rounding(self, j: int) -> float:
+        """The most by which fixed-point rounding can move statistic j's sum (public: max_rows steps)."""
+        step = self.steps[j]
+        return self.metadata.max_rows * step if step else 0.0
+
+    def _label(self, stat: Statistic, step: float | None = None) -> str:
+        rounded = f", in steps of {step:g}" if step else ""
         if stat.kind == "rows":
             return "COUNT(*)"
         if stat.kind == "count":
             return f"COUNT({stat.column})"
         lo, hi = self.bounds[stat.column]  # type: ignore[index]
         if stat.kind == "sum":
-            return f"SUM({stat.column}) clipped to [{lo:g}, {hi:g}]"
+            return f"SUM({stat.column}) clipped to [{lo:g}, {hi:g}]{rounded}"
         if stat.kind == "centred_sum":
             col = self.metadata.column(stat.column)  # type: ignore[arg-type]
-            return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]"  # type: ignore[arg-type]
+            return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]{rounded}"  # type: ignore[arg-type]
         return f"PERCENTILE({stat.quantile:g}) of {stat.column}"
 
     def _describe_aggregate(self, agg: Aggregate, recipe: Recipe, released: list[dict[str, Any]],
@@ -463,6 +554,9 @@ class Plan:
         bounds = self.bounds.get(agg.column) if agg.column else None  # type: ignore[arg-type]
         info["bounds"] = list(bounds) if bounds and agg.kind in ("sum", "avg", "quantile") else None
         clipped = f", each value clipped to [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
+        step = self.steps[recipe.uses[0]]
+        if step:
+            clipped += f" (summed in steps of {step:g}; the interval allows for that rounding)"
         if recipe.how == "count":
             info["accuracy"] = parts[0]["accuracy"]
             info["covers"] = ("the number of rows" if agg.kind == "count_star"
@@ -473,7 +567,10 @@ class Plan:
         elif recipe.how == "centred_sum":
             col = self.metadata.column(agg.column)  # type: ignore[arg-type]
             total, count = (_noise(summary[_statistic_name(j)]) for j in recipe.uses)
-            info["accuracy"] = combined_half_width(total, count, centre(col, self.bounds), ALPHA)  # type: ignore[arg-type]
+            unit = self._unit(recipe.uses[0])
+            middle = centre(col, self.bounds)  # type: ignore[arg-type]
+            info["accuracy"] = combined_half_width(total, count, middle / unit, ALPHA) * unit \
+                + self._rounding(recipe.uses[0])  # type: ignore[arg-type]
             info["covers"] = f"the sum of non-null {agg.column}{clipped}"
         elif recipe.how == "avg":
             info["accuracy"] = None  # it depends on the group's count: each interval is computed per group
@@ -504,7 +601,8 @@ class Plan:
             lo, hi = self.bounds[agg.column]  # type: ignore[index]
             middle = centre(col, self.bounds)  # type: ignore[arg-type]
             total, count = (_noise(summary[_statistic_name(j)]) for j in recipe.uses)
-            tables.append(ratio_grid(total, count, lo - middle, hi - middle, ALPHA))  # type: ignore[arg-type]
+            unit = self._unit(recipe.uses[0])  # the grid is in the released sum's own units
+            tables.append(ratio_grid(total, count, (lo - middle) / unit, (hi - middle) / unit, ALPHA))  # type: ignore[arg-type]
         return tables
 
     def postprocess(self, raw: pl.DataFrame, described: dict[str, Any], tables: list[Any]) -> dict[str, Any]:
@@ -540,12 +638,13 @@ class Plan:
             return values[0], None
         col = self.metadata.column(agg.column)  # type: ignore[arg-type]
         is_int = col.type == "int"  # type: ignore[union-attr]
+        unit = self._unit(self.recipes[i].uses[0])
         if how in ("sum", "centred_sum"):
             if how == "sum":
-                value = values[0]
+                value = values[0] * unit if unit != 1 else values[0]
             else:
                 total, count = values
-                value = total + centre(col, self.bounds) * count  # type: ignore[arg-type]
+                value = (total * unit if unit != 1 else total) + centre(col, self.bounds) * count  # type: ignore[arg-type]
             acc = info["accuracy"]
             if is_int:  # the true sum is a whole number: round the interval inward, onto whole numbers
                 return value, [math.ceil(value - acc), math.floor(value + acc)]
@@ -554,10 +653,13 @@ class Plan:
         total, count = values
         lo, hi = self.bounds[agg.column]  # type: ignore[index]
         middle = float(centre(col, self.bounds))  # type: ignore[arg-type]
-        offset = min(max(total / count, lo - middle), hi - middle) if count > 0 else 0.0
+        offset = min(max(total * unit / count, lo - middle), hi - middle) if count > 0 else 0.0
         plausible = ratio_interval(total, count, table)
-        low, high = plausible if plausible else (offset, offset)
-        return middle + offset, [middle + min(low, offset), middle + max(high, offset)]
+        # fixed-point rounding moves each value, hence the mean, by at most one step
+        slack = self.steps[self.recipes[i].uses[0]] or 0.0
+        low, high = (plausible[0] * unit - slack, plausible[1] * unit + slack) if plausible else (offset, offset)
+        low, high = max(min(low, offset), lo - middle), min(max(high, offset), hi - middle)
+        return middle + offset, [middle + low, middle + high]
 
 
 def _noise(row: dict[str, Any]) -> Noise | None:

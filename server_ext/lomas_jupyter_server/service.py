@@ -373,7 +373,8 @@ class DPService:
             body.get("format"),
             admin.username,
         )
-        return record.to_public_json()
+        warnings = await self.pricing_pool.run(engine.metadata_warnings, record.metadata)
+        return record.to_public_json() | {"warnings": warnings}
 
     def create_user(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
