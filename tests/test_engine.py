@@ -265,7 +265,8 @@ def _union_bound_width(described: dict, info: dict, count: int) -> float:
     return (acc_s + 5 * acc_c) / (count - acc_c) * 2
 
 
-def test_direct_sums_follow_sql_null_semantics_and_cover(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mechanism", [engine.LAPLACE, engine.GAUSSIAN])
+def test_direct_sums_follow_sql_null_semantics_and_cover(tmp_path: Path, mechanism: str) -> None:
     """SUM(y) where 0 lies below y's bounds: nulls add nothing (SQL), the interval covers the clipped sum at
     its stated rate, and the releases are unbiased around it."""
     frame = _known_table(tmp_path / "t.parquet")
@@ -273,7 +274,7 @@ def test_direct_sums_follow_sql_null_semantics_and_cover(tmp_path: Path) -> None
                          pl.len().alias("n")).to_dicts()[0]
     plan = _plan("SELECT COUNT(*) AS n, SUM(y) AS sy, SUM(x) AS sx FROM t", KNOWN_META, "t")
     assert [s.kind for s in plan.statistics] == ["rows", "sum", "sum"]
-    calibrated = plan.calibrate(1.0)
+    calibrated = plan.calibrate_mechanism(mechanism, 1.0, 1e-6 if mechanism == engine.GAUSSIAN else 0.0)
     described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
     lf = pl.scan_parquet(tmp_path / "t.parquet")
     values: dict[str, list[float]] = {"sy": [], "sx": []}
@@ -293,7 +294,7 @@ def test_direct_sums_follow_sql_null_semantics_and_cover(tmp_path: Path) -> None
             -info["accuracy"], info["accuracy"]))
         assert _min_hits(stated) <= hits[name] <= RELEASES * stated + 5.3 * math.sqrt(RELEASES * stated * (1 - stated))
         scale = info["scale"]
-        standard_error = math.sqrt(2) * scale / math.sqrt(RELEASES)
+        standard_error = (math.sqrt(2) if mechanism == engine.LAPLACE else 1.0) * scale / math.sqrt(RELEASES)
         assert abs(np.mean(values[name]) - truth[name]) < 5.3 * standard_error  # the old fill put this ~460 off
 
 
