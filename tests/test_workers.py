@@ -46,7 +46,7 @@ async def test_a_crashing_worker_fails_only_its_own_task() -> None:
         with pytest.raises(EngineFailure, match="crashed"):
             await pool.run(os.abort)  # what an OpenDP panic does to its process
         assert await slow is None  # the other worker's task was not touched
-        preview = await pool.run(engine.preview_task, SPEC, META.to_json(), 1.0, None)
+        preview = await pool.run(engine.preview_task, SPEC, META.to_json(), 1.0, 0.0, None)
         assert preview["epsilon"] <= 1.0
     finally:
         pool.close()
@@ -63,7 +63,7 @@ async def test_a_worker_killed_mid_query_is_replaced() -> None:
         with pytest.raises(EngineFailure, match="crashed"):
             await task
         assert pool.pids() != [pid]
-        assert (await pool.run(engine.preview_task, SPEC, META.to_json(), 0.5, None))["epsilon"] <= 0.5
+        assert (await pool.run(engine.preview_task, SPEC, META.to_json(), 0.5, 0.0, None))["epsilon"] <= 0.5
     finally:
         pool.close()
 
@@ -77,7 +77,7 @@ async def test_a_hung_worker_is_stopped_and_replaced() -> None:
         with pytest.raises(EngineFailure, match="longer than 1 s"):
             await pool.run(time.sleep, 30)
         assert time.monotonic() - started < 10
-        assert (await pool.run(engine.preview_task, SPEC, META.to_json(), 0.5, None))["epsilon"] <= 0.5
+        assert (await pool.run(engine.preview_task, SPEC, META.to_json(), 0.5, 0.0, None))["epsilon"] <= 0.5
     finally:
         pool.close()
 
