@@ -62,19 +62,23 @@ def test_zcdp_charge_is_opendps_converted_map(sql: str, epsilon: float, delta: f
 
 
 def test_delta_buys_gaussian_noise_only_where_it_is_smaller() -> None:
-    many = "SELECT species, island, sex, COUNT(*), AVG(bill_length_mm), AVG(bill_depth_mm), AVG(body_mass_g), " \
-           "AVG(flipper_length_mm) FROM penguins GROUP BY species, island, sex"
+    many = ("SELECT species, island, sex, COUNT(*), AVG(bill_length_mm), MEDIAN(bill_length_mm), "
+            "AVG(bill_depth_mm), MEDIAN(bill_depth_mm), AVG(flipper_length_mm), MEDIAN(flipper_length_mm), "
+            "AVG(body_mass_g), MEDIAN(body_mass_g) FROM penguins GROUP BY species, island, sex")
     chosen = _plan(many).calibrate(1.0, 1e-6)
     assert chosen.mechanism == engine.GAUSSIAN and chosen.delta == 1e-6
     assert chosen.choice and chosen.choice["gaussian_to_laplace_noise"] < 1
     laplace = _plan(many).calibrate(1.0)
     described = _plan(many).describe(chosen)
-    assert all("Gaussian" in s["mechanism"] for s in described["statistics"])
-    # no statistic's 95% half-width is larger than under Laplace at the same epsilon, the sums' are smaller
+    assert all(("Gumbel" if s["statistic"].startswith("PERCENTILE") else "Gaussian") in s["mechanism"]
+               for s in described["statistics"])
+    # every sum's and quantile's noise is smaller than under Laplace at the same epsilon, counts' no larger
     pure = _plan(many).describe(laplace)
     for g, p in zip(described["statistics"], pure["statistics"]):
-        assert g["accuracy"] <= p["accuracy"]
-        assert g["accuracy"] < p["accuracy"] or g["statistic"].startswith("COUNT")
+        if g["statistic"].startswith("COUNT"):
+            assert g["accuracy"] <= p["accuracy"]
+        else:  # standard deviations: sigma against sqrt(2) b for sums, selection scales for quantiles
+            assert g["scale"] / p["scale"] < (math.sqrt(2) if g["accuracy"] else 1), g
     single = _plan("SELECT COUNT(*) FROM penguins").calibrate(1.0, 1e-6)
     assert single.mechanism == engine.LAPLACE and single.delta == 0.0  # nothing spent that buys nothing
     assert single.choice and single.choice["gaussian_to_laplace_noise"] > 1

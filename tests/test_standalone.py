@@ -72,8 +72,9 @@ def test_unreachable_service_is_one_clear_error() -> None:
 def test_delta_is_spent_only_when_gaussian_noise_is_chosen(service: dict[str, str]) -> None:
     boss = Client(service["url"], service["boss"])
     boss.grant("boss", "penguins", 5.0, 1e-5)
-    many = ("SELECT species, island, sex, COUNT(*), AVG(bill_length_mm), AVG(bill_depth_mm), "
-            "AVG(flipper_length_mm), AVG(body_mass_g) FROM penguins GROUP BY species, island, sex")
+    many = ("SELECT species, island, sex, COUNT(*), AVG(bill_length_mm), MEDIAN(bill_length_mm), "
+            "AVG(bill_depth_mm), MEDIAN(bill_depth_mm), AVG(flipper_length_mm), MEDIAN(flipper_length_mm), "
+            "AVG(body_mass_g), MEDIAN(body_mass_g) FROM penguins GROUP BY species, island, sex")
     before = boss.budget("penguins")
     preview = boss.preview("penguins", many, 0.5, 1e-6)
     assert preview["plan"]["mechanism"] == "gaussian" and preview["cost"]["delta"] == 1e-6

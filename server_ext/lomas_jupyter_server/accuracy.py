@@ -95,6 +95,19 @@ class Noise:
         # the (tiny) remainder as left out
         return values, weights / weights.sum(), TAIL
 
+    def std(self) -> float:
+        """Standard deviation: the noise's RMSE, the yardstick for choosing between mechanisms."""
+        s = self.scale
+        if not self.discrete:
+            return s * math.sqrt(2) if self.family == "laplace" else s
+        if self.family == "laplace":
+            p = math.exp(-1.0 / s) if s > 0 else 0.0
+            return math.sqrt(2 * p) / (1 - p) if p < 1 else math.inf
+        if s >= 2:
+            return s  # the discrete Gaussian's variance equals s^2 to within exp(-2 pi^2 s^2)
+        values, probs, _ = self.support()
+        return float(math.sqrt(np.dot(probs, values**2)))
+
     def half_width(self, alpha: float) -> float:
         """Smallest t with P(|e| <= t) >= 1 - alpha: the 1 - alpha interval is value +- t."""
         s = self.scale

@@ -447,7 +447,7 @@ class Plan:
 
     def calibrate(self, epsilon: float, delta: float = 0.0) -> Calibrated:
         """The least noise within (epsilon, delta): Laplace under pure DP and, when delta > 0 is offered,
-        Gaussian under zCDP converted to (epsilon, delta); whichever gives the narrower intervals."""
+        Gaussian under zCDP converted to (epsilon, delta); whichever adds less noise (RMSE)."""
         laplace = self.calibrate_mechanism(LAPLACE, epsilon)
         if delta <= 0:
             return laplace
@@ -670,13 +670,12 @@ def _noise(row: dict[str, Any]) -> Noise | None:
 
 def noise_ratio(gaussian: Any, laplace: Any) -> float:
     """How much noise the Gaussian plan adds relative to the Laplace one: the geometric mean, over the
-    released statistics, of the ratio of 95% half-widths (of selection scales for quantiles)."""
+    released statistics, of the ratio of their standard deviations (RMSE; of selection scales for quantiles)."""
     g, lap = _summary(gaussian, ALPHA), _summary(laplace, ALPHA)
     logs = []
     for name, row in lap.items():
         a, b = _noise(g[name]), _noise(row)
-        ratio = a.half_width(ALPHA) / b.half_width(ALPHA) if a and b and b.half_width(ALPHA) > 0 \
-            else g[name]["scale"] / row["scale"]
+        ratio = a.std() / b.std() if a and b and b.std() > 0 else g[name]["scale"] / row["scale"]
         logs.append(math.log(max(ratio, 1e-300)))
     return math.exp(sum(logs) / len(logs))
 
