@@ -319,10 +319,13 @@ def write(results: list[dict[str, Any]], releases: int, seconds: float) -> None:
     for ax, label in zip(axes.flat, labels):
         rows = [r for r in results if r["kind"] == label]
         eps = [r["epsilon"] for r in rows]
-        for key, style in (("ours", "o-"), ("context", "s--"), ("before", "^:")):
+        for key, style, color in (("ours", "o-", "C0"), ("context", "s--", "C1"), ("before", "^:", "C2")):
             if all(r.get(key) is not None for r in rows):
-                ax.plot(eps, [r[key] for r in rows], style, label={"context": "OpenDP Context"}.get(key, key))
+                ax.plot(eps, [r[key] for r in rows], style, color=color,
+                        label={"context": "OpenDP Context"}.get(key, key))
         ax.set_xscale("log")
+        ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+        ax.minorticks_off()
         if all(r[k] > 0 for r in rows for k in ("ours", "context", "before") if r.get(k) is not None):
             ax.set_yscale("log")
         ax.set_title(label, fontsize=9)
