@@ -41,7 +41,8 @@ def release_html(release: Release) -> str:
                 text += f' <small style="opacity:0.7">(rank ±{ranks[name]:,.0f} rows)</small>'
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    mechanisms = sorted({a["mechanism"] for a in release.aggregates})
+    released = release.plan.get("statistics") or release.aggregates  # archived releases may predate plans
+    mechanisms = list(dict.fromkeys(s["mechanism"] for s in released))
     budget = release.budget or {}
     footer = (
         f"DP release #{release.release_id} on <b>{html.escape(release.dataset)}</b> · "
