@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,22 @@ import yaml
 from .errors import LomasError
 
 API = "lomas/api/"
+
+# Everything in this kernel that shows budgets (the magics' panel) hears of every release any Client here makes.
+_RELEASE_LISTENERS: list[Callable[[Release], None]] = []
+
+
+def on_release(listener: Callable[[Release], None]) -> None:
+    """Call `listener(release)` after every charged release made from this process."""
+    _RELEASE_LISTENERS.append(listener)
+
+
+def _announce(release: Release) -> None:
+    for listener in list(_RELEASE_LISTENERS):
+        try:
+            listener(release)
+        except Exception:  # noqa: BLE001 - a display hook must never break a query
+            pass
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,14 @@ class Release:
     def plan(self) -> dict[str, Any]:
         """The noisy statistics released (each once), the mechanism and why it was chosen."""
         return self.raw.get("plan") or {}
+
+    def plot(self, column: str | None = None) -> Any:
+        """The values with their 95% intervals as error bars, one per group, labelled "DP estimate" (a Vega-Lite
+        chart, which JupyterLab renders natively). `column`: which aggregate (default: the first with
+        intervals)."""
+        from .display import Chart, plot_spec
+
+        return Chart(plot_spec(self, column), f"{self.dataset}: DP estimates with 95% intervals")
 
     def with_intervals(self) -> pl.DataFrame:
         """Each aggregate followed by `<name>_low` and `<name>_high`: its 95% interval, of what `covers` says
@@ -162,7 +187,10 @@ class Client:
         body = _query_body(dataset, sql, epsilon, delta, bounds)
         if fresh and not dummy:
             body["fresh"] = True
-        return Release.from_json(self._call("POST", "dummy" if dummy else "query", body))
+        release = Release.from_json(self._call("POST", "dummy" if dummy else "query", body))
+        if not dummy:
+            _announce(release)
+        return release
 
     def dummy_rows(self, dataset: str, rows: int = 100) -> pl.DataFrame:
         """Rows made from public metadata only: the shape of the data, none of its content."""

@@ -1,19 +1,76 @@
-"""How answers look in a notebook: values with their 95% interval, and a footer with the cost."""
+"""How answers look in a notebook: values with their 95% interval, what each interval covers, readable tables
+for metadata and archives, and plots with error bars. Numbers are formatted for reading; the JSON and the
+ledger keep exact values."""
 
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 from .client import Release
 
+SIGNIFICANT = 4
+VEGA_LITE = "application/vnd.vegalite.v5+json"
+MARK_COLOR = "#2a9d8f"  # at least 3:1 against both JupyterLab themes' backgrounds (white and #111-#333)
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+
+def fmt(value: Any) -> str:
+    """Readable numbers: integers with thousands separators, floats to 4 significant digits, never scientific
+    notation for ordinary magnitudes (18,977 [8,417, 29,540]; 0.002595; 2.4)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return html.escape(str(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0:
+            return "0"
+        magnitude = math.floor(math.log10(abs(value)))
+        if magnitude >= 15 or magnitude < -6:
+            return f"{value:.{SIGNIFICANT}g}"
+        decimals = max(0, SIGNIFICANT - 1 - magnitude)
+        text = f"{value:,.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return html.escape(fmt(value)) if not isinstance(value, str) else html.escape(value)
+
+
+class Table:
+    """A small table that shows everything (no truncation): HTML in JupyterLab, aligned text elsewhere."""
+
+    def __init__(self, rows: list[dict[str, Any]], columns: list[str] | None = None, caption: str = "") -> None:
+        self.rows = rows
+        self.columns = columns or (list(rows[0]) if rows else [])
+        self.caption = caption
+
+    def _text(self, value: Any) -> str:
+        return value if isinstance(value, str) else fmt(value)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td style='text-align:left;white-space:normal'>{_cell(row.get(c, ''))}</td>"
+                             for c in self.columns) + "</tr>"
+            for row in self.rows
+        )
+        caption = f"<div>{html.escape(self.caption)}</div>" if self.caption else ""
+        return f"<div class='lomas-table'>{caption}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+    def __repr__(self) -> str:
+        cells = [[self._text(row.get(c, "")) for c in self.columns] for row in self.rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
+        lines = [self.caption] if self.caption else []
+        lines.append("  ".join(c.ljust(w) for c, w in zip(self.columns, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells)
+        return "\n".join(lines) if self.rows else (self.caption or "(none)")
 
 
 def _notes(release: Release) -> str:
@@ -26,30 +83,35 @@ def _notes(release: Release) -> str:
     return f'<ul style="margin:0.2em 0;padding-left:1.2em">{"".join(items)}</ul>' if items else ""
 
 
-def release_html(release: Release) -> str:
+def _budget_text(budget: dict[str, Any]) -> str:
+    return f" · remaining ε={fmt(budget['epsilon_remaining'])} of {fmt(budget['epsilon_total'])}" if budget else ""
+
+
+def release_html(release: Release, epsilon_note: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in release.columns)
     ranks = {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
     body = []
     for row, interval in zip(release.rows, release.intervals):
         cells = []
         for name in release.columns:
-            text = "NULL" if row[name] is None else _fmt(row[name])
+            text = html.escape(fmt(row[name])) if not isinstance(row[name], str) else html.escape(row[name])
             bounds = interval.get(name)
             if bounds:
-                text += f' <small style="opacity:0.7">[{_fmt(bounds[0])}, {_fmt(bounds[1])}]</small>'
+                text += f' <small style="opacity:0.75">[{fmt(bounds[0])}, {fmt(bounds[1])}]</small>'
             elif ranks.get(name) is not None:
-                text += f' <small style="opacity:0.7">(rank ±{ranks[name]:,.0f} rows)</small>'
+                text += f' <small style="opacity:0.75">(rank ±{fmt(round(ranks[name]))} rows)</small>'
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     released = release.plan.get("statistics") or release.aggregates  # archived releases may predate plans
     mechanisms = list(dict.fromkeys(s["mechanism"] for s in released))
     budget = release.budget or {}
+    cost = release.cost
     footer = (
         f"DP release #{release.release_id} on <b>{html.escape(release.dataset)}</b> · "
         f"mechanism: {html.escape('; '.join(mechanisms))} · "
-        f"charged ε={release.cost['epsilon']:.4g}"
-        + (f", δ={release.cost['delta']:.2g}" if release.cost.get("delta") else "")
-        + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
+        f"charged ε={fmt(cost['epsilon'])}" + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
+        + (f" ({html.escape(epsilon_note)})" if epsilon_note else "")
+        + _budget_text(budget)
         + " · [brackets]: 95% interval"
         + _choice(release.raw.get("plan"))
     )
@@ -57,19 +119,19 @@ def release_html(release: Release) -> str:
         original = release.raw.get("replay_of", {})
         footer = (
             f"Replay of DP release #{original.get('release_id')} on <b>{html.escape(release.dataset)}</b>: the same "
-            f"answer again, free (it cost ε={original.get('epsilon', 0):.4g} the first time; --fresh for a new one)"
-            + (f" · remaining ε={budget['epsilon_remaining']:.4g} of {budget['epsilon_total']:.4g}" if budget else "")
+            f"answer again, free (it cost ε={fmt(original.get('epsilon', 0.0))} the first time; --fresh for a new "
+            "one)" + _budget_text(budget)
         )
     if release.dummy:
         would = release.raw.get("would_cost", {}).get("epsilon", 0.0)
         footer = (
             "<b>DUMMY DATA</b>: computed on rows made from the public metadata only, not on "
-            f"{html.escape(release.dataset)}. Nothing was charged; the real query would cost ε={would:.4g}."
+            f"{html.escape(release.dataset)}. Nothing was charged; the real query would cost ε={fmt(would)}."
         )
     label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
     return (
         '<div class="lomas-release">' + label + '<table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
-        + f'</tbody></table><div style="font-size:0.85em;opacity:0.8">{footer}{_notes(release)}</div></div>'
+        + f'</tbody></table><div style="font-size:0.85em;opacity:0.85">{footer}{_notes(release)}</div></div>'
     )
 
 
@@ -84,18 +146,17 @@ def preview_html(preview: dict[str, Any]) -> str:
     plan = preview.get("plan") or {}
     released = "".join(
         f"<tr><td>{html.escape(s['statistic'])}</td><td>{html.escape(s['mechanism'])}</td>"
-        f"<td>{s['scale']:,.4g}</td><td>{'± ' + format(s['accuracy'], ',.4g') if s['accuracy'] is not None else ''}"
-        "</td></tr>"
+        f"<td>{fmt(s['scale'])}</td><td>{'± ' + fmt(s['accuracy']) if s['accuracy'] is not None else ''}</td></tr>"
         for s in plan.get("statistics", [])
     )
     outputs = []
     for agg in preview["aggregates"]:
         if agg.get("accuracy") is not None:
-            acc = f"± {agg['accuracy']:,.4g}"
+            acc = f"± {fmt(agg['accuracy'])}"
         elif agg["kind"] == "avg":
             acc = "per group (depends on its count)"
         else:
-            acc = f"rank ± {agg.get('rank_error_rows', 0):,.0f} rows"
+            acc = f"rank ± {fmt(round(agg.get('rank_error_rows', 0)))} rows"
         source = ("derived from " if agg.get("derived") else "") + ", ".join(agg.get("statistics", []))
         outputs.append(f"<tr><td>{html.escape(agg['name'])}</td><td>{html.escape(source)}</td><td>{acc}</td>"
                        f"<td>{html.escape(agg.get('covers', ''))}</td></tr>")
@@ -104,11 +165,90 @@ def preview_html(preview: dict[str, Any]) -> str:
     choice = (plan.get("choice") or {}).get("reason")
     return (
         "<div class='lomas-preview'><b>Preview (nothing spent)</b>: this query would cost "
-        f"ε={cost['epsilon']:.4g}" + (f", δ={cost['delta']:.2g}" if cost.get("delta") else "")
-        + (f"; you have ε={budget['epsilon_remaining']:.4g} left" if budget else "")
+        f"ε={fmt(cost['epsilon'])}" + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
+        + (f"; you have ε={fmt(budget['epsilon_remaining'])} left" if budget else "")
         + (f"<br>Mechanism: {html.escape(choice)}" if choice else "")
         + "<table><thead><tr><th>noisy statistic</th><th>mechanism</th><th>noise scale</th><th>95% accuracy</th>"
         "</tr></thead><tbody>" + released + "</tbody></table>"
         "<table><thead><tr><th>output</th><th>computed from</th><th>95% accuracy</th><th>covers</th></tr></thead>"
         "<tbody>" + "".join(outputs) + "</tbody></table></div>"
     )
+
+
+def accuracy_summary(preview: dict[str, Any]) -> str:
+    """One line: what each output would be worth at the previewed epsilon."""
+    parts = []
+    for agg in preview["aggregates"]:
+        if agg.get("accuracy") is not None:
+            parts.append(f"{agg['name']} ±{fmt(agg['accuracy'])}")
+        elif agg["kind"] == "avg":
+            parts.append(f"{agg['name']} (interval per group)")
+        else:
+            parts.append(f"{agg['name']} rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows")
+    return ", ".join(parts)
+
+
+def plot_spec(release: Release, column: str | None = None) -> dict[str, Any]:
+    """A Vega-Lite chart (JupyterLab renders it natively, in both themes): each DP estimate as a point with its
+    95% interval as an error bar, one per group."""
+    aggregates = [a["name"] for a in release.aggregates if a["name"] in release.columns]
+    value = column or next((a for a in aggregates if any(i.get(a) for i in release.intervals)), aggregates[0])
+    keys = [c for c in release.columns if c not in aggregates]
+    data = []
+    for row, interval in zip(release.rows, release.intervals):
+        label = " · ".join("NULL" if row[k] is None else str(row[k]) for k in keys) or value
+        bounds = interval.get(value) or [row[value], row[value]]
+        data.append({"group": label, "estimate": row[value], "low": bounds[0], "high": bounds[1]})
+    title = f"{value}: DP estimate with 95% interval" + (" (dummy data)" if release.dummy else "")
+    y = {"field": "group", "type": "nominal", "sort": None, "title": " · ".join(keys) or None}
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": title,
+        "data": {"values": data},
+        "width": 420,
+        "height": {"step": 26},
+        "layer": [
+            {"mark": {"type": "rule", "strokeWidth": 2, "color": MARK_COLOR},
+             "encoding": {"y": y, "x": {"field": "low", "type": "quantitative", "title": f"{value} (DP estimate)"},
+                          "x2": {"field": "high"}}},
+            {"mark": {"type": "point", "filled": True, "size": 70, "color": MARK_COLOR},
+             "encoding": {"y": y, "x": {"field": "estimate", "type": "quantitative"},
+                          "tooltip": [{"field": "group"}, {"field": "estimate", "format": ",.4~g"},
+                                      {"field": "low", "format": ",.4~g"}, {"field": "high", "format": ",.4~g"}]}},
+        ],
+    }
+
+
+def spending_spec(archive: list[dict[str, Any]], dataset: str | None = None) -> dict[str, Any]:
+    """Cumulative epsilon spent over time, per dataset, from the archive of releases."""
+    data = []
+    totals: dict[str, float] = {}
+    for record in sorted(archive, key=lambda r: (r["created_at"], r["id"])):
+        if dataset and record["dataset"] != dataset:
+            continue
+        totals[record["dataset"]] = totals.get(record["dataset"], 0.0) + record["epsilon"]
+        data.append({"when": record["created_at"], "dataset": record["dataset"], "spent": totals[record["dataset"]]})
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": "ε spent over time",
+        "data": {"values": data},
+        "width": 420,
+        "height": 200,
+        "mark": {"type": "line", "point": True, "interpolate": "step-after"},
+        "encoding": {
+            "x": {"field": "when", "type": "temporal", "title": "time"},
+            "y": {"field": "spent", "type": "quantitative", "title": "ε spent (cumulative)"},
+            "color": {"field": "dataset", "type": "nominal"},
+        },
+    }
+
+
+class Chart:
+    """A Vega-Lite chart with a text fallback: `display(chart)` or the last line of a cell."""
+
+    def __init__(self, spec: dict[str, Any], text: str) -> None:
+        self.spec = spec
+        self.text = text
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return {VEGA_LITE: self.spec, "text/plain": f"{self.text} (a chart: open the notebook in JupyterLab)"}

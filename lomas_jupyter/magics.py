@@ -3,31 +3,69 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
-from traitlets import Float
 
-from .client import Client
-from .display import preview_html, release_html
+from .client import Client, Release, on_release
+from .display import Chart, Table, accuracy_summary, fmt, preview_html, release_html, spending_spec
 from .errors import LomasError
 from .widget import BudgetPanel
+
+T = TypeVar("T")
+PROGRESS_AFTER = 1.0  # seconds before a running query says so
+REFERENCE_EPSILON = 0.5  # what the "no epsilon given" message previews
+USAGE = ("usage: %lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] | "
+         "connect [URL [TOKEN]]")
 
 
 def _say_error(err: Exception) -> None:
     print(f"LomasError: {err}", file=sys.stderr)
 
 
+def run_with_progress(label: str, work: Callable[[], T]) -> T:
+    """Run `work` in a thread; if it takes longer than a second, show in the cell that it is running, with the
+    elapsed time, and clear that line when it ends."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="lomas-request", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(PROGRESS_AFTER)
+    handle = None
+    while thread.is_alive():
+        text = HTML(f"<i>{label}: running for {time.monotonic() - started:.0f} s …</i>")
+        if handle is None:
+            handle = display(text, display_id=True)
+        else:
+            handle.update(text)
+        thread.join(0.5)
+    if handle is not None:
+        handle.update(HTML(""))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @magics_class
 class LomasMagics(Magics):
-    default_epsilon = Float(0.5, help="epsilon for %%dpquery when --epsilon is not given").tag(config=True)
-
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self._client: Client | None = None
         self.panel: BudgetPanel | None = None
+        self.default_epsilon: float | None = None  # set only by the user, with %lomas epsilon
+        on_release(self._on_release)
 
     @property
     def client(self) -> Client:
@@ -35,93 +73,174 @@ class LomasMagics(Magics):
             self._client = Client()
         return self._client
 
-    def _refresh_panel(self) -> None:
+    def _on_release(self, release: Release) -> None:
         if self.panel is not None:
-            self.panel.update(self.client.budget())
+            self.panel.refresh()
 
     @magic_arguments()
     @argument("dataset", help="the dataset to query")
-    @argument("--epsilon", "-e", type=float, default=None, help="privacy budget to spend")
+    @argument("--epsilon", "-e", type=float, default=None,
+              help="ε to spend on this query; required unless you set a default for this kernel with "
+              "%%lomas epsilon E (nothing is ever spent that you did not choose)")
     @argument("--delta", "-d", type=float, default=0.0,
-              help="delta you allow this query to spend (default 0); with delta > 0 the service uses Gaussian noise "
+              help="δ you allow this query to spend (default 0); with δ > 0 the service uses Gaussian noise "
               "under zCDP when that is more accurate than Laplace, and says which it chose")
     @argument("--preview", action="store_true", help="show cost and accuracy without spending")
     @argument("--dummy", action="store_true", help="run on dummy rows made from public metadata (free)")
     @argument("--fresh", action="store_true", help="a new release even if this query was answered before (charged)")
+    @argument("--plot", action="store_true", help="also draw the values with their 95%% intervals as error bars")
     @argument("-o", "--output", default=None, help="store the result as a polars DataFrame under this name")
     @cell_magic
     def dpquery(self, line: str, cell: str) -> Any:
-        """Run restricted SQL against a dataset on the DP service."""
+        """Run restricted SQL against a dataset on the DP service; the answer comes with 95% intervals."""
         try:
             args = parse_argstring(self.dpquery, line)
         except Exception as err:  # argparse's UsageError
             _say_error(LomasError(f"%%dpquery: {err}"))
             return None
-        epsilon = args.epsilon if args.epsilon is not None else self.default_epsilon
+        epsilon, note = args.epsilon, ""
         try:
+            if epsilon is None and self.default_epsilon is not None and not args.dummy:
+                epsilon, note = self.default_epsilon, "ε from your kernel default, %lomas epsilon"
+            if epsilon is None:
+                self._no_epsilon(args.dataset, cell, args.delta, args.dummy)
+                return None
             if args.preview:
                 display(HTML(preview_html(self.client.preview(args.dataset, cell, epsilon, args.delta))))
                 return None
-            release = self.client.query(args.dataset, cell, epsilon, args.delta, dummy=args.dummy,
-                                        fresh=args.fresh)
-            if not args.dummy:
-                self._refresh_panel()
+            release = run_with_progress(
+                f"query on {args.dataset}",
+                lambda: self.client.query(args.dataset, cell, epsilon, args.delta, dummy=args.dummy,
+                                          fresh=args.fresh),
+            )
         except LomasError as err:
             _say_error(err)
             return None
         if args.output:
             self.shell.user_ns[args.output] = release.df
-        display(HTML(release_html(release)))
+        display(HTML(release_html(release, note)))
+        if args.plot and release.rows:
+            display(release.plot())
         return None
+
+    def _no_epsilon(self, dataset: str, sql: str, delta: float, dummy: bool) -> None:
+        """No epsilon, no spending: say so in one line, with what a typical epsilon would buy."""
+        if dummy:
+            _say_error(LomasError("give --epsilon (dummy runs are free, but show the accuracy of that ε)"))
+            return
+        preview = self.client.preview(dataset, sql, REFERENCE_EPSILON, delta)
+        _say_error(LomasError(
+            f"no ε given, so nothing was spent. At ε={fmt(REFERENCE_EPSILON)} this query would give "
+            f"{accuracy_summary(preview)}. Add --epsilon E, or set a default for this kernel with %lomas epsilon E"
+        ))
 
     @line_magic
     def lomas(self, line: str) -> Any:
-        """%lomas datasets | describe NAME | budget | archive | status | connect URL [TOKEN]"""
+        """%lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] |
+        connect [URL [TOKEN]]"""
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("status", [])
         try:
-            if command == "datasets":
-                rows = self.client.datasets()
-                return _table([{"dataset": d["name"], "description": d["description"],
-                                "epsilon remaining": (d["budget"] or {}).get("epsilon_remaining")} for d in rows])
-            if command == "describe" and rest:
-                doc = self.client.describe(rest[0])
-                meta = doc["metadata"]
-                print(f"{doc['name']} (version {doc['version']}): {doc['description']}")
-                print(f"privacy unit: {meta['privacy_unit']} row(s) per individual; at most {meta['max_rows']} rows")
-                return _table([{"column": n, "type": c["type"], "nullable": c["nullable"],
-                                "bounds": str(c.get("bounds", "")), "categories": str(c.get("categories", ""))}
-                               for n, c in meta["columns"].items()])
-            if command == "budget":
-                if self.panel is None:
-                    self.panel = BudgetPanel()
-                self._refresh_panel()
-                display(self.panel.widget)
+            handler = {
+                "datasets": self._datasets, "describe": self._describe, "budget": self._budget,
+                "archive": self._archive, "connect": self._connect, "status": self._status,
+                "epsilon": self._epsilon,
+            }.get(command)
+            if handler is None or (command == "describe" and not rest):
+                _say_error(LomasError(USAGE))
                 return None
-            if command == "archive":
-                return _table([{"id": r["id"], "dataset": r["dataset"], "epsilon": r["epsilon"], "sql": r["sql"],
-                                "when": r["created_at"]} for r in self.client.archive()])
-            if command == "connect" and rest:
-                self._client = Client(rest[0], rest[1] if len(rest) > 1 else "")
-                self.client.whoami()
-                print(f"connected to {self._client.connection.url}")
-                return None
-            if command == "status":
-                me = self.client.whoami()
-                print(f"DP service {self.client.connection.url} ({self.client.connection.source}); "
-                      f"you are {me['username']} ({me['role']})")
-                return None
-            _say_error(LomasError("usage: %lomas datasets | describe NAME | budget | archive | status | "
-                                  "connect URL [TOKEN]"))
+            return handler(rest)
         except LomasError as err:
             _say_error(err)
         return None
 
+    def _datasets(self, rest: list[str]) -> Any:
+        rows = []
+        for d in self.client.datasets():
+            budget = d.get("budget") or {}
+            rows.append({"dataset": d["name"], "description": d["description"],
+                         "ε remaining": budget.get("epsilon_remaining", "no grant"),
+                         "δ remaining": budget.get("delta_remaining", "")})
+        return Table(rows, ["dataset", "description", "ε remaining", "δ remaining"])
 
-def _table(rows: list[dict[str, Any]]) -> Any:
-    import polars as pl
+    def _describe(self, rest: list[str]) -> Any:
+        doc = self.client.describe(rest[0])
+        meta = doc["metadata"]
+        caption = (f"{doc['name']} (version {doc['version']}): {doc['description']} — privacy unit: "
+                   f"{meta['privacy_unit']} row(s) per individual; at most {fmt(meta['max_rows'])} rows")
+        rows = []
+        for name, col in meta["columns"].items():
+            bounds = col.get("bounds")
+            categories = col.get("categories")
+            rows.append({
+                "column": name, "type": col["type"], "nulls": "may be null" if col["nullable"] else "never null",
+                "bounds": f"[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "",
+                "GROUP BY keys": ", ".join(str(c) for c in categories) if categories else "",
+                "description": col.get("description", ""),
+            })
+        return Table(rows, ["column", "type", "nulls", "bounds", "GROUP BY keys", "description"], caption)
 
-    return pl.DataFrame(rows) if rows else pl.DataFrame()
+    def _budget(self, rest: list[str]) -> Any:
+        if self.panel is None:
+            self.panel = BudgetPanel(self.client.budget)
+        self.panel.refresh()
+        display(self.panel.widget)
+        if rest and rest[0] == "plot":
+            display(Chart(spending_spec(self.client.archive()), "ε spent over time"))
+        return None
+
+    def _archive(self, rest: list[str]) -> Any:
+        return Table([{"id": r["id"], "dataset": r["dataset"], "ε": r["epsilon"], "δ": r["delta"],
+                       "when": r["created_at"][:19].replace("T", " "), "sql": " ".join(r["sql"].split())}
+                      for r in self.client.archive()],
+                     ["id", "dataset", "ε", "δ", "when", "sql"])
+
+    def _epsilon(self, rest: list[str]) -> Any:
+        if rest and rest[0] == "off":
+            self.default_epsilon = None
+        elif rest:
+            try:
+                value = float(rest[0])
+            except ValueError:
+                raise LomasError(f"%lomas epsilon: '{rest[0]}' is not a number (or 'off')") from None
+            if not value > 0:
+                raise LomasError("%lomas epsilon: ε must be above 0")
+            self.default_epsilon = value
+        print(f"default ε for %%dpquery in this kernel: {fmt(self.default_epsilon)}" if self.default_epsilon
+              else "no default ε: every %%dpquery needs --epsilon")
+        return None
+
+    def _connect(self, rest: list[str]) -> Any:
+        try:
+            candidate = Client(rest[0], rest[1] if len(rest) > 1 else "") if rest else Client()
+            me = candidate.whoami()
+        except LomasError as err:
+            kept = f"; still using {self._client.connection.url}" if self._client else ""
+            raise LomasError(f"could not connect: {err}{kept}") from None
+        self._client = candidate
+        if self.panel is not None:
+            self.panel.fetch = candidate.budget
+            self.panel.refresh()
+        print(f"connected to {candidate.connection.url} ({candidate.connection.source}) as {me['username']} "
+              f"({me['role']})")
+        return None
+
+    def _status(self, rest: list[str]) -> Any:
+        me = self.client.whoami()
+        print(f"DP service {self.client.connection.url} ({self.client.connection.source}); "
+              f"you are {me['username']} ({me['role']})"
+              + (f"; default ε {fmt(self.default_epsilon)}" if self.default_epsilon else ""))
+        return None
+
+
+def _cell_magic_usage(magics: type, name: str) -> None:
+    """IPython writes a cell magic's usage as `%name`; say `%%name`, as it is typed."""
+    func = getattr(magics, name)
+    func.parser.prog = f"%{name}"  # IPython's help formatter adds one more %
+    func.__doc__ = func.parser.format_help().removeprefix("usage: ")
+
+
+_cell_magic_usage(LomasMagics, "dpquery")
 
 
 def load_ipython_extension(ipython: Any) -> None:

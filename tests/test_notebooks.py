@@ -22,9 +22,10 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     root = tmp_path_factory.mktemp("embedded")
     token = "quickstart-test-token"
     args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
-            f"--ServerApp.root_dir={root}"]
+            f"--ServerApp.root_dir={root}", "--no-browser"]
     with running_server("jupyter-server", args, root, {"LOMAS_STORAGE_DIR": str(root / "storage")}) as (url, pid):
-        yield {"url": url, "token": token, "pid": str(pid), "runtime_dir": str(root / "runtime")}
+        yield {"url": url, "token": token, "pid": str(pid), "runtime_dir": str(root / "runtime"),
+               "log": str(root / "jupyter-server.log")}
 
 
 def _text(cell: dict) -> str:
@@ -63,6 +64,8 @@ def test_quickstart_runs_and_shows_results(jupyter_server: dict[str, str], monke
     assert "shape: (3, 3)" in out["by_species"]
     assert "mean_bill" in out["by_species"]
     assert "total_mass_low" in out["from lomas_jupyter import Client"]
+    assert "DP estimates with 95% intervals" in out["release.plot()"]
+    assert "ε spent over time" in out["%lomas budget plot"]
     assert out["%lomas archive"].count("penguins") >= 3
     over = out["%%dpquery penguins --epsilon 9.9"]
     assert "LomasError: not enough budget" in over and "costs epsilon=9.9" in over and "Traceback" not in over
@@ -120,7 +123,7 @@ def test_budget_widget_updates_over_the_widget_protocol(jupyter_server: dict[str
         assert values and values[-1] == pytest.approx(before + 0.25)
         labels = [u["value"] for m in ran if m["msg_type"] == "comm_msg"
                   for u in [m["content"]["data"].get("state", {})] if isinstance(u.get("value"), str)]
-        assert any("last query ε 0.25" in text and "δ 0 of 1e-06" in text for text in labels)
+        assert any("last query ε 0.25" in text and "δ 0 of 0.000001" in text for text in labels)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

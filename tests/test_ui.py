@@ -102,7 +102,7 @@ def test_quickstart_renders_table_and_widget(theme: str, tmp_path: Path) -> None
             assert "Gentoo" in table.inner_text() and "[" in table.inner_text()
             assert gauge.is_visible()
             label = page.wait_for_selector(".widget-hprogress + .widget-html, .widget-hbox .widget-html-content")
-            page.wait_for_function("(el) => el.innerText.includes('releases')", arg=label, timeout=60_000)
+            page.wait_for_function("(el) => el.innerText.includes('release')", arg=label, timeout=60_000)
             assert label.evaluate(CONTRAST_JS) >= 4.5, "budget text is not readable in this theme"
             assert table.evaluate(CONTRAST_JS) >= 4.5
             ARTIFACTS.mkdir(exist_ok=True)
@@ -112,5 +112,18 @@ def test_quickstart_renders_table_and_widget(theme: str, tmp_path: Path) -> None
             table.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / f"quickstart-{theme}-table.png"))
             assert shot.stat().st_size > 20_000
+            # %lomas describe: a readable table with every category, not a truncated polars repr
+            described = page.locator(".lomas-table:has-text('Adelie, Chinstrap, Gentoo')").first
+            described.scroll_into_view_if_needed()
+            assert "shape:" not in described.inner_text()
+            assert described.element_handle().evaluate(CONTRAST_JS) >= 4.5
+            page.screenshot(path=str(ARTIFACTS / f"quickstart-{theme}-describe.png"))
+            # release.plot(): JupyterLab renders the Vega-Lite chart natively (SVG or canvas)
+            chart = page.wait_for_selector(".vega-embed:has-text('DP estimate') svg, .vega-embed canvas",
+                                           timeout=60_000)
+            chart.scroll_into_view_if_needed()
+            box = chart.bounding_box()
+            assert box and box["width"] > 200 and box["height"] > 50
+            page.screenshot(path=str(ARTIFACTS / f"quickstart-{theme}-plot.png"))
         finally:
             browser.close()

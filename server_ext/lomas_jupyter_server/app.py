@@ -95,8 +95,29 @@ class LomasApp(ExtensionApp):
     description = "Differentially private queries over datasets the kernel never sees"
     extension_url = "/lomas/api/whoami"
     load_other_extensions = False  # only for `jupyter lomas`: serve the DP API and nothing else
-    open_browser = False
     serverapp_class = LomasServiceServerApp
+    aliases = {
+        **ExtensionApp.aliases,
+        "storage-dir": "LomasApp.storage_dir",
+        "workers": "LomasApp.workers",
+        "query-timeout": "LomasApp.query_timeout",
+        "max-epsilon-per-query": "LomasApp.max_epsilon_per_query",
+        "max-groups": "LomasApp.max_groups",
+        "timing-padding": "LomasApp.timing_padding",
+        "identity-mode": "LomasApp.identity_mode",
+        "ip": "ServerApp.ip",
+        "port": "ServerApp.port",
+    }
+    examples = """
+    jupyter lomas --storage-dir /srv/lomas --port 8890     # the DP API only, tokens from lomas-admin
+    lomas-admin --storage-dir /srv/lomas user add boss --role admin && \\
+        lomas-admin --storage-dir /srv/lomas token issue boss
+    jupyter lomas --help-all                               # every option, including Jupyter Server's
+    """
+
+    @default("open_browser")
+    def _default_open_browser(self) -> bool:
+        return False  # a DP API has no page to open (a trait, so `--no-browser` still configures it quietly)
 
     storage_dir = Unicode(help="Folder for the admin store and the service's parquet copies of datasets").tag(
         config=True

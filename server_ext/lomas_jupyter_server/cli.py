@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,60 +22,74 @@ def _print(obj: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lomas-admin", description="Administer a lomas DP service")
-    parser.add_argument("--storage-dir", default=None, help="the service's storage folder (default: $LOMAS_STORAGE_DIR or <jupyter data dir>/lomas)")
+    parser = argparse.ArgumentParser(
+        prog="lomas-admin", description="Administer a lomas DP service (run it as the service's OS user).",
+        epilog="The demo (./scripts/demo.sh) keeps its store in ./.lomas: use --storage-dir .lomas, or export "
+        "LOMAS_STORAGE_DIR=$PWD/.lomas. Commands that only read refuse a folder that holds no store.")
+    parser.add_argument("--storage-dir", default=None,
+                        help="the service's storage folder (default: $LOMAS_STORAGE_DIR, else <jupyter data dir>/lomas)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="load the penguins demo dataset and grant a user a budget")
     demo.add_argument("--user", default=None, help="user to grant (default: your OS user, as admin)")
-    demo.add_argument("--epsilon", type=float, default=10.0)
+    demo.add_argument("--epsilon", type=float, default=10.0, help="the user's ε budget on penguins (default 10)")
 
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
-    add = user.add_parser("add")
-    add.add_argument("username")
-    add.add_argument("--role", choices=["admin", "analyst"], default="analyst")
-    user.add_parser("list")
+    add = user.add_parser("add", help="create a user (then issue them a token)")
+    add.add_argument("username", help="letters, digits, . _ - @")
+    add.add_argument("--role", choices=["admin", "analyst"], default="analyst", help="default: analyst")
+    user.add_parser("list", help="all users with their roles")
     remove = user.add_parser("remove", help="end a user's access (their ledger and releases are kept)")
-    remove.add_argument("username")
-    role = user.add_parser("role")
-    role.add_argument("username")
-    role.add_argument("role", choices=["admin", "analyst"])
+    remove.add_argument("username", help="the user to remove")
+    role = user.add_parser("role", help="make a user an admin or an analyst")
+    role.add_argument("username", help="the user to change")
+    role.add_argument("role", choices=["admin", "analyst"], help="the new role")
 
     token = sub.add_parser("token", help="issue or revoke API tokens").add_subparsers(dest="action", required=True)
-    issue = token.add_parser("issue")
-    issue.add_argument("username")
-    issue.add_argument("--label", default="")
-    revoke = token.add_parser("revoke")
-    revoke.add_argument("username")
+    issue = token.add_parser("issue", help="print a new API token for a user (shown once)")
+    issue.add_argument("username", help="the token's owner")
+    issue.add_argument("--label", default="", help="a note, e.g. the machine it is for")
+    revoke = token.add_parser("revoke", help="revoke all of a user's tokens")
+    revoke.add_argument("username", help="the user whose tokens end")
 
     dataset = sub.add_parser("dataset", help="manage datasets").add_subparsers(dest="action", required=True)
     imp = dataset.add_parser("import", help="import CSV or Parquet with its metadata (YAML or JSON)")
-    imp.add_argument("name")
-    imp.add_argument("data", type=Path)
-    imp.add_argument("--metadata", type=Path, required=True)
-    imp.add_argument("--description", default=None)
-    dataset.add_parser("list")
+    imp.add_argument("name", help="the dataset's name, used in FROM")
+    imp.add_argument("data", type=Path, help="a .csv or .parquet file")
+    imp.add_argument("--metadata", type=Path, required=True, help="public metadata, YAML or JSON (see README)")
+    imp.add_argument("--description", default=None, help="overrides the metadata's description")
+    dataset.add_parser("list", help="all datasets with their public metadata")
 
     grant = sub.add_parser("grant", help="set a user's budget on a dataset")
-    grant.add_argument("username")
-    grant.add_argument("dataset")
-    grant.add_argument("--epsilon", type=float, required=True)
-    grant.add_argument("--delta", type=float, default=0.0)
+    grant.add_argument("username", help="the user")
+    grant.add_argument("dataset", help="the dataset")
+    grant.add_argument("--epsilon", type=float, required=True, help="total ε the user may spend on it")
+    grant.add_argument("--delta", type=float, default=0.0, help="total δ (default 0: Gaussian noise never chosen)")
 
     budget = sub.add_parser("budget", help="show a user's budget on a dataset")
-    budget.add_argument("username")
-    budget.add_argument("dataset")
+    budget.add_argument("username", help="the user")
+    budget.add_argument("dataset", help="the dataset")
 
     ledger = sub.add_parser("ledger", help="show the newest ledger rows")
-    ledger.add_argument("--user", default=None)
-    ledger.add_argument("--limit", type=int, default=50)
+    ledger.add_argument("--user", default=None, help="only this user's rows")
+    ledger.add_argument("--limit", type=int, default=50, help="how many rows (default 50)")
     return parser
+
+
+READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None)}
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage = Path(args.storage_dir or default_storage_dir())
-    store = SQLiteStore(storage / "lomas.sqlite3")
+    database = storage / "lomas.sqlite3"
+    if not database.exists():
+        if (args.command, getattr(args, "action", None)) in READ_ONLY:
+            print(f"error: no lomas store in {storage}. Point --storage-dir (or LOMAS_STORAGE_DIR) at the "
+                  "service's storage folder; the demo's is ./.lomas", file=sys.stderr)
+            return 2
+        print(f"... creating a new lomas store in {storage}", file=sys.stderr)
+    store = SQLiteStore(database)
     actor = "cli"
     try:
         if args.command == "demo":
@@ -125,6 +140,8 @@ def run(argv: list[str] | None = None) -> int:
     except LomasError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader of our output left (`| head`): main() ends quietly
     except (OSError, yaml.YAMLError) as err:
         print(f"error: {err.__class__.__name__}: {err}", file=sys.stderr)
         return 2
@@ -134,4 +151,10 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    try:
+        code = run()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lomas-admin ledger | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)

@@ -7,6 +7,7 @@ with bounds and key sets taken from server metadata. No client text ever reaches
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -303,6 +304,22 @@ def compile_sql(sql: str, table: str, metadata: DatasetMetadata,
         raise QueryRejected("the query is nested too deeply") from None
 
 
+STATEMENT_WORDS = {"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "COPY", "ATTACH",
+                   "PRAGMA", "EXPLAIN", "SET", "SHOW", "DESCRIBE", "VALUES", "TABLE", "GRANT", "TRUNCATE", "CALL"}
+
+
+def _parse_problem(sql: str, err: ParseError) -> str:
+    """Name the bad token, not just a column: a misspelt first keyword is the usual culprit."""
+    first_word = sql.strip().split(None, 1)[0]
+    if first_word.upper() not in STATEMENT_WORDS:
+        hint = " (did you mean SELECT?)" if difflib.get_close_matches(first_word.upper(), ["SELECT"], cutoff=0.6) else ""
+        return f"it must start with SELECT, not '{first_word[:30]}'{hint}"
+    first = err.errors[0] if err.errors else {}
+    token = (first.get("highlight") or "").strip()
+    place = f" at line {first.get('line')}, column {first.get('col')}" if first.get("line") else ""
+    return (f"unexpected '{token[:30]}'{place}" if token else f"it could not be read{place}")
+
+
 def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -> QuerySpec:
     if not isinstance(sql, str) or not sql.strip():
         raise QueryRejected("the query is empty. " + SUPPORTED)
@@ -311,9 +328,7 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
     try:
         trees = [t for t in sqlglot.parse(sql, read="postgres") if t is not None]
     except ParseError as err:
-        first = err.errors[0] if err.errors else {}
-        where = f" near line {first.get('line')}, column {first.get('col')}" if first.get("line") else ""
-        raise QueryRejected(f"the query is not valid SQL{where}. {SUPPORTED}") from None
+        raise QueryRejected(f"the query is not valid SQL: {_parse_problem(sql, err)}. {SUPPORTED}") from None
     except Exception:  # sqlglot tokenizer errors have several types
         raise QueryRejected(f"the query is not valid SQL. {SUPPORTED}") from None
     if len(trees) != 1:

@@ -1,0 +1,50 @@
+"""The admin's command line, as an admin types it: helpful help, no silent empty stores, pipes that close."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .servers import BIN, lomas_admin
+
+
+def test_every_subcommand_explains_its_arguments() -> None:
+    for args, expected in ((["grant", "--help"], "total ε the user may spend"),
+                           (["dataset", "import", "--help"], "public metadata, YAML or JSON"),
+                           (["user", "add", "--help"], "default: analyst"),
+                           (["--help"], "./.lomas")):
+        out = subprocess.run([str(BIN / "lomas-admin"), *args], capture_output=True, text=True, check=True)
+        assert expected in out.stdout, (args, out.stdout)
+
+
+def test_a_read_on_a_folder_without_a_store_is_refused_and_creates_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "not-the-store"
+    out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(empty), "user", "list"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "no lomas store in" in out.stderr and "--storage-dir" in out.stderr
+    assert not (empty / "lomas.sqlite3").exists()
+    # writing commands may start a new store, and say so
+    made = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(empty), "user", "add", "ann"],
+                          capture_output=True, text=True, check=True)
+    assert "creating a new lomas store" in made.stderr and (empty / "lomas.sqlite3").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`lomas-admin ledger | head`: the reader is gone before the output is written. Here stdout is a pipe whose
+    reading end is already closed, so the write fails every time, not only when the output outruns `head`."""
+    storage = tmp_path / "store"
+    lomas_admin(storage, "user", "add", "ann")
+    code = ("import os, sys\n"
+            "read_end, write_end = os.pipe()\nos.close(read_end)\nos.dup2(write_end, 1)\n"
+            "from lomas_jupyter_server.cli import main\n"
+            f"sys.argv = ['lomas-admin', '--storage-dir', {str(storage)!r}, 'user', 'list']\nmain()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "BrokenPipe" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_jupyter_lomas_help_shows_the_service_options() -> None:
+    out = subprocess.run([str(BIN / "jupyter-lomas"), "--help"], capture_output=True, text=True, check=True)
+    for option in ("--storage-dir", "--query-timeout", "--max-epsilon-per-query", "--timing-padding", "--port"):
+        assert option in out.stdout, option
+    assert "lomas-admin --storage-dir /srv/lomas user add boss" in out.stdout

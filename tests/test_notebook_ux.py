@@ -1,0 +1,212 @@
+"""The notebook as a data scientist lives in it, in a real kernel against a real embedded service: a budget
+widget that shows the service's truth, nothing spent without a chosen epsilon, a failed connect that keeps the
+old one, readable tables and numbers, plots with intervals, progress for slow work."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from lomas_jupyter.display import fmt
+
+from .test_notebooks import jupyter_server  # noqa: F401 - the module's real Jupyter server
+
+VEGA_LITE = "application/vnd.vegalite.v5+json"
+
+
+class Kernel:
+    """A real IPython kernel; `run` returns everything one execution sent, and what else arrived meanwhile
+    (widget updates from the panel's poller carry no parent)."""
+
+    def __init__(self, kc: Any) -> None:
+        self.kc = kc
+
+    def run(self, code: str) -> dict[str, Any]:
+        msg_id = self.kc.execute(code)
+        own, others = [], []
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=120)
+            (own if msg["parent_header"].get("msg_id") == msg_id else others).append(msg)
+            if msg in own and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        errors = [m for m in own if m["msg_type"] == "error"]
+        assert not errors, errors
+        streams = [m["content"] for m in own if m["msg_type"] == "stream"]
+        data = [m["content"]["data"] for m in own if m["msg_type"] in ("display_data", "execute_result",
+                                                                         "update_display_data")]
+        return {
+            "out": "".join(s["text"] for s in streams if s["name"] == "stdout"),
+            "err": "".join(s["text"] for s in streams if s["name"] == "stderr"),
+            "html": "\n".join(d.get("text/html", "") for d in data),
+            "text": "\n".join(d.get("text/plain", "") for d in data),
+            "data": data,
+            "messages": own,
+            "others": others,
+        }
+
+
+@contextmanager
+def kernel(server: dict[str, str], **extra_env: str) -> Iterator[Kernel]:
+    from jupyter_client.manager import start_new_kernel
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_"))}
+    env |= {"LOMAS_URL": server["url"], "LOMAS_TOKEN": server["token"], **extra_env}
+    km, kc = start_new_kernel(kernel_name="python3", env=env)
+    try:
+        k = Kernel(kc)
+        k.run("%load_ext lomas_jupyter")
+        yield k
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _budget(server: dict[str, str]) -> dict[str, Any]:
+    return requests.get(server["url"] + "lomas/api/budget/penguins",
+                        headers={"Authorization": f"token {server['token']}"}, timeout=10).json()
+
+
+def _widget_states(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(comm id, state) of every widget opened or updated in these messages."""
+    out = []
+    for m in messages:
+        if m["msg_type"] in ("comm_open", "comm_msg"):
+            state = m["content"].get("data", {}).get("state")
+            if state:
+                out.append((m["content"]["comm_id"], state))
+    return out
+
+
+def _gauge_and_label(opened: dict[str, Any]) -> tuple[str, str]:
+    states = _widget_states(opened["messages"])
+    models = {cid: s["_model_name"] for cid, s in states if "_model_name" in s}
+    gauge = next(cid for cid, name in models.items() if name == "FloatProgressModel")
+    labels = [cid for cid, s in states if models.get(cid) == "HTMLModel" and "release" in str(s.get("value", ""))]
+    return gauge, labels[-1]
+
+
+def test_the_widget_shows_the_services_truth(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    with kernel(jupyter_server) as k:
+        # 1. A release through the Python API (not the magic) refreshes the panel at once: the poller is
+        #    switched off here, so only the release hook can have done it.
+        k.run("import lomas_jupyter.widget as w\nw.POLL_SECONDS = 3600")
+        gauge, label = _gauge_and_label(k.run("%lomas budget"))
+        ran = k.run("from lomas_jupyter import Client\n"
+                    "Client().query('penguins', 'SELECT COUNT(*) FROM penguins', epsilon=0.125, fresh=True)\n"
+                    "None")
+        truth = _budget(jupyter_server)
+        updates = dict(_widget_states(ran["messages"] + ran["others"]))
+        assert updates[gauge]["value"] == pytest.approx(truth["epsilon_spent"])
+        assert f"spent ε {fmt(truth['epsilon_spent'])}" in updates[label]["value"]
+        assert f"{truth['releases']:,} release" in updates[label]["value"]
+
+        # 2. A release by another client (this test process, over HTTP) shows up while the panel is displayed.
+        k.run("m = get_ipython().magics_manager.registry['LomasMagics']\nm.panel.close()\nm.panel = None\n"
+              "w.POLL_SECONDS = 0.3")
+        gauge, label = _gauge_and_label(k.run("%lomas budget"))
+        answer = requests.post(jupyter_server["url"] + "lomas/api/query", timeout=60,
+                               headers={"Authorization": f"token {jupyter_server['token']}"},
+                               json={"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins",
+                                     "epsilon": 0.0625, "fresh": True})
+        assert answer.status_code == 201
+        truth = _budget(jupyter_server)
+        waited = k.run(
+            "import time\nstarted = time.monotonic()\n"
+            f"while m.panel._last[0]['releases'] != {truth['releases']} and time.monotonic() - started < 60:\n"
+            "    time.sleep(0.1)\n"
+            "print(m.panel._last[0]['releases'])"
+        )
+        assert waited["out"].strip() == str(truth["releases"])
+        # the update went out over the widget protocol (from the poller thread)
+        updates = dict(_widget_states(waited["messages"] + waited["others"]))
+        assert updates[gauge]["value"] == pytest.approx(truth["epsilon_spent"])
+        # one "label value" pair never wraps apart: each is a nowrap span
+        assert re.search(r"<span style='white-space:nowrap[^']*'>last query ε 0.0625</span>", updates[label]["value"])
+
+
+def test_nothing_is_spent_without_a_chosen_epsilon(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    with kernel(jupyter_server) as k:
+        before = _budget(jupyter_server)
+        refused = k.run("%%dpquery penguins\nSELECT COUNT(*) AS n, AVG(bill_length_mm) AS m FROM penguins")
+        assert refused["err"].count("\n") == 1 and "no ε given, so nothing was spent" in refused["err"]
+        assert "At ε=0.5 this query would give n ±" in refused["err"] and "%lomas epsilon E" in refused["err"]
+        assert _budget(jupyter_server)["epsilon_spent"] == before["epsilon_spent"]
+
+        assert "default ε for %%dpquery in this kernel: 0.2" in k.run("%lomas epsilon 0.2")["out"]
+        used = k.run("%%dpquery penguins\nSELECT COUNT(*) AS n FROM penguins WHERE year = 2008")
+        assert "charged ε=0.2" in used["html"] and "ε from your kernel default, %lomas epsilon" in used["html"]
+        assert _budget(jupyter_server)["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + 0.2)
+        assert "no default ε" in k.run("%lomas epsilon off")["out"]
+        assert "no ε given" in k.run("%%dpquery penguins\nSELECT COUNT(*) FROM penguins")["err"]
+        assert "not a number" in k.run("%lomas epsilon lots")["err"]
+        usage = k.run("print(get_ipython().find_cell_magic('dpquery').__doc__)")["out"]
+        assert "%%dpquery [--epsilon EPSILON]" in usage and "%%%" not in usage and "zCDP" in usage
+
+
+def test_a_failed_connect_keeps_the_previous_connection(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    from .servers import free_port
+
+    with kernel(jupyter_server) as k:
+        assert "you are" in k.run("%lomas status")["out"]
+        failed = k.run(f"%lomas connect http://127.0.0.1:{free_port()}/ badtoken")
+        assert failed["err"].count("\n") == 1 and "could not connect" in failed["err"]
+        assert f"still using {jupyter_server['url']}" in failed["err"]
+        assert "you are" in k.run("%lomas status")["out"]  # still works, no %reload_ext
+        again = k.run("%lomas connect")  # discovery again (LOMAS_URL here)
+        assert "connected to" in again["out"] and "(LOMAS_URL)" in again["out"]
+
+
+def test_tables_numbers_and_plots_read_well(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    with kernel(jupyter_server) as k:
+        described = k.run("%lomas describe penguins")
+        for shown in (described["html"], described["text"]):
+            assert "Adelie, Chinstrap, Gentoo" in shown and "Biscoe, Dream, Torgersen" in shown
+            assert "shape:" not in shown and "…" not in shown and '""' not in shown
+        assert "[30, 60]" in described["text"] and "may be null" in described["text"]
+        datasets = k.run("%lomas datasets")
+        assert "<table>" in datasets["html"] and "penguins" in datasets["text"] and "shape:" not in datasets["text"]
+
+        sql = "SELECT species, SUM(body_mass_g) AS mass FROM penguins GROUP BY species"
+        answer = k.run(f"%%dpquery penguins --epsilon 0.3 --plot\n{sql}")
+        assert not re.search(r"\d[eE][+-]\d", answer["html"])  # no scientific notation in the table
+        for number in re.findall(r"[\d,.]+(?= \[)", answer["html"]):
+            assert re.fullmatch(r"\d{1,3}(,\d{3})*", number), number  # integer sums print as integers
+        charts = [d[VEGA_LITE] for d in answer["data"] if VEGA_LITE in d]
+        assert len(charts) == 1 and "DP estimate" in charts[0]["title"]
+        points = charts[0]["data"]["values"]
+        assert [p["group"] for p in points] == ["Adelie", "Chinstrap", "Gentoo"]
+        assert all(p["low"] <= p["estimate"] <= p["high"] for p in points)
+
+        archive = k.run("%lomas archive")
+        assert sql in archive["text"] and "shape:" not in archive["text"]
+
+        plotted = k.run(f"from lomas_jupyter import Client\nClient().query('penguins', '''{sql}''', epsilon=0.3).plot()")
+        assert any(VEGA_LITE in d for d in plotted["data"])
+        spending = k.run("%lomas budget plot")
+        (chart,) = [d[VEGA_LITE] for d in spending["data"] if VEGA_LITE in d]
+        spent = [p["spent"] for p in chart["data"]["values"] if p["dataset"] == "penguins"]
+        assert spent == sorted(spent) and spent[-1] == pytest.approx(_budget(jupyter_server)["epsilon_spent"])
+
+
+def test_slow_work_shows_that_it_is_running(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    with kernel(jupyter_server) as k:
+        ran = k.run("import time\nfrom lomas_jupyter.magics import run_with_progress\n"
+                    "print(run_with_progress('a slow query', lambda: time.sleep(2.5) or 42))")
+        shown = [m for m in ran["messages"] if m["msg_type"] == "display_data"]
+        assert shown and "a slow query: running for" in shown[0]["content"]["data"]["text/html"]
+        cleared = [m for m in ran["messages"] if m["msg_type"] == "update_display_data"]
+        assert cleared and cleared[-1]["content"]["data"]["text/html"] == ""
+        assert ran["out"].strip() == "42"
+        quick = k.run("print(run_with_progress('quick', lambda: 7))")
+        assert not [m for m in quick["messages"] if m["msg_type"] == "display_data"] and quick["out"].strip() == "7"
+
+
+def test_the_embedded_server_takes_no_browser_quietly(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    assert "not recognized by `LomasApp`" not in Path(jupyter_server["log"]).read_text()
