@@ -13,7 +13,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import HTML, display
 
 from .client import Client, Release, on_release
-from .display import Chart, Table, accuracy_summary, fmt, preview_html, release_html, spending_spec
+from .display import Chart, Table, accuracy_summary, fmt, plain, preview_html, release_html, spending_spec
 from .errors import LomasError
 from .widget import BudgetPanel
 
@@ -174,7 +174,7 @@ class LomasMagics(Magics):
             categories = col.get("categories")
             rows.append({
                 "column": name, "type": col["type"], "nulls": "may be null" if col["nullable"] else "never null",
-                "bounds": f"[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "",
+                "bounds": f"[{plain(bounds[0])}, {plain(bounds[1])}]" if bounds else "",
                 "GROUP BY keys": ", ".join(str(c) for c in categories) if categories else "",
                 "description": col.get("description", ""),
             })
