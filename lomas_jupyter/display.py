@@ -38,7 +38,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def interval(bounds: list[Any]) -> str:
+def span(bounds: list[Any]) -> str:
     """`8,417 – 29,540`: a dash, not a comma, between numbers that have thousands separators."""
     return f"{fmt(bounds[0])} – {fmt(bounds[1])}"
 
@@ -107,7 +107,7 @@ def release_html(release: Release, epsilon_note: str = "") -> str:
             text = html.escape(fmt(row[name])) if not isinstance(row[name], str) else html.escape(row[name])
             bounds = interval.get(name)
             if bounds:
-                text += f' <small style="opacity:0.75">[{interval(bounds)}]</small>'
+                text += f' <small style="opacity:0.75">[{span(bounds)}]</small>'
             elif ranks.get(name) is not None:
                 text += f' <small style="opacity:0.75">(rank ±{fmt(round(ranks[name]))} rows)</small>'
             cells.append(f"<td>{text}</td>")

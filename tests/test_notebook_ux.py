@@ -37,7 +37,7 @@ class Kernel:
             if msg in own and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
         errors = [m for m in own if m["msg_type"] == "error"]
-        assert not errors, errors
+        assert not errors, [(e["content"]["ename"], e["content"]["evalue"]) for e in errors]
         streams = [m["content"] for m in own if m["msg_type"] == "stream"]
         data = [m["content"]["data"] for m in own if m["msg_type"] in ("display_data", "execute_result",
                                                                          "update_display_data")]
