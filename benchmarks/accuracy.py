@@ -176,6 +176,18 @@ def kinds(p: Table, big: Table) -> list[Kind]:
     species_truth = {(r["species"],): r["m"] for r in p.frame.group_by("species").agg(clipped(p, mass).mean()
                                                                                       .alias("m")).to_dicts()}
     measured = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", mass]
+    # COUNT(x), SUM(x), AVG(x): a Context user needs a count and a sum; the previous engine released four parts
+    three = f"SELECT COUNT({mass}) AS c, SUM({mass}) AS s, AVG({mass}) AS a FROM penguins"
+
+    def three_context(e: float) -> Callable[[], dict[str, Any]]:
+        return opendp_context(p, [m.dp.count(signed=True).alias("c"),
+                                  m.clip(2500, 6500).fill_null(0).dp.sum((0, 6500)).alias("s")], e)
+
+    def three_before(e: float) -> Callable[[], dict[str, Any]]:
+        return before(p, [m.dp.count(signed=True).alias("c"), m.fill_null(2500).dp.sum((2500, 6500)).alias("s"),
+                          (m - 2500).fill_null(0).dp.sum((0, 4000)).alias("as"), m.dp.count(signed=True).alias("ac")],
+                      e)
+
     return [
         Kind("COUNT(*)", p, "SELECT COUNT(*) AS v FROM penguins", "v", truth["n"],
              lambda e: opendp_context(p, [dp.len(signed=True).alias("v")], e),
@@ -201,21 +213,9 @@ def kinds(p: Table, big: Table) -> list[Kind]:
              lambda e: before(big, [(pl.col("x") - 0.0).fill_null(0.0).dp.sum((0.0, 100.0)).alias("s"),
                                     pl.col("x").dp.count(signed=True).alias("c")], e),
              before_value=lambda r: r["s"] / max(r["c"], 1)),
-        Kind("SUM in COUNT+SUM+AVG", p,
-             f"SELECT COUNT({mass}) AS c, SUM({mass}) AS s, AVG({mass}) AS a FROM penguins", "s", truth["s"],
-             lambda e: opendp_context(p, [m.dp.count(signed=True).alias("c"),
-                                          m.clip(2500, 6500).fill_null(0).dp.sum((0, 6500)).alias("s")], e),
-             lambda e: before(p, [m.dp.count(signed=True).alias("c"), m.fill_null(2500).dp.sum((2500, 6500))
-                                  .alias("s"), (m - 2500).fill_null(0).dp.sum((0, 4000)).alias("as"),
-                                  m.dp.count(signed=True).alias("ac")], e),
+        Kind("SUM in COUNT+SUM+AVG", p, three, "s", truth["s"], three_context, three_before,
              context_value=lambda r: r["s"]),
-        Kind("AVG in COUNT+SUM+AVG", p,
-             f"SELECT COUNT({mass}) AS c, SUM({mass}) AS s, AVG({mass}) AS a FROM penguins", "a", truth["m"],
-             lambda e: opendp_context(p, [m.dp.count(signed=True).alias("c"),
-                                          m.clip(2500, 6500).fill_null(0).dp.sum((0, 6500)).alias("s")], e),
-             lambda e: before(p, [m.dp.count(signed=True).alias("c"), m.fill_null(2500).dp.sum((2500, 6500))
-                                  .alias("s"), (m - 2500).fill_null(0).dp.sum((0, 4000)).alias("as"),
-                                  m.dp.count(signed=True).alias("ac")], e),
+        Kind("AVG in COUNT+SUM+AVG", p, three, "a", truth["m"], three_context, three_before,
              context_value=lambda r: min(max(r["s"] / max(r["c"], 1), 2500), 6500),
              before_value=lambda r: 2500 + r["as"] / max(r["ac"], 1)),
         Kind("MEDIAN(col)", p, f"SELECT MEDIAN({flipper}) AS v FROM penguins", "v", truth["med"],
