@@ -1,0 +1,25 @@
+"""Numbers as people read them (the JSON keeps exact values): no scientific notation for ordinary magnitudes,
+integers as integers, a few significant digits."""
+
+from __future__ import annotations
+
+import pytest
+
+from lomas_jupyter.display import Table, fmt, plain, span
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (18977, "18,977"), (29540.3, "29,540"), (66666.67, "66,667"), (2.3999999999986, "2.4"),
+    (550829.201113, "550,829"), (0.002595123, "0.002595"), (1e-6, "0.000001"), (1e-9, "1e-09"), (0.0, "0"),
+    (-3.25, "-3.25"), (12.0, "12"), (3.0000000000030003, "3"), (None, "NULL"), ("Adelie", "Adelie"),
+])
+def test_numbers_read_well(value: object, text: str) -> None:
+    assert fmt(value) == text
+
+
+def test_intervals_years_and_tables() -> None:
+    assert span([8417, 29540.2]) == "8,417 – 29,540"  # a dash between numbers that carry commas
+    assert plain(2009) == "2009" and plain(6500.0) == "6500"
+    table = Table([{"column": "species", "GROUP BY keys": "Adelie, Chinstrap, Gentoo"}])
+    assert "Adelie, Chinstrap, Gentoo" in repr(table) and "Adelie, Chinstrap, Gentoo" in table._repr_html_()
+    assert repr(Table([], ["a"])) == "(none)"
