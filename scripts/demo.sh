@@ -9,5 +9,5 @@ export LOMAS_STORAGE_DIR="${LOMAS_STORAGE_DIR:-$PWD/.lomas}"
 extra=()
 if [ "$(id -u)" = "0" ]; then extra+=(--allow-root); fi
 # Rooted at the repository (README, notebooks/admin.ipynb and the rest in reach), opening the quickstart.
-exec .venv/bin/jupyter lab --ServerApp.root_dir="$PWD" --ServerApp.default_url=/lab/tree/notebooks/quickstart.ipynb \
+exec .venv/bin/jupyter lab --ServerApp.root_dir="$PWD" --LabApp.default_url=/lab/tree/notebooks/quickstart.ipynb \
   --ServerApp.ip=127.0.0.1 "${extra[@]}" "$@"
