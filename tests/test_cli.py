@@ -48,3 +48,19 @@ def test_jupyter_lomas_help_shows_the_service_options() -> None:
     for option in ("--storage-dir", "--query-timeout", "--max-epsilon-per-query", "--timing-padding", "--port"):
         assert option in out.stdout, option
     assert "lomas-admin --storage-dir /srv/lomas user add boss" in out.stdout
+
+
+def test_an_instructor_runs_a_course_from_the_command_line(tmp_path: Path) -> None:
+    import json
+
+    storage = tmp_path / "store"
+    lomas_admin(storage, "demo", "--user", "prof")
+    lomas_admin(storage, "user", "add", "sam")
+    lomas_admin(storage, "course", "create", "stats101", "--hub-group", "stats101-students")
+    lomas_admin(storage, "course", "dataset", "stats101", "penguins", "--epsilon-per-student", "2",
+                "--epsilon-cap", "5")
+    course = json.loads(lomas_admin(storage, "course", "add", "stats101", "sam"))
+    assert course["members"] == ["sam"] and course["datasets"][0]["epsilon_cap"] == 5.0
+    assert json.loads(lomas_admin(storage, "budget", "sam", "penguins"))["epsilon_total"] == 2.0
+    spending = json.loads(lomas_admin(storage, "course", "spending", "stats101", "penguins"))
+    assert spending["epsilon_spent"] == 0.0 and set(spending["per_student"]) == {"sam"}

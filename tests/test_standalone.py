@@ -86,3 +86,34 @@ def test_delta_is_spent_only_when_gaussian_noise_is_chosen(service: dict[str, st
     assert after["delta_spent"] == pytest.approx(before["delta_spent"] + 1e-6, abs=1e-15)
     assert after["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + release.cost["epsilon"]
                                                    + single.cost["epsilon"])
+
+
+def test_a_course_shares_one_cap_and_only_admins_manage_it(service: dict[str, str]) -> None:
+    """Over HTTP against the standalone service: an instructor (admin) sets up a course; students get their grant
+    on enrolment, and the class stops at its cap whoever spends; students cannot see or change the course."""
+    boss, alice = Client(service["url"], service["boss"]), Client(service["url"], service["alice"])
+    call = boss._call
+    call("POST", "admin/users", {"username": "carl", "role": "analyst"})
+    course = call("POST", "admin/courses", {"name": "stats101", "hub_group": "stats101-students"})
+    assert course["members"] == [] and course["hub_group"] == "stats101-students"
+    call("PUT", "admin/courses/stats101/datasets",
+         {"dataset": "penguins", "epsilon_per_student": 1.0, "epsilon_cap": 1.5})
+    for student in ("alice", "carl"):
+        course = call("POST", "admin/courses/stats101/members", {"username": student})
+    assert course["members"] == ["alice", "carl"]
+    carl = Client(service["url"], boss.issue_token("carl"))
+    carl.query("penguins", "SELECT COUNT(*) FROM penguins WHERE year = 2007", epsilon=1.0)
+    with pytest.raises(LomasError, match="class 'stats101' has reached its cap") as refused:
+        alice.query("penguins", "SELECT COUNT(*) FROM penguins WHERE year = 2008", epsilon=0.7)  # her grant allows it
+    assert "Nothing was charged" in str(refused.value)
+    alice.query("penguins", "SELECT COUNT(*) FROM penguins WHERE year = 2009", epsilon=0.5)
+    spending = call("GET", "admin/courses/stats101/spending/penguins")
+    assert spending["epsilon_spent"] == pytest.approx(1.5) and spending["epsilon_cap"] == 1.5
+    assert spending["per_student"]["carl"]["epsilon_spent"] == pytest.approx(1.0)
+    for method, path in (("GET", "admin/courses"), ("GET", "admin/courses/stats101/spending/penguins"),
+                         ("POST", "admin/courses/stats101/members")):
+        with pytest.raises(LomasError, match="admin role"):
+            alice._call(method, path, {"username": "alice"} if method == "POST" else None)
+    call("DELETE", "admin/courses/stats101/members/carl")
+    with pytest.raises(LomasError, match="not enough budget"):
+        carl.query("penguins", "SELECT COUNT(*) FROM penguins WHERE island = 'Dream'", epsilon=0.01)

@@ -189,3 +189,80 @@ def test_a_replica_settles_only_what_a_dead_owner_left(store: SQLiteStore) -> No
     budget = store.budget("alice", "penguins")
     assert budget.pending == 3 and budget.epsilon_spent == pytest.approx(0.75)
     assert {i.id for i in store.running_instances()} == {me.id, "live", "far-live"}
+
+
+# --- courses: per-student grants and a class-wide cap, checked in one step ---------------------------------
+
+
+def _class(store: SQLiteStore, students: list[str], per_student: float, cap: float) -> None:
+    store.create_course("stats101", "stats101-students", "prof")
+    store.set_course_dataset("stats101", "penguins", per_student, 0.0, cap, 0.0, "prof")
+    for name in students:
+        store.create_user(name, "analyst", "hub")
+        store.add_course_member("stats101", name, "hub")
+
+
+def _reserve_as_students(path: str, students: list[str], tries: int, cost: float,
+                         results: multiprocessing.Queue) -> None:
+    s = SQLiteStore(path)
+    granted = 0
+    for i in range(tries):
+        try:
+            s.reserve(students[i % len(students)], "penguins", cost, 0.0)
+            granted += 1
+        except InsufficientBudget:
+            pass
+    results.put(granted)
+
+
+def test_students_get_their_grant_and_concurrent_students_stop_exactly_at_the_class_cap(store: SQLiteStore) -> None:
+    students = [f"s{i}" for i in range(6)]
+    _class(store, students, per_student=1.0, cap=2.5)
+    assert all(store.get_grant(s, "penguins").epsilon == 1.0 for s in students)  # type: ignore[union-attr]
+    ctx = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = ctx.Queue()
+    # three processes, each cycling through all six students: 60 attempts at 0.25 for a class cap of 2.5
+    procs = [ctx.Process(target=_reserve_as_students, args=(store.path, students, 20, 0.25, results))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    granted = sum(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert granted == 10  # exactly 2.5 / 0.25: never over, never short
+    spending = store.class_spending("stats101", "penguins")
+    assert spending.epsilon_spent == pytest.approx(2.5) and spending.epsilon_spent <= 2.5
+    assert sum(s["epsilon_spent"] for s in spending.per_student.values()) == pytest.approx(2.5)
+    assert all(s["epsilon_spent"] <= 1.0 for s in spending.per_student.values())
+    with pytest.raises(InsufficientBudget, match="class 'stats101' has reached its cap"):
+        store.reserve("s0", "penguins", 0.01, 0.0)
+
+
+def test_a_refund_gives_back_to_the_pool_and_a_top_up_raises_cap_and_grants(store: SQLiteStore) -> None:
+    _class(store, ["ann", "ben"], per_student=1.0, cap=1.0)
+    first = store.reserve("ann", "penguins", 0.75, 0.0)
+    with pytest.raises(InsufficientBudget, match="cap"):
+        store.reserve("ben", "penguins", 0.5, 0.0)  # ben has grant left, the class has not
+    assert store.get_grant("ben", "penguins").epsilon == 1.0  # type: ignore[union-attr]
+    store.refund(first)
+    second = store.reserve("ben", "penguins", 0.5, 0.0)
+    store.commit(second)
+    assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.5)
+    store.set_course_dataset("stats101", "penguins", 2.0, 0.0, 3.0, 0.0, "prof")
+    assert store.get_grant("ann", "penguins").epsilon == 2.0  # type: ignore[union-attr]
+    store.commit(store.reserve("ann", "penguins", 1.5, 0.0))
+    assert [row["pools"] for row in store.ledger("ann")][:2] == [[], ["stats101"]]  # commit row, reserve row
+
+
+def test_a_student_who_leaves_loses_access_and_their_spending_stays_in_the_pool(store: SQLiteStore) -> None:
+    _class(store, ["ann", "ben"], per_student=1.0, cap=1.5)
+    store.commit(store.reserve("ann", "penguins", 0.75, 0.0))
+    course = store.remove_course_member("stats101", "ann", "hub")
+    assert course.members == ("ben",)
+    with pytest.raises(InsufficientBudget):
+        store.reserve("ann", "penguins", 0.1, 0.0)
+    spending = store.class_spending("stats101", "penguins")
+    assert spending.epsilon_spent == pytest.approx(0.75) and set(spending.per_student) == {"ben"}
+    with pytest.raises(InsufficientBudget, match="cap"):
+        store.reserve("ben", "penguins", 1.0, 0.0)  # 0.75 + 1.0 > 1.5: the leaver's releases still count
+    store.commit(store.reserve("ben", "penguins", 0.75, 0.0))

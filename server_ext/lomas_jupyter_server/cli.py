@@ -70,13 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("username", help="the user")
     budget.add_argument("dataset", help="the dataset")
 
+    course = sub.add_parser("course", help="courses: a Hub group of students, per-student grants, a class cap"
+                            ).add_subparsers(dest="action", required=True)
+    create = course.add_parser("create", help="create a course bound to a JupyterHub group")
+    create.add_argument("name", help="the course's name")
+    create.add_argument("--hub-group", required=True, help="the Hub group its students are in")
+    course.add_parser("list", help="all courses with students, datasets and caps")
+    attach = course.add_parser("dataset", help="attach a dataset, or top it up (grants only ever go up)")
+    attach.add_argument("name", help="the course")
+    attach.add_argument("dataset", help="the dataset")
+    attach.add_argument("--epsilon-per-student", type=float, required=True, help="each student's ε grant")
+    attach.add_argument("--epsilon-cap", type=float, required=True,
+                        help="what the whole class may spend on it, together")
+    attach.add_argument("--delta-per-student", type=float, default=0.0, help="each student's δ (default 0)")
+    attach.add_argument("--delta-cap", type=float, default=0.0, help="the class's δ cap (default 0)")
+    enrol = course.add_parser("add", help="enrol a user (they get the per-student grants)")
+    enrol.add_argument("name", help="the course")
+    enrol.add_argument("username", help="the student")
+    leave = course.add_parser("remove", help="remove a student (their spending stays in the class pool)")
+    leave.add_argument("name", help="the course")
+    leave.add_argument("username", help="the student")
+    spending = course.add_parser("spending", help="the class's spending on a dataset, per student and in total")
+    spending.add_argument("name", help="the course")
+    spending.add_argument("dataset", help="the dataset")
+
     ledger = sub.add_parser("ledger", help="show the newest ledger rows")
     ledger.add_argument("--user", default=None, help="only this user's rows")
     ledger.add_argument("--limit", type=int, default=50, help="how many rows (default 50)")
     return parser
 
 
-READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None)}
+READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None), ("course", "list"),
+             ("course", "spending")}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -135,6 +160,8 @@ def run(argv: list[str] | None = None) -> int:
             if budget is None:
                 raise LomasError(f"'{args.username}' has no grant on '{args.dataset}'")
             _print(budget.to_json())
+        elif args.command == "course":
+            _print(_course_command(store, args, actor))
         elif args.command == "ledger":
             _print(store.ledger(args.user, args.limit))
     except LomasError as err:
@@ -148,6 +175,21 @@ def run(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     return 0
+
+
+def _course_command(store: SQLiteStore, args: argparse.Namespace, actor: str) -> Any:
+    if args.action == "create":
+        return store.create_course(args.name, args.hub_group, actor).to_json()
+    if args.action == "list":
+        return [c.to_json() for c in store.list_courses()]
+    if args.action == "dataset":
+        return store.set_course_dataset(args.name, args.dataset, args.epsilon_per_student, args.delta_per_student,
+                                        args.epsilon_cap, args.delta_cap, actor).to_json()
+    if args.action == "add":
+        return store.add_course_member(args.name, args.username, actor).to_json()
+    if args.action == "remove":
+        return store.remove_course_member(args.name, args.username, actor).to_json()
+    return store.class_spending(args.name, args.dataset).to_json()
 
 
 def main() -> None:

@@ -287,6 +287,54 @@ class AdminAuditHandler(LomasHandler):
         self.reply([a.to_json() for a in self.service.store.audit(self.int_argument("limit", 200))])
 
 
+class AdminCoursesHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.service.require_admin(self.lomas_user)
+        self.reply([c.to_json() for c in self.service.store.list_courses()])
+
+    @tornado.web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.reply(self.service.create_course(self.lomas_user, self.json_body()), 201)
+
+
+class AdminCourseHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, course: str) -> None:
+        self.reply(self.service.course(self.lomas_user, course))
+
+
+class AdminCourseDatasetsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def put(self, course: str) -> None:
+        self.reply(self.service.set_course_dataset(self.lomas_user, course, self.json_body()))
+
+
+class AdminCourseMembersHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def post(self, course: str) -> None:
+        self.reply(self.service.add_course_member(self.lomas_user, course, self.json_body()))
+
+
+class AdminCourseMemberHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def delete(self, course: str, username: str) -> None:
+        self.reply(self.service.remove_course_member(self.lomas_user, course, username))
+
+
+class AdminCourseSpendingHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, course: str, dataset: str) -> None:
+        self.reply(self.service.class_spending(self.lomas_user, course, dataset))
+
+
 NAME = r"(?P<{}>[^/]+)"
 ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("whoami", WhoAmIHandler),
@@ -307,5 +355,11 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("admin/archive", AdminArchiveHandler),
     ("admin/ledger", AdminLedgerHandler),
     ("admin/audit", AdminAuditHandler),
+    ("admin/courses", AdminCoursesHandler),
+    ("admin/courses/" + NAME.format("course"), AdminCourseHandler),
+    ("admin/courses/" + NAME.format("course") + "/datasets", AdminCourseDatasetsHandler),
+    ("admin/courses/" + NAME.format("course") + "/members", AdminCourseMembersHandler),
+    ("admin/courses/" + NAME.format("course") + "/members/" + NAME.format("username"), AdminCourseMemberHandler),
+    ("admin/courses/" + NAME.format("course") + "/spending/" + NAME.format("dataset"), AdminCourseSpendingHandler),
 ]
 API_PREFIX = "lomas/api/"

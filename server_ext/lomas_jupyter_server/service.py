@@ -407,6 +407,46 @@ class DPService:
         revoked = self.store.revoke_tokens(username, admin.username, keep_admin_access=self.protect_admin_access)
         return {"username": username, "revoked": revoked}
 
+    # --- courses: a class shares one cap per dataset; each student has their own grant ----------------------
+
+    def create_course(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        name, group = body.get("name"), body.get("hub_group")
+        if not isinstance(name, str) or not isinstance(group, str):
+            raise BadRequest("'name' and 'hub_group' (the Hub group of its students) are required")
+        return self.store.create_course(name, group, admin.username).to_json()
+
+    def course(self, admin: UserRecord, name: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        record = self.store.get_course(name)
+        if record is None:
+            raise NotFound(f"no course '{name}'")
+        return record.to_json()
+
+    def set_course_dataset(self, admin: UserRecord, course: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        dataset = body.get("dataset")
+        if not isinstance(dataset, str):
+            raise BadRequest("'dataset' is required")
+        amounts = [_amount(body, name) for name in ("epsilon_per_student", "delta_per_student", "epsilon_cap",
+                                                     "delta_cap")]
+        return self.store.set_course_dataset(course, dataset, *amounts, admin.username).to_json()
+
+    def add_course_member(self, admin: UserRecord, course: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        username = body.get("username")
+        if not isinstance(username, str):
+            raise BadRequest("'username' is required")
+        return self.store.add_course_member(course, username, admin.username).to_json()
+
+    def remove_course_member(self, admin: UserRecord, course: str, username: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        return self.store.remove_course_member(course, username, admin.username).to_json()
+
+    def class_spending(self, admin: UserRecord, course: str, dataset: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        return self.store.class_spending(course, dataset).to_json()
+
     def set_grant(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
         username, dataset = body.get("username"), body.get("dataset")
@@ -417,3 +457,11 @@ class DPService:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise BadRequest(f"'{name}' must be a number")
         return self.store.set_grant(username, dataset, float(epsilon), float(delta), admin.username).to_json()  # type: ignore[arg-type]
+
+
+def _amount(body: dict[str, Any], name: str) -> float:
+    """A required budget amount from a request body: a finite number, at least 0."""
+    value = body.get(name, 0.0 if name.startswith("delta") else None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BadRequest(f"'{name}' must be a number, at least 0")
+    return float(value)

@@ -115,6 +115,56 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class CourseDataset:
+    """A dataset attached to a course: what each student gets, and what the whole class may spend on it (all
+    students' releases are about the same people, so their losses add up against one cap)."""
+
+    course: str
+    dataset: str
+    epsilon_per_student: float
+    delta_per_student: float
+    epsilon_cap: float
+    delta_cap: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "epsilon_per_student": self.epsilon_per_student,
+                "delta_per_student": self.delta_per_student, "epsilon_cap": self.epsilon_cap,
+                "delta_cap": self.delta_cap}
+
+
+@dataclass(frozen=True)
+class CourseRecord:
+    name: str
+    hub_group: str
+    created_at: str
+    members: tuple[str, ...]
+    datasets: tuple[CourseDataset, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "hub_group": self.hub_group, "created_at": self.created_at,
+                "members": list(self.members), "datasets": [d.to_json() for d in self.datasets]}
+
+
+@dataclass(frozen=True)
+class ClassSpending:
+    """A class's spending on one dataset: the pool (every reservation ever charged to it, pending included,
+    removed students too) against its cap, and each current student's own spending."""
+
+    course: str
+    dataset: str
+    epsilon_cap: float
+    delta_cap: float
+    epsilon_spent: float
+    delta_spent: float
+    per_student: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"course": self.course, "dataset": self.dataset, "epsilon_cap": self.epsilon_cap,
+                "delta_cap": self.delta_cap, "epsilon_spent": self.epsilon_spent, "delta_spent": self.delta_spent,
+                "per_student": self.per_student}
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """A running service process that may hold reservations (one per replica and start)."""
 
@@ -251,6 +301,35 @@ class AdminStore(ABC):
 
     @abstractmethod
     def running_instances(self) -> list[InstanceRecord]: ...
+
+    # --- courses: class pools with a cap checked in the same step as each student's grant ----------------
+
+    @abstractmethod
+    def create_course(self, name: str, hub_group: str, actor: str) -> CourseRecord: ...
+
+    @abstractmethod
+    def get_course(self, name: str) -> CourseRecord | None: ...
+
+    @abstractmethod
+    def list_courses(self) -> list[CourseRecord]: ...
+
+    @abstractmethod
+    def set_course_dataset(self, course: str, dataset: str, epsilon_per_student: float, delta_per_student: float,
+                           epsilon_cap: float, delta_cap: float, actor: str) -> CourseRecord:
+        """Attach or change a dataset; every member's grant is raised to the per-student amount (a top-up never
+        lowers what a student already has)."""
+
+    @abstractmethod
+    def add_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        """Enrol an existing user; they get the per-student grant on every attached dataset."""
+
+    @abstractmethod
+    def remove_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        """End a student's access to the course's datasets: their grant drops to what they have spent. What they
+        spent stays in the class pool."""
+
+    @abstractmethod
+    def class_spending(self, course: str, dataset: str) -> ClassSpending: ...
 
     @abstractmethod
     def retire_instance(self, instance_id: str | None, note: str) -> int:

@@ -24,6 +24,9 @@ from .base import (
     AdminStore,
     AuditEntry,
     Budget,
+    ClassSpending,
+    CourseDataset,
+    CourseRecord,
     DatasetRecord,
     GrantRecord,
     InstanceRecord,
@@ -86,6 +89,28 @@ def _add_ownership_and_pending(conn: sqlite3.Connection) -> None:
     for (username, dataset), (eps, delta, count) in pending.items():
         conn.execute("UPDATE budget_totals SET epsilon_pending = ?, delta_pending = ?, pending = ? "
                      "WHERE username = ? AND dataset = ?", (str(eps), str(delta), count, username, dataset))
+
+
+def _add_courses(conn: sqlite3.Connection) -> None:
+    """Courses bound to a Hub group, their datasets with per-student grants and a class-wide cap, and the class
+    pools: running totals of everything charged to each (course, dataset). A reservation names the pools it
+    charged, so a refund gives back to exactly those, whoever has joined or left since. Safe to re-run."""
+    for statement in (
+        "CREATE TABLE IF NOT EXISTS courses (name TEXT PRIMARY KEY, hub_group TEXT NOT NULL, "
+        "created_at TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS course_datasets (course TEXT NOT NULL REFERENCES courses(name), "
+        "dataset TEXT NOT NULL REFERENCES datasets(name), epsilon_per_student REAL NOT NULL, "
+        "delta_per_student REAL NOT NULL, epsilon_cap REAL NOT NULL, delta_cap REAL NOT NULL, "
+        "updated_at TEXT NOT NULL, PRIMARY KEY (course, dataset))",
+        "CREATE TABLE IF NOT EXISTS course_members (course TEXT NOT NULL REFERENCES courses(name), "
+        "username TEXT NOT NULL REFERENCES users(username), joined_at TEXT NOT NULL, "
+        "PRIMARY KEY (course, username))",
+        "CREATE TABLE IF NOT EXISTS pool_totals (course TEXT NOT NULL, dataset TEXT NOT NULL, "
+        "epsilon_spent TEXT NOT NULL, delta_spent TEXT NOT NULL, PRIMARY KEY (course, dataset))",
+    ):
+        conn.execute(statement)
+    if "pools" not in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}:
+        conn.execute("ALTER TABLE ledger ADD COLUMN pools TEXT NOT NULL DEFAULT '[]'")
 
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
@@ -164,6 +189,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     _add_budget_totals,
     _add_ownership_and_pending,
+    _add_courses,
 ]
 
 
@@ -437,10 +463,12 @@ class SQLiteStore(AdminStore):
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining=remaining,
                 )
+            pools = self._charge_pools(conn, username, dataset, Fraction(epsilon), Fraction(delta))
             conn.execute(
                 "INSERT INTO ledger (reservation_id, username, dataset, kind, epsilon, delta, created_at, "
-                "instance_id) VALUES (?, ?, ?, 'reserve', ?, ?, ?, ?)",
-                (reservation_id, username, dataset, float(epsilon), float(delta), utcnow(), owner),
+                "instance_id, pools) VALUES (?, ?, ?, 'reserve', ?, ?, ?, ?, ?)",
+                (reservation_id, username, dataset, float(epsilon), float(delta), utcnow(), owner,
+                 json.dumps(pools)),
             )
             totals.epsilon += Fraction(epsilon)
             totals.delta += Fraction(delta)
@@ -474,10 +502,159 @@ class SQLiteStore(AdminStore):
         if kind == "refund":
             totals.epsilon -= Fraction(row["epsilon"])
             totals.delta -= Fraction(row["delta"])
+            for course in json.loads(row["pools"]):
+                pool = self._pool(conn, course, row["dataset"])
+                self._write_pool(conn, course, row["dataset"], pool[0] - Fraction(row["epsilon"]),
+                                 pool[1] - Fraction(row["delta"]))
         else:
             totals.releases += 1
             totals.last_cost = row["epsilon"]
         self._write_totals(conn, row["username"], row["dataset"], totals)
+
+    def _pool(self, conn: sqlite3.Connection, course: str, dataset: str) -> tuple[Fraction, Fraction]:
+        row = conn.execute("SELECT epsilon_spent, delta_spent FROM pool_totals WHERE course = ? AND dataset = ?",
+                           (course, dataset)).fetchone()
+        return (Fraction(row[0]), Fraction(row[1])) if row else (Fraction(0), Fraction(0))
+
+    def _write_pool(self, conn: sqlite3.Connection, course: str, dataset: str, epsilon: Fraction,
+                    delta: Fraction) -> None:
+        conn.execute("INSERT INTO pool_totals VALUES (?, ?, ?, ?) ON CONFLICT (course, dataset) DO UPDATE SET "
+                     "epsilon_spent = excluded.epsilon_spent, delta_spent = excluded.delta_spent",
+                     (course, dataset, str(epsilon), str(delta)))
+
+    def _charge_pools(self, conn: sqlite3.Connection, username: str, dataset: str, epsilon: Fraction,
+                      delta: Fraction) -> list[str]:
+        """Inside the reservation's transaction: every class the student is in that uses this dataset must have
+        room under its cap; all are charged, or none and nothing is reserved."""
+        classes = conn.execute(
+            "SELECT d.course, d.epsilon_cap, d.delta_cap FROM course_datasets d JOIN course_members m "
+            "ON m.course = d.course WHERE m.username = ? AND d.dataset = ? ORDER BY d.course", (username, dataset)
+        ).fetchall()
+        charged = []
+        for course, epsilon_cap, delta_cap in classes:
+            spent_eps, spent_delta = self._pool(conn, course, dataset)
+            if float(spent_eps + epsilon) > epsilon_cap or float(spent_delta + delta) > delta_cap:
+                raise InsufficientBudget(
+                    f"the class '{course}' has reached its cap on '{dataset}': it may spend epsilon="
+                    f"{epsilon_cap:.6g} in total and {float(spent_eps):.6g} is spent or running; this query "
+                    f"costs epsilon={float(epsilon):.6g}. Nothing was charged; ask your instructor for a top-up.",
+                    cost={"epsilon": float(epsilon), "delta": float(delta)},
+                    remaining={"epsilon": max(epsilon_cap - float(spent_eps), 0.0),
+                               "delta": max(delta_cap - float(spent_delta), 0.0)},
+                )
+            self._write_pool(conn, course, dataset, spent_eps + epsilon, spent_delta + delta)
+            charged.append(course)
+        return charged
+
+    # --- courses -----------------------------------------------------------------------------------------
+
+    def create_course(self, name: str, hub_group: str, actor: str) -> CourseRecord:
+        _check_username(name)
+        if not isinstance(hub_group, str) or not hub_group.strip():
+            raise BadRequest("a course needs the Hub group its students are in")
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM courses WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"course '{name}' already exists")
+            conn.execute("INSERT INTO courses VALUES (?, ?, ?)", (name, hub_group, utcnow()))
+            self._audit(conn, actor, "create_course", course=name, hub_group=hub_group)
+            return self._course(conn, name)
+
+    def _course(self, conn: sqlite3.Connection, name: str) -> CourseRecord:
+        row = conn.execute("SELECT * FROM courses WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no course '{name}'")
+        members = tuple(r[0] for r in conn.execute(
+            "SELECT username FROM course_members WHERE course = ? ORDER BY username", (name,)))
+        datasets = tuple(
+            CourseDataset(name, r["dataset"], r["epsilon_per_student"], r["delta_per_student"], r["epsilon_cap"],
+                          r["delta_cap"])
+            for r in conn.execute("SELECT * FROM course_datasets WHERE course = ? ORDER BY dataset", (name,)))
+        return CourseRecord(name, row["hub_group"], row["created_at"], members, datasets)
+
+    def get_course(self, name: str) -> CourseRecord | None:
+        with self._lock:
+            try:
+                return self._course(self._conn, name)
+            except NotFound:
+                return None
+
+    def list_courses(self) -> list[CourseRecord]:
+        with self._lock:
+            names = [r[0] for r in self._conn.execute("SELECT name FROM courses ORDER BY name")]
+            return [self._course(self._conn, n) for n in names]
+
+    def _raise_grant(self, conn: sqlite3.Connection, username: str, dataset: str, epsilon: float,
+                     delta: float) -> None:
+        conn.execute(
+            "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, dataset) DO UPDATE SET "
+            "epsilon = max(epsilon, excluded.epsilon), delta = max(delta, excluded.delta), "
+            "updated_at = excluded.updated_at", (username, dataset, float(epsilon), float(delta), utcnow()))
+
+    def set_course_dataset(self, course: str, dataset: str, epsilon_per_student: float, delta_per_student: float,
+                           epsilon_cap: float, delta_cap: float, actor: str) -> CourseRecord:
+        for value, name in ((epsilon_per_student, "epsilon_per_student"), (delta_per_student, "delta_per_student"),
+                            (epsilon_cap, "epsilon_cap"), (delta_cap, "delta_cap")):
+            _check_amount(value, name)
+        if delta_per_student >= 1 or delta_cap >= 1:
+            raise BadRequest("delta must be below 1")
+        with self._tx() as conn:
+            self._course(conn, course)
+            if not conn.execute("SELECT 1 FROM datasets WHERE name = ?", (dataset,)).fetchone():
+                raise NotFound(f"no dataset '{dataset}'")
+            conn.execute(
+                "INSERT INTO course_datasets VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (course, dataset) DO UPDATE "
+                "SET epsilon_per_student = excluded.epsilon_per_student, delta_per_student = "
+                "excluded.delta_per_student, epsilon_cap = excluded.epsilon_cap, delta_cap = excluded.delta_cap, "
+                "updated_at = excluded.updated_at",
+                (course, dataset, float(epsilon_per_student), float(delta_per_student), float(epsilon_cap),
+                 float(delta_cap), utcnow()))
+            for (username,) in conn.execute("SELECT username FROM course_members WHERE course = ?", (course,)):
+                self._raise_grant(conn, username, dataset, epsilon_per_student, delta_per_student)
+            self._audit(conn, actor, "set_course_dataset", course=course, dataset=dataset,
+                        epsilon_per_student=epsilon_per_student, delta_per_student=delta_per_student,
+                        epsilon_cap=epsilon_cap, delta_cap=delta_cap)
+            return self._course(conn, course)
+
+    def add_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        with self._tx() as conn:
+            record = self._course(conn, course)
+            user = conn.execute("SELECT removed_at FROM users WHERE username = ?", (username,)).fetchone()
+            if user is None or user["removed_at"]:
+                raise NotFound(f"no user '{username}'")
+            conn.execute("INSERT OR IGNORE INTO course_members VALUES (?, ?, ?)", (course, username, utcnow()))
+            for plan in record.datasets:
+                self._raise_grant(conn, username, plan.dataset, plan.epsilon_per_student, plan.delta_per_student)
+            self._audit(conn, actor, "add_course_member", course=course, username=username)
+            return self._course(conn, course)
+
+    def remove_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        with self._tx() as conn:
+            record = self._course(conn, course)
+            if username not in record.members:
+                raise NotFound(f"'{username}' is not in course '{course}'")
+            conn.execute("DELETE FROM course_members WHERE course = ? AND username = ?", (course, username))
+            for plan in record.datasets:
+                totals = self._totals(conn, username, plan.dataset)
+                conn.execute("UPDATE grants SET epsilon = ?, delta = ?, updated_at = ? WHERE username = ? AND "
+                             "dataset = ?", (float(totals.epsilon), float(totals.delta), utcnow(), username,
+                                             plan.dataset))
+            self._audit(conn, actor, "remove_course_member", course=course, username=username)
+            return self._course(conn, course)
+
+    def class_spending(self, course: str, dataset: str) -> ClassSpending:
+        with self._lock:
+            record = self._course(self._conn, course)
+            plan = next((d for d in record.datasets if d.dataset == dataset), None)
+            if plan is None:
+                raise NotFound(f"course '{course}' has no dataset '{dataset}'")
+            epsilon, delta = self._pool(self._conn, course, dataset)
+            per_student = {}
+            for username in record.members:
+                t = self._totals(self._conn, username, dataset)
+                per_student[username] = {"epsilon_spent": float(t.epsilon), "delta_spent": float(t.delta),
+                                         "releases": t.releases}
+        return ClassSpending(course, dataset, plan.epsilon_cap, plan.delta_cap, float(epsilon), float(delta),
+                             per_student)
 
     def commit(self, reservation_id: str, note: str = "") -> None:
         with self._tx() as conn:
@@ -533,7 +710,7 @@ class SQLiteStore(AdminStore):
             rows = self._read("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,))
         else:
             rows = self._read("SELECT * FROM ledger WHERE username = ? ORDER BY id DESC LIMIT ?", (username, limit))
-        return [dict(r) for r in rows]
+        return [dict(r) | {"pools": json.loads(r["pools"])} for r in rows]
 
     # --- archive and audit --------------------------------------------------------------------------------
 
