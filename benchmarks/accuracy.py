@@ -1,7 +1,7 @@
 """Accuracy per unit of epsilon: our engine versus OpenDP's Context API (a careful user's baseline) and versus
 our previous engine's mechanisms, on the same data. Writes benchmarks/results/accuracy.md and accuracy.png.
 
-    .venv/bin/python benchmarks/accuracy.py                 # 300 releases per cell, about 3 minutes
+    .venv/bin/python benchmarks/accuracy.py                 # 300 releases per cell, about 4 minutes
     .venv/bin/python benchmarks/accuracy.py --releases 100  # quicker, noisier
 
 RMSE is against the SQL answer (nulls ignored; values clipped to the public bounds, which is what every method

@@ -49,7 +49,7 @@ def plain(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    return html.escape(fmt(value)) if not isinstance(value, str) else html.escape(value)
+    return html.escape(fmt(value))
 
 
 class Table:
@@ -59,9 +59,6 @@ class Table:
         self.rows = rows
         self.columns = columns or (list(rows[0]) if rows else [])
         self.caption = caption
-
-    def _text(self, value: Any) -> str:
-        return value if isinstance(value, str) else fmt(value)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in self.columns)
@@ -74,7 +71,7 @@ class Table:
         return f"<div class='lomas-table'>{caption}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
     def __repr__(self) -> str:
-        cells = [[self._text(row.get(c, "")) for c in self.columns] for row in self.rows]
+        cells = [[fmt(row.get(c, "")) for c in self.columns] for row in self.rows]
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
         lines = [self.caption] if self.caption else []
         lines.append("  ".join(c.ljust(w) for c, w in zip(self.columns, widths)))
@@ -104,7 +101,7 @@ def release_html(release: Release, epsilon_note: str = "") -> str:
     for row, interval in zip(release.rows, release.intervals):
         cells = []
         for name in release.columns:
-            text = html.escape(fmt(row[name])) if not isinstance(row[name], str) else html.escape(row[name])
+            text = _cell(row[name])
             bounds = interval.get(name)
             if bounds:
                 text += f' <small style="opacity:0.75">[{span(bounds)}]</small>'

@@ -288,11 +288,10 @@ def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
     for col in metadata.columns:
         if col.type != "float" or col.bounds is None:
             continue
-        lo, hi = col.bounds
-        inflation = float_sum_inflation(metadata.max_rows, min(lo, 0.0), max(hi, 0.0))
-        if inflation > FIXED_POINT_ABOVE:
-            step = fixed_point_step(Statistic("sum", col.name), metadata, {col.name: col.bounds})
-            assert step is not None
+        stat, bounds = Statistic("sum", col.name), {col.name: col.bounds}
+        step = fixed_point_step(stat, metadata, bounds)
+        if step is not None:
+            inflation = float_sum_inflation(metadata.max_rows, *_sum_range(stat, col, bounds))
             warnings.append(
                 f"column '{col.name}': with max_rows {metadata.max_rows:,}, OpenDP's float sums would add "
                 f"{inflation:,.2f}x the noise; lomas sums it in fixed point instead (steps of {step:.3g}), and each "
@@ -370,6 +369,11 @@ class Calibrated:
     epsilon: float
     delta: float
     choice: dict[str, Any] | None = None
+
+    @functools.cached_property
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """OpenDP's summary of the noise per statistic (distribution, scale), read once per measurement."""
+        return _summary(self.base, ALPHA)
 
 
 @functools.lru_cache(maxsize=512)
@@ -458,7 +462,7 @@ class Plan:
             laplace.choice = {"mechanism": LAPLACE, "gaussian_to_laplace_noise": None,
                               "reason": f"no Gaussian noise fits (ε, δ={delta:g}); Laplace is kept and no δ is spent"}
             return laplace
-        ratio = noise_ratio(gaussian.base, laplace.base)
+        ratio = noise_ratio(gaussian.summary, laplace.summary)
         chosen = gaussian if ratio < 1 else laplace
         parts = len(self.statistics)
         chosen.choice = {
@@ -495,13 +499,13 @@ class Plan:
     def describe(self, calibrated: Calibrated) -> dict[str, Any]:
         """The public plan: each released statistic with its noise, and each output aggregate with how it is
         computed, its 95% accuracy, and what its interval covers."""
-        summary = _summary(calibrated.base, ALPHA)
+        summary = calibrated.summary
         released = []
-        for j, stat in enumerate(self.statistics):
+        for j in range(len(self.statistics)):
             row = summary[_statistic_name(j)]
             noise, unit = _noise(row), self._unit(j)
             released.append({
-                "statistic": self._label(stat, self.steps[j]),
+                "statistic": self._label(j),
                 "mechanism": MECHANISM_NAMES.get(row["distribution"], row["distribution"]),
                 "scale": row["scale"] * unit,
                 "accuracy": noise.half_width(ALPHA) * unit + self._rounding(j) if noise else None,
@@ -521,12 +525,18 @@ class Plan:
         """What one unit of statistic j's released number is worth: 1, or its fixed-point step."""
         return self.steps[j] or 1.0
 
+    def _in_units(self, value: Any, j: int) -> Any:
+        """Statistic j's released number in the column's units (an exact integer stays one)."""
+        step = self.steps[j]
+        return value * step if step else value
+
     def _rounding(self, j: int) -> float:
         """The most by which fixed-point rounding can move statistic j's sum (public: max_rows steps)."""
         step = self.steps[j]
         return self.metadata.max_rows * step if step else 0.0
 
-    def _label(self, stat: Statistic, step: float | None = None) -> str:
+    def _label(self, j: int) -> str:
+        stat, step = self.statistics[j], self.steps[j]
         rounded = f", in steps of {step:g}" if step else ""
         if stat.kind == "rows":
             return "COUNT(*)"
@@ -591,7 +601,7 @@ class Plan:
 
     def interval_tables(self, calibrated: Calibrated) -> list[Any]:
         """Per aggregate, the data-free part of its interval (a pivot grid for AVG), computed once per plan."""
-        summary = _summary(calibrated.base, ALPHA)
+        summary = calibrated.summary
         tables: list[Any] = []
         for agg, recipe in zip(self.spec.aggregates, self.recipes):
             if recipe.how != "avg":
@@ -638,13 +648,11 @@ class Plan:
             return values[0], None
         col = self.metadata.column(agg.column)  # type: ignore[arg-type]
         is_int = col.type == "int"  # type: ignore[union-attr]
-        unit = self._unit(self.recipes[i].uses[0])
+        first = self.recipes[i].uses[0]
         if how in ("sum", "centred_sum"):
-            if how == "sum":
-                value = values[0] * unit if unit != 1 else values[0]
-            else:
-                total, count = values
-                value = (total * unit if unit != 1 else total) + centre(col, self.bounds) * count  # type: ignore[arg-type]
+            value = self._in_units(values[0], first)
+            if how == "centred_sum":
+                value += centre(col, self.bounds) * values[1]  # type: ignore[arg-type]
             acc = info["accuracy"]
             if is_int:  # the true sum is a whole number: round the interval inward, onto whole numbers
                 return value, [math.ceil(value - acc), math.floor(value + acc)]
@@ -653,10 +661,11 @@ class Plan:
         total, count = values
         lo, hi = self.bounds[agg.column]  # type: ignore[index]
         middle = float(centre(col, self.bounds))  # type: ignore[arg-type]
+        unit = self._unit(first)
         offset = min(max(total * unit / count, lo - middle), hi - middle) if count > 0 else 0.0
         plausible = ratio_interval(total, count, table)
         # fixed-point rounding moves each value, hence the mean, by at most one step
-        slack = self.steps[self.recipes[i].uses[0]] or 0.0
+        slack = self.steps[first] or 0.0
         low, high = (plausible[0] * unit - slack, plausible[1] * unit + slack) if plausible else (offset, offset)
         low, high = max(min(low, offset), lo - middle), min(max(high, offset), hi - middle)
         return middle + offset, [middle + low, middle + high]
@@ -668,10 +677,10 @@ def _noise(row: dict[str, Any]) -> Noise | None:
     return Noise.from_summary(row["distribution"], row["scale"])
 
 
-def noise_ratio(gaussian: Any, laplace: Any) -> float:
-    """How much noise the Gaussian plan adds relative to the Laplace one: the geometric mean, over the
-    released statistics, of the ratio of their standard deviations (RMSE; of selection scales for quantiles)."""
-    g, lap = _summary(gaussian, ALPHA), _summary(laplace, ALPHA)
+def noise_ratio(g: dict[str, dict[str, Any]], lap: dict[str, dict[str, Any]]) -> float:
+    """How much noise the Gaussian plan adds relative to the Laplace one (their summaries): the geometric mean,
+    over the released statistics, of the ratio of their standard deviations (RMSE; of selection scales for
+    quantiles)."""
     logs = []
     for name, row in lap.items():
         a, b = _noise(g[name]), _noise(row)

@@ -452,16 +452,13 @@ class DPService:
         username, dataset = body.get("username"), body.get("dataset")
         if not isinstance(username, str) or not isinstance(dataset, str):
             raise BadRequest("'username' and 'dataset' are required")
-        epsilon, delta = body.get("epsilon"), body.get("delta", 0.0)
-        for name, value in (("epsilon", epsilon), ("delta", delta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BadRequest(f"'{name}' must be a number")
-        return self.store.set_grant(username, dataset, float(epsilon), float(delta), admin.username).to_json()  # type: ignore[arg-type]
+        epsilon, delta = _amount(body, "epsilon"), _amount(body, "delta")
+        return self.store.set_grant(username, dataset, epsilon, delta, admin.username).to_json()
 
 
 def _amount(body: dict[str, Any], name: str) -> float:
-    """A required budget amount from a request body: a finite number, at least 0."""
+    """A budget amount from a request body (delta defaults to 0): a finite, non-negative number."""
     value = body.get(name, 0.0 if name.startswith("delta") else None)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise BadRequest(f"'{name}' must be a number, at least 0")
+        raise BadRequest(f"'{name}' must be a non-negative number")
     return float(value)

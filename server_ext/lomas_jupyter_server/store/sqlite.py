@@ -105,6 +105,8 @@ def _add_courses(conn: sqlite3.Connection) -> None:
         "CREATE TABLE IF NOT EXISTS course_members (course TEXT NOT NULL REFERENCES courses(name), "
         "username TEXT NOT NULL REFERENCES users(username), joined_at TEXT NOT NULL, "
         "PRIMARY KEY (course, username))",
+        # every reservation looks up the student's classes
+        "CREATE INDEX IF NOT EXISTS course_members_user ON course_members (username)",
         "CREATE TABLE IF NOT EXISTS pool_totals (course TEXT NOT NULL, dataset TEXT NOT NULL, "
         "epsilon_spent TEXT NOT NULL, delta_spent TEXT NOT NULL, PRIMARY KEY (course, dataset))",
     ):
