@@ -43,13 +43,18 @@ class Connection:
 
 
 def discover() -> Connection:
-    """Find the service: LOMAS_URL/LOMAS_TOKEN, then JupyterHub's environment, then the local Jupyter
-    server that started this kernel."""
+    """Find the service: LOMAS_URL (with LOMAS_TOKEN, or under JupyterHub the server's own Hub token), then the
+    local Jupyter server that started this kernel."""
+    hub_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if os.environ.get("LOMAS_URL"):
-        return Connection(os.environ["LOMAS_URL"].rstrip("/") + "/", os.environ.get("LOMAS_TOKEN", ""), "LOMAS_URL")
-    if os.environ.get("JUPYTERHUB_API_TOKEN") and os.environ.get("JUPYTERHUB_SERVICE_URL"):
-        return Connection(
-            os.environ["JUPYTERHUB_SERVICE_URL"].rstrip("/") + "/", os.environ["JUPYTERHUB_API_TOKEN"], "JupyterHub"
+        url = os.environ["LOMAS_URL"].rstrip("/") + "/"
+        if os.environ.get("LOMAS_TOKEN"):
+            return Connection(url, os.environ["LOMAS_TOKEN"], "LOMAS_URL")
+        return Connection(url, hub_token, "JupyterHub" if hub_token else "LOMAS_URL")
+    if hub_token:
+        raise LomasError(
+            "no DP service found: under JupyterHub the service is a Hub service, and this Hub sets no LOMAS_URL "
+            "(ask the Hub's admin to add it with lomas_jupyter_server.hub.configure_hub, or use %lomas connect URL)"
         )
     try:
         from jupyter_server.serverapp import list_running_servers
@@ -240,6 +245,25 @@ class Client:
 
     def ledger(self, username: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "admin/ledger", username=username)
+
+    # --- courses (instructors) ----------------------------------------------------------------------------
+
+    def courses(self) -> list[dict[str, Any]]:
+        return self._call("GET", "admin/courses")
+
+    def create_course(self, name: str, hub_group: str) -> dict[str, Any]:
+        """A course whose students are the members of a JupyterHub group."""
+        return self._call("POST", "admin/courses", {"name": name, "hub_group": hub_group})
+
+    def course_dataset(self, course: str, dataset: str, epsilon_per_student: float, epsilon_cap: float,
+                       delta_per_student: float = 0.0, delta_cap: float = 0.0) -> dict[str, Any]:
+        """Attach a dataset (or top it up): each student's grant and the class-wide cap."""
+        return self._call("PUT", f"admin/courses/{course}/datasets", {
+            "dataset": dataset, "epsilon_per_student": epsilon_per_student, "epsilon_cap": epsilon_cap,
+            "delta_per_student": delta_per_student, "delta_cap": delta_cap})
+
+    def class_spending(self, course: str, dataset: str) -> dict[str, Any]:
+        return self._call("GET", f"admin/courses/{course}/spending/{dataset}")
 
 
 def _query_body(dataset: str, sql: str, epsilon: float, delta: float, bounds: Any) -> dict[str, Any]:

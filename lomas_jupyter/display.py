@@ -250,6 +250,28 @@ def spending_spec(archive: list[dict[str, Any]], dataset: str | None = None) -> 
     }
 
 
+def class_spending_spec(spending: dict[str, Any]) -> dict[str, Any]:
+    """Each student's ε spent, and the class's total against its cap (one bar per row, the cap as a rule)."""
+    rows = [{"who": name, "spent": s["epsilon_spent"], "kind": "student"}
+            for name, s in sorted(spending["per_student"].items())]
+    rows.append({"who": "whole class", "spent": spending["epsilon_spent"], "kind": "class total"})
+    cap = spending["epsilon_cap"]
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": f"{spending['course']} on {spending['dataset']}: ε spent (class cap {fmt(cap)})",
+        "width": 420,
+        "layer": [
+            {"data": {"values": rows}, "mark": "bar",
+             "encoding": {"y": {"field": "who", "type": "nominal", "title": None, "sort": None},
+                          "x": {"field": "spent", "type": "quantitative", "title": "ε spent",
+                                "scale": {"domain": [0, max([cap, *(r["spent"] for r in rows)])]}},
+                          "color": {"field": "kind", "type": "nominal", "title": None}}},
+            {"data": {"values": [{"cap": cap}]}, "mark": {"type": "rule", "strokeDash": [4, 3]},
+             "encoding": {"x": {"field": "cap", "type": "quantitative"}}},
+        ],
+    }
+
+
 class Chart:
     """A Vega-Lite chart with a text fallback: `display(chart)` or the last line of a cell."""
 

@@ -13,7 +13,17 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import HTML, display
 
 from .client import Client, Release, on_release
-from .display import Chart, Table, accuracy_summary, fmt, plain, preview_html, release_html, spending_spec
+from .display import (
+    Chart,
+    Table,
+    accuracy_summary,
+    class_spending_spec,
+    fmt,
+    plain,
+    preview_html,
+    release_html,
+    spending_spec,
+)
 from .errors import LomasError
 from .widget import BudgetPanel
 
@@ -21,7 +31,7 @@ T = TypeVar("T")
 PROGRESS_AFTER = 1.0  # seconds before a running query says so
 REFERENCE_EPSILON = 0.5  # what the "no epsilon given" message previews
 USAGE = ("usage: %lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] | "
-         "connect [URL [TOKEN]]")
+         "connect [URL [TOKEN]] | class COURSE DATASET")
 
 
 def _say_error(err: Exception) -> None:
@@ -137,16 +147,16 @@ class LomasMagics(Magics):
     @line_magic
     def lomas(self, line: str) -> Any:
         """%lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] |
-        connect [URL [TOKEN]]"""
+        connect [URL [TOKEN]] | class COURSE DATASET (instructors)"""
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("status", [])
         try:
             handler = {
                 "datasets": self._datasets, "describe": self._describe, "budget": self._budget,
                 "archive": self._archive, "connect": self._connect, "status": self._status,
-                "epsilon": self._epsilon,
+                "epsilon": self._epsilon, "class": self._class,
             }.get(command)
-            if handler is None or (command == "describe" and not rest):
+            if handler is None or (command == "describe" and not rest) or (command == "class" and len(rest) != 2):
                 _say_error(LomasError(USAGE))
                 return None
             return handler(rest)
@@ -194,6 +204,16 @@ class LomasMagics(Magics):
                        "when": r["created_at"][:19].replace("T", " "), "sql": " ".join(r["sql"].split())}
                       for r in self.client.archive()],
                      ["id", "dataset", "ε", "δ", "when", "sql"])
+
+    def _class(self, rest: list[str]) -> Any:
+        spending = self.client.class_spending(rest[0], rest[1])
+        rows = [{"student": name, "ε spent": s["epsilon_spent"], "δ spent": s["delta_spent"],
+                 "releases": s["releases"]} for name, s in sorted(spending["per_student"].items())]
+        caption = (f"{spending['course']} on {spending['dataset']}: the class has spent ε "
+                   f"{fmt(spending['epsilon_spent'])} of its cap {fmt(spending['epsilon_cap'])} "
+                   f"(δ {fmt(spending['delta_spent'])} of {fmt(spending['delta_cap'])}), students who left included")
+        display(Table(rows, ["student", "ε spent", "δ spent", "releases"], caption))
+        return Chart(class_spending_spec(spending), caption)
 
     def _epsilon(self, rest: list[str]) -> Any:
         if rest and rest[0] == "off":

@@ -199,14 +199,19 @@ def test_connect_status_and_one_line_errors_in_a_real_kernel(jupyter_server: dic
         km.shutdown_kernel(now=True)
 
 
-def test_jupyterhub_environment_is_used_when_present(jupyter_server: dict[str, str]) -> None:
-    """Under JupyterHub, kernels inherit JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_URL; the client uses them."""
+def test_under_jupyterhub_the_kernel_sends_its_hub_token_to_lomas_url(jupyter_server: dict[str, str]) -> None:
+    """A Hub's kernel gets LOMAS_URL from the Hub config and authenticates with $JUPYTERHUB_API_TOKEN; without
+    LOMAS_URL it says what is missing instead of calling the user's own server (which runs no service there).
+    The real Hub flow is in test_hub.py."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_", "JPY_"))}
-    env |= {"JUPYTERHUB_API_TOKEN": jupyter_server["token"], "JUPYTERHUB_SERVICE_URL": jupyter_server["url"]}
+    env |= {"JUPYTERHUB_API_TOKEN": jupyter_server["token"], "LOMAS_URL": jupyter_server["url"]}
     code = "from lomas_jupyter import Client; c = Client(); print(c.connection.source, c.whoami()['role'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "JupyterHub admin"
+    del env["LOMAS_URL"]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "sets no LOMAS_URL" in out.stderr

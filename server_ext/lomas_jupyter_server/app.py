@@ -86,6 +86,9 @@ class LomasServiceServerApp(ServerApp):
         app.settings.pop("static_path", None)
         app.wildcard_router = _ApplicationRouter(app, [(r".*", NoSuchEndpointHandler)])
         app.default_router = _ApplicationRouter(app, [Rule(AnyMatches(), app.wildcard_router)])
+        service_routes = getattr(self.identity_provider, "service_routes", None)
+        if service_routes is not None:  # under JupyterHub: the OAuth callback and a landing page for browsers
+            app.add_handlers(".*$", service_routes(self.base_url))
 
 
 class LomasApp(ExtensionApp):
@@ -164,10 +167,16 @@ class LomasApp(ExtensionApp):
     ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
     identity_mode = Enum(
-        ["auto", "local", "token"],
+        ["auto", "local", "token", "hub"],
         "auto",
         help="local: every user of this Jupyter server is `local_username` (admin); token: lomas API tokens; "
-        "auto: token when the server authenticates lomas tokens, else local",
+        "hub: JupyterHub users (set by `lomas-hub-service`); auto: token when the server authenticates lomas "
+        "tokens, else local",
+    ).tag(config=True)
+    embed_under_hub = Bool(
+        False,
+        help="Run the embedded service in a JupyterHub single-user server too. Off by default: under a Hub the DP "
+        "service is the Hub service, and a student's own server must offer no path around it",
     ).tag(config=True)
     local_username = Unicode(help="The lomas user that the owner of an embedding Jupyter server is").tag(
         config=True
@@ -205,7 +214,16 @@ class LomasApp(ExtensionApp):
         except Exception:
             return "owner"
 
+    @property
+    def disabled_under_hub(self) -> bool:
+        """An embedded service inside a JupyterHub single-user server: the class's service is the Hub's."""
+        return (self.effective_identity_mode == "local" and "JUPYTERHUB_API_TOKEN" in os.environ
+                and not self.embed_under_hub)
+
     def initialize_settings(self) -> None:
+        if self.disabled_under_hub:
+            self.log.info("lomas: not started in this JupyterHub server: kernels use the Hub's DP service")
+            return
         store = self.store_class(self.store_url)
         worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
         pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb, worker_log)
@@ -251,6 +269,8 @@ class LomasApp(ExtensionApp):
             self.log.warning("lomas: refunded %d reservation(s) that a stopped replica left unsettled", settled)
 
     def initialize_handlers(self) -> None:
+        if self.disabled_under_hub:
+            return
         for route, handler in ROUTES:
             self.handlers.append((url_path_join("/", API_PREFIX, route), handler))
 
@@ -263,6 +283,8 @@ class LomasApp(ExtensionApp):
 
     def resolve_user(self, current_user: Any) -> UserRecord:
         """The lomas user behind an authenticated Jupyter user."""
+        if self.effective_identity_mode == "hub":
+            return current_user.lomas_record  # resolved, with the Hub's groups and scopes, by the identity provider
         if self.effective_identity_mode == "local":
             return self.service.ensure_user(self.local_username, "admin")
         record = self.service.store.get_user(current_user.username)

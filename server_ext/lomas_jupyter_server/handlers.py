@@ -83,8 +83,11 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
         if isinstance(exc, LomasError):
             payload = exc.to_json()
         elif isinstance(exc, Unauthorized):
-            if self.extensionapp.effective_identity_mode == "token":
+            mode = self.extensionapp.effective_identity_mode
+            if mode == "token":
                 how = "send your lomas token in the header 'Authorization: token <token>'"
+            elif mode == "hub":
+                how = "sign in to JupyterHub, or send a Hub API token in the header 'Authorization: token <token>'"
             else:
                 how = "log in to this Jupyter server or send its token"
             payload = {"error": "unauthorized", "message": f"authentication required: {how}"}

@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,21 @@ class DPService:
                 user = self.store.get_user(username)  # created concurrently
                 assert user is not None
         return user
+
+    def hub_user(self, username: str, hub_groups: list[str], instructor: bool) -> UserRecord:
+        """The lomas user behind a JupyterHub identity: created as an analyst on first use, enrolled in exactly
+        the courses of their Hub groups, and an admin for this request when the Hub grants the instructor
+        scope (the Hub, not this store, decides who teaches)."""
+        user = self.store.get_user(username)
+        if user is None:
+            try:
+                user = self.store.create_user(username, "analyst", actor="hub")
+            except LomasError:
+                user = self.store.get_user(username)  # created concurrently, or removed by an admin
+                if user is None:
+                    raise Forbidden("your access to the DP service was removed by an admin") from None
+        self.store.sync_course_memberships(username, hub_groups, actor="hub")
+        return replace(user, role="admin") if instructor and user.role != "admin" else user
 
     @staticmethod
     def require_admin(user: UserRecord) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -327,6 +328,12 @@ class AdminStore(ABC):
     def remove_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
         """End a student's access to the course's datasets: their grant drops to what they have spent. What they
         spent stays in the class pool."""
+
+    @abstractmethod
+    def sync_course_memberships(self, username: str, hub_groups: Collection[str],
+                                actor: str) -> tuple[list[str], list[str]]:
+        """Make the user a member of exactly the courses bound to one of `hub_groups` (under JupyterHub the
+        group is the roster), in one transaction. Returns the courses joined and left."""
 
     @abstractmethod
     def class_spending(self, course: str, dataset: str) -> ClassSpending: ...

@@ -11,7 +11,7 @@ import math
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -617,16 +617,28 @@ class SQLiteStore(AdminStore):
                         epsilon_cap=epsilon_cap, delta_cap=delta_cap)
             return self._course(conn, course)
 
+    def _enrol(self, conn: sqlite3.Connection, record: CourseRecord, username: str, actor: str) -> None:
+        conn.execute("INSERT OR IGNORE INTO course_members VALUES (?, ?, ?)", (record.name, username, utcnow()))
+        for plan in record.datasets:
+            self._raise_grant(conn, username, plan.dataset, plan.epsilon_per_student, plan.delta_per_student)
+        self._audit(conn, actor, "add_course_member", course=record.name, username=username)
+
+    def _unenrol(self, conn: sqlite3.Connection, record: CourseRecord, username: str, actor: str) -> None:
+        conn.execute("DELETE FROM course_members WHERE course = ? AND username = ?", (record.name, username))
+        for plan in record.datasets:
+            totals = self._totals(conn, username, plan.dataset)
+            conn.execute("UPDATE grants SET epsilon = ?, delta = ?, updated_at = ? WHERE username = ? AND "
+                         "dataset = ?", (float(totals.epsilon), float(totals.delta), utcnow(), username,
+                                         plan.dataset))
+        self._audit(conn, actor, "remove_course_member", course=record.name, username=username)
+
     def add_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
         with self._tx() as conn:
             record = self._course(conn, course)
             user = conn.execute("SELECT removed_at FROM users WHERE username = ?", (username,)).fetchone()
             if user is None or user["removed_at"]:
                 raise NotFound(f"no user '{username}'")
-            conn.execute("INSERT OR IGNORE INTO course_members VALUES (?, ?, ?)", (course, username, utcnow()))
-            for plan in record.datasets:
-                self._raise_grant(conn, username, plan.dataset, plan.epsilon_per_student, plan.delta_per_student)
-            self._audit(conn, actor, "add_course_member", course=course, username=username)
+            self._enrol(conn, record, username, actor)
             return self._course(conn, course)
 
     def remove_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
@@ -634,14 +646,29 @@ class SQLiteStore(AdminStore):
             record = self._course(conn, course)
             if username not in record.members:
                 raise NotFound(f"'{username}' is not in course '{course}'")
-            conn.execute("DELETE FROM course_members WHERE course = ? AND username = ?", (course, username))
-            for plan in record.datasets:
-                totals = self._totals(conn, username, plan.dataset)
-                conn.execute("UPDATE grants SET epsilon = ?, delta = ?, updated_at = ? WHERE username = ? AND "
-                             "dataset = ?", (float(totals.epsilon), float(totals.delta), utcnow(), username,
-                                             plan.dataset))
-            self._audit(conn, actor, "remove_course_member", course=course, username=username)
+            self._unenrol(conn, record, username, actor)
             return self._course(conn, course)
+
+    def _course_changes(self, conn: sqlite3.Connection, username: str,
+                        hub_groups: Collection[str]) -> tuple[list[str], list[str]]:
+        groups = set(hub_groups)
+        wanted = {r[0] for r in conn.execute("SELECT name, hub_group FROM courses") if r[1] in groups}
+        current = {r[0] for r in conn.execute("SELECT course FROM course_members WHERE username = ?", (username,))}
+        return sorted(wanted - current), sorted(current - wanted)
+
+    def sync_course_memberships(self, username: str, hub_groups: Collection[str],
+                                actor: str) -> tuple[list[str], list[str]]:
+        with self._lock:
+            joins, leaves = self._course_changes(self._conn, username, hub_groups)
+        if not joins and not leaves:
+            return [], []  # the usual case: a read, no write lock
+        with self._tx() as conn:
+            joins, leaves = self._course_changes(conn, username, hub_groups)  # again, under the write lock
+            for course in joins:
+                self._enrol(conn, self._course(conn, course), username, actor)
+            for course in leaves:
+                self._unenrol(conn, self._course(conn, course), username, actor)
+        return joins, leaves
 
     def class_spending(self, course: str, dataset: str) -> ClassSpending:
         with self._lock:

@@ -1,0 +1,185 @@
+"""The DP service as a JupyterHub managed service: Hub identities, the instructor scope, and the Hub config.
+
+Under a Hub the service is the class's trust boundary: its own process (and, in production, its own OS user)
+holding the data and the ledger. Browsers sign in through Hub OAuth; kernels send their server's
+`$JUPYTERHUB_API_TOKEN`. A Hub user becomes a lomas analyst on first use; Hub groups are course rosters;
+holders of the `custom:lomas:admin` scope (instructors) act as admins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import shutil
+import sys
+from typing import Any
+from urllib.parse import quote, urlparse
+
+import tornado.web
+from jupyter_server.base.handlers import JupyterHandler
+from jupyterhub.singleuser.extension import JupyterHubIdentityProvider, JupyterHubUser
+
+from .store import UserRecord
+
+ADMIN_SCOPE = "custom:lomas:admin"
+SERVICE_NAME = "lomas"
+
+
+class LomasHubUser(JupyterHubUser):
+    """A Hub identity with the lomas user it maps to (resolved once per request)."""
+
+    lomas_record: UserRecord
+
+    def __init__(self, hub_user: dict[str, Any], lomas_record: UserRecord) -> None:
+        super().__init__(hub_user)
+        self.lomas_record = lomas_record
+
+
+class LomasHubIdentityProvider(JupyterHubIdentityProvider):
+    """Hub OAuth (browsers) and Hub tokens (kernels); every request also refreshes the caller's lomas record.
+
+    Group membership is read fresh from the Hub on every request, with the service's own token, rather than from
+    the identity cache (kept up to `HubOAuth.cache_max_age`): a student removed from a course's group loses its
+    budget on the very next query.
+    """
+
+    async def get_user(self, handler: tornado.web.RequestHandler) -> LomasHubUser | None:  # type: ignore[override]
+        if hasattr(handler, "_lomas_hub_user"):
+            return handler._lomas_hub_user  # type: ignore[attr-defined]
+        identity = await super().get_user(handler)
+        user = None
+        if identity is not None:
+            hub_user = identity.hub_user
+            groups = await self._fresh_groups(hub_user)
+            instructor = bool(self.hub_auth.check_scopes({ADMIN_SCOPE}, hub_user))
+            service = handler.settings["lomas_service"]
+            record = await asyncio.to_thread(service.hub_user, hub_user["name"], groups, instructor)
+            user = LomasHubUser(hub_user, record)
+        handler._lomas_hub_user = user  # type: ignore[attr-defined]
+        return user
+
+    async def _fresh_groups(self, hub_user: dict[str, Any]) -> list[str]:
+        url = f"{self.hub_auth.api_url}/users/{quote(hub_user['name'], safe='')}"
+        try:
+            model = await self.hub_auth._api_request("GET", url)  # the service's own token
+        except tornado.web.HTTPError:
+            self.log.warning("lomas: the Hub refused to list %s's groups (does the service hold "
+                             "read:users:groups?); using the cached identity", hub_user["name"])
+            return list(hub_user.get("groups") or [])
+        return list(model.get("groups") or [])
+
+    def service_routes(self, base_url: str) -> list[tuple[Any, ...]]:
+        """The only routes of the Hub service besides its API: the OAuth callback and the landing page."""
+        prefix = base_url.rstrip("/")
+        routes: list[tuple[Any, ...]] = [(prefix + pattern, *rest) for pattern, *rest in self.get_handlers()
+                                         if pattern == "/oauth_callback"]
+        return [*routes, (prefix + "/?", LandingPageHandler)]
+
+
+class LandingPageHandler(JupyterHandler):
+    """What a browser sees at the service's URL (the Hub's Services menu links here). A page, not an API: an
+    unauthenticated visit is redirected through Hub OAuth, which an API handler would refuse with 403."""
+
+    auth_resource = "lomas"
+
+    @tornado.web.authenticated
+    def get(self) -> None:
+        user: LomasHubUser = self.current_user
+        service = self.settings["lomas_service"]
+        record = user.lomas_record
+        rows = "".join(
+            f"<tr><td>{html.escape(b['dataset'])}</td><td>{b['epsilon_remaining']:.4g}</td>"
+            f"<td>{b['epsilon_spent']:.4g}</td><td>{b['releases']}</td></tr>"
+            for b in service.budgets(record)
+        )
+        table = (f"<table><tr><th>dataset</th><th>ε left</th><th>ε spent</th><th>releases</th></tr>{rows}</table>"
+                 if rows else "<p>You have no budget yet; your instructor grants it through your course.</p>")
+        role = "instructor (admin)" if record.role == "admin" else "student (analyst)"
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>lomas DP service</title>"
+            "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:44em;margin:2em auto;color:#1a1a1a}"
+            "td,th{padding:.2em .8em;text-align:left}code{background:#eee;padding:0 .2em}</style></head><body>"
+            f"<h1>lomas DP service</h1><p>Signed in as <b>{html.escape(record.username)}</b>, {role}.</p>"
+            f"{table}<p>Ask questions from a notebook: <code>%load_ext lomas_jupyter</code>, then a "
+            "<code>%%dpquery</code> cell.</p></body></html>"
+        )
+
+
+def main() -> None:
+    """`lomas-hub-service`: the command a Hub runs. The Hub's environment says where to listen."""
+    from .app import LomasApp
+
+    url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
+    argv = [
+        f"--ServerApp.ip={url.hostname}",
+        f"--ServerApp.port={url.port}",
+        f"--ServerApp.base_url={os.environ['JUPYTERHUB_SERVICE_PREFIX']}",
+        "--ServerApp.identity_provider_class=lomas_jupyter_server.hub.LomasHubIdentityProvider",
+        "--LomasApp.identity_mode=hub",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--ServerApp.allow_root=True")  # discouraged: run the service as its own OS user
+    LomasApp.launch_instance(argv=argv + sys.argv[1:])
+
+
+def configure_hub(
+    c: Any,
+    *,
+    storage_dir: str,
+    url: str = "http://127.0.0.1:10101",
+    os_user: str | None = None,
+    instructors: list[str] | tuple[str, ...] = (),
+    instructor_groups: list[str] | tuple[str, ...] = (),
+    kernel_url: str | None = None,
+    args: list[str] | tuple[str, ...] = (),
+    name: str = SERVICE_NAME,
+) -> None:
+    """Add the lomas DP service to a JupyterHub config (`c`, in `jupyterhub_config.py`).
+
+    - a managed service `name` at `url`, run as `os_user` when given (the Hub must then run as root);
+    - every Hub user may reach it; `instructors` and members of `instructor_groups` get `custom:lomas:admin`;
+    - the service may read Hub users' groups (course rosters);
+    - single-user servers get `LOMAS_URL` (`kernel_url`, default the service's own URL) and a
+      `$JUPYTERHUB_API_TOKEN` that may reach the service, so `%%dpquery` works with no setup. They run no DP
+      service of their own.
+    """
+    access = f"access:services!service={name}"
+    command = shutil.which("lomas-hub-service") or os.path.join(os.path.dirname(sys.executable), "lomas-hub-service")
+    service: dict[str, Any] = {
+        "name": name,
+        "url": url,
+        "command": [command, f"--storage-dir={storage_dir}", *args],
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": [ADMIN_SCOPE],  # a browser session carries the instructor scope, if held
+        "display": True,
+    }
+    if os_user:
+        service["user"] = os_user
+    c.JupyterHub.services = [*_existing(c.JupyterHub, "services", []), service]
+    c.JupyterHub.custom_scopes = {
+        **_existing(c.JupyterHub, "custom_scopes", {}),
+        ADMIN_SCOPE: {"description": "Administer the lomas DP service: courses, datasets, grants, spending"},
+    }
+    roles = [dict(r) for r in _existing(c.JupyterHub, "load_roles", [])]
+    user_role = next((r for r in roles if r.get("name") == "user"), None)
+    if user_role is None:
+        roles.append({"name": "user", "scopes": ["self", access]})
+    else:
+        user_role["scopes"] = [*user_role.get("scopes", ["self"]), access]
+    roles.append({"name": f"{name}-instructor", "description": "Teaches with the lomas DP service",
+                  "scopes": [ADMIN_SCOPE, access], "users": list(instructors), "groups": list(instructor_groups)})
+    roles.append({"name": f"{name}-service", "description": "The lomas DP service reads course rosters",
+                  "scopes": ["read:users:name", "read:users:groups", "read:groups"], "services": [name]})
+    c.JupyterHub.load_roles = roles
+    token_scopes = list(_existing(c.Spawner, "server_token_scopes", ["users:activity!user", "access:servers!server"]))
+    c.Spawner.server_token_scopes = [*token_scopes, access, ADMIN_SCOPE]  # the Hub keeps only what a user holds
+    parsed = urlparse(url)
+    default_kernel_url = f"{parsed.scheme}://{parsed.netloc}/services/{name}/"
+    c.Spawner.environment = {**_existing(c.Spawner, "environment", {}), "LOMAS_URL": kernel_url or default_kernel_url}
+
+
+def _existing(section: Any, key: str, default: Any) -> Any:
+    """A value already set in a traitlets config section (which otherwise answers with a lazy placeholder)."""
+    return section[key] if key in section else default
