@@ -266,3 +266,19 @@ def test_a_student_who_leaves_loses_access_and_their_spending_stays_in_the_pool(
     with pytest.raises(InsufficientBudget, match="cap"):
         store.reserve("ben", "penguins", 1.0, 0.0)  # 0.75 + 1.0 > 1.5: the leaver's releases still count
     store.commit(store.reserve("ben", "penguins", 0.75, 0.0))
+
+
+def test_hub_groups_are_course_rosters(store: SQLiteStore) -> None:
+    _class(store, [], per_student=1.0, cap=3.0)
+    store.create_course("stats102", "stats102-group", "prof")
+    store.create_user("cat", "analyst", "hub")
+    assert store.sync_course_memberships("cat", ["stats101-students", "other"], "hub") == (["stats101"], [])
+    assert store.get_grant("cat", "penguins").epsilon == 1.0  # type: ignore[union-attr]
+    audit_rows = len(store.audit(10_000))
+    assert store.sync_course_memberships("cat", ["stats101-students"], "hub") == ([], [])  # nothing changed: nothing written
+    assert len(store.audit(10_000)) == audit_rows
+    store.commit(store.reserve("cat", "penguins", 0.25, 0.0))
+    assert store.sync_course_memberships("cat", ["stats102-group"], "hub") == (["stats102"], ["stats101"])
+    assert store.get_grant("cat", "penguins").epsilon == pytest.approx(0.25)  # down to what was spent
+    assert store.get_course("stats101").members == () and store.get_course("stats102").members == ("cat",)
+    assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.25)

@@ -111,6 +111,7 @@ def main() -> None:
     """`lomas-hub-service`: the command a Hub runs. The Hub's environment says where to listen."""
     from .app import LomasApp
 
+    os.umask(0o077)  # the store, the parquet copies and the logs are the service user's alone
     url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
     argv = [
         f"--ServerApp.ip={url.hostname}",
