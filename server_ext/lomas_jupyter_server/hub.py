@@ -128,7 +128,7 @@ def main() -> None:
 def configure_hub(
     c: Any,
     *,
-    storage_dir: str,
+    storage_dir: str = "",
     url: str = "http://127.0.0.1:10101",
     os_user: str | None = None,
     instructors: list[str] | tuple[str, ...] = (),
@@ -136,6 +136,7 @@ def configure_hub(
     kernel_url: str | None = None,
     args: list[str] | tuple[str, ...] = (),
     name: str = SERVICE_NAME,
+    external_api_token: str | None = None,
 ) -> None:
     """Add the lomas DP service to a JupyterHub config (`c`, in `jupyterhub_config.py`).
 
@@ -145,19 +146,27 @@ def configure_hub(
     - single-user servers get `LOMAS_URL` (`kernel_url`, default the service's own URL) and a
       `$JUPYTERHUB_API_TOKEN` that may reach the service, so `%%dpquery` works with no setup. They run no DP
       service of their own.
+
+    With `external_api_token`, the Hub does not start the service: it runs elsewhere (its own container, say)
+    with that token and the `JUPYTERHUB_*` variables set by hand.
     """
+    if not storage_dir and not external_api_token:
+        raise ValueError("configure_hub: give storage_dir, the service's own folder (or external_api_token)")
     access = f"access:services!service={name}"
     command = shutil.which("lomas-hub-service") or os.path.join(os.path.dirname(sys.executable), "lomas-hub-service")
     service: dict[str, Any] = {
         "name": name,
         "url": url,
-        "command": [command, f"--storage-dir={storage_dir}", *args],
         "oauth_no_confirm": True,
         "oauth_client_allowed_scopes": [ADMIN_SCOPE],  # a browser session carries the instructor scope, if held
         "display": True,
     }
-    if os_user:
-        service["user"] = os_user
+    if external_api_token:
+        service["api_token"] = external_api_token
+    else:
+        service["command"] = [command, f"--storage-dir={storage_dir}", *args]
+        if os_user:
+            service["user"] = os_user
     c.JupyterHub.services = [*_existing(c.JupyterHub, "services", []), service]
     c.JupyterHub.custom_scopes = {
         **_existing(c.JupyterHub, "custom_scopes", {}),

@@ -1,0 +1,38 @@
+"""configure_hub() on a plain traitlets Config: what a Hub admin pastes must merge with what they have."""
+
+from __future__ import annotations
+
+import pytest
+from traitlets.config import Config
+
+from lomas_jupyter_server.hub import ADMIN_SCOPE, configure_hub
+
+
+def test_configure_hub_adds_the_service_roles_scopes_and_kernel_environment() -> None:
+    c = Config()
+    c.JupyterHub.services = [{"name": "other", "api_token": "x"}]
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "access:services!service=other"]}]
+    c.Spawner.environment = {"TZ": "UTC"}
+    configure_hub(c, storage_dir="/srv/lomas", os_user="lomas", instructors=["prof"], instructor_groups=["teachers"])
+    other, lomas = c.JupyterHub.services
+    assert other["name"] == "other" and lomas["name"] == "lomas" and lomas["user"] == "lomas"
+    assert lomas["command"][0].endswith("lomas-hub-service") and "--storage-dir=/srv/lomas" in lomas["command"]
+    assert lomas["oauth_client_allowed_scopes"] == [ADMIN_SCOPE]
+    assert ADMIN_SCOPE in c.JupyterHub.custom_scopes
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert roles["user"]["scopes"] == ["self", "access:services!service=other", "access:services!service=lomas"]
+    assert roles["lomas-instructor"]["users"] == ["prof"] and roles["lomas-instructor"]["groups"] == ["teachers"]
+    assert ADMIN_SCOPE in roles["lomas-instructor"]["scopes"]
+    assert roles["lomas-service"]["services"] == ["lomas"] and "read:users:groups" in roles["lomas-service"]["scopes"]
+    assert set(c.Spawner.server_token_scopes) >= {"users:activity!user", "access:services!service=lomas", ADMIN_SCOPE}
+    assert c.Spawner.environment == {"TZ": "UTC", "LOMAS_URL": "http://127.0.0.1:10101/services/lomas/"}
+
+
+def test_an_external_service_has_a_token_and_no_command() -> None:
+    c = Config()
+    configure_hub(c, url="http://lomas:10101", external_api_token="secret", kernel_url="http://proxy-public/services/lomas/")
+    (lomas,) = c.JupyterHub.services
+    assert lomas["api_token"] == "secret" and "command" not in lomas and "user" not in lomas
+    assert c.Spawner.environment["LOMAS_URL"] == "http://proxy-public/services/lomas/"
+    with pytest.raises(ValueError, match="storage_dir"):
+        configure_hub(Config())
