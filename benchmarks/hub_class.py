@@ -78,12 +78,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--students", type=int, default=50)
     parser.add_argument("--cap-share", type=float, default=0.8)
+    parser.add_argument("--groups-max-age", type=float, default=0.0,
+                        help="LomasHubIdentityProvider.groups_max_age of the service (0: groups read per request)")
     args = parser.parse_args()
     if hub_unavailable():
         sys.exit(f"cannot run a Hub here: {hub_unavailable()}")
     students = [f"benchstudent{i:02d}" for i in range(args.students)]
     cap = round(args.students * PER_STUDENT * args.cap_share, 6)
-    with running_hub([], "benchteacher", GROUP) as hub:
+    service_args = (f"--LomasHubIdentityProvider.groups_max_age={args.groups_max_age}",)
+    with running_hub([], "benchteacher", GROUP, service_args) as hub:
         setup(hub, students, cap)
         timings: list[tuple[str, float, int, str]] = []
         barrier = threading.Barrier(len(students))
@@ -104,7 +107,8 @@ def main() -> None:
     lines = [
         f"# A class of {args.students} students through JupyterHub",
         "",
-        f"`sudo .venv/bin/python benchmarks/hub_class.py --students {args.students} --cap-share {args.cap_share}`"
+        f"`sudo .venv/bin/python benchmarks/hub_class.py --students {args.students} --cap-share {args.cap_share} "
+        f"--groups-max-age {args.groups_max_age:g}`"
         f" on this machine ({time.strftime('%Y-%m-%d')}, 2 cores; Hub, proxy, service with 2 query workers and "
         "this client all on it).",
         "",
@@ -132,7 +136,8 @@ def main() -> None:
         f"- Other errors: {len(unexpected)}" + (f" (first: {unexpected[0]})" if unexpected else "") + ".",
     ]
     report = "\n".join(lines) + "\n"
-    out = ROOT / "benchmarks" / "results" / "hub-class.md"
+    suffix = f"-groups-{args.groups_max_age:g}s" if args.groups_max_age else ""
+    out = ROOT / "benchmarks" / "results" / f"hub-class{suffix}.md"
     out.write_text(report)
     print(report)
     if over_grant or spending["epsilon_spent"] > cap + 1e-9 or unexpected:

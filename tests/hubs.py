@@ -99,7 +99,7 @@ c.JupyterHub.services = [{{"name": "harness", "api_token": {harness_token!r}}}]
 c.JupyterHub.load_roles = [{{"name": "harness", "services": ["harness"],
     "scopes": ["admin:users", "admin:groups", "admin:servers", "tokens", "read:users", "access:servers"]}}]
 configure_hub(c, storage_dir={storage!r}, url="http://127.0.0.1:{service_port}", os_user={service_user!r},
-              instructors=[{instructor!r}], args=["--workers=2"])
+              instructors=[{instructor!r}], args=["--workers=2", *{service_args!r}])
 """
 
 
@@ -170,7 +170,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, path: str, statu
 
 
 @contextmanager
-def running_hub(users: list[str], instructor: str, group: str) -> Iterator[Hub]:
+def running_hub(users: list[str], instructor: str, group: str, service_args: tuple[str, ...] = ()) -> Iterator[Hub]:
     """A Hub with the lomas service (as `ljservice`), one course group, and `users` as OS users."""
     created: list[str] = []
     state = Path(tempfile.mkdtemp(prefix="lomas-hub-"))
@@ -191,7 +191,7 @@ def running_hub(users: list[str], instructor: str, group: str) -> Iterator[Hub]:
             port=port, hub_port=free_port(), proxy_api_port=free_port(), proxy=str(PROXY), state=str(state),
             singleuser=str(BIN / "jupyterhub-singleuser"), group=group,
             harness_token=harness_token, storage=str(storage), service_port=service_port,
-            service_user=SERVICE_USER, instructor=instructor))
+            service_user=SERVICE_USER, instructor=instructor, service_args=list(service_args)))
         log = state / "hub.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LOMAS_", "JUPYTERHUB_", "JPY_"))}
         env["PATH"] = f"{BIN}:{env.get('PATH', '')}"

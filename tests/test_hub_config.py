@@ -36,3 +36,27 @@ def test_an_external_service_has_a_token_and_no_command() -> None:
     assert c.Spawner.environment["LOMAS_URL"] == "http://proxy-public/services/lomas/"
     with pytest.raises(ValueError, match="storage_dir"):
         configure_hub(Config())
+
+
+def test_hub_groups_are_reused_only_for_groups_max_age() -> None:
+    """The Hub lookup itself is exercised in test_hub.py; here only the reuse rule, with a stand-in lookup."""
+    import asyncio
+
+    from lomas_jupyter_server.hub import LomasHubIdentityProvider
+
+    lookups: list[str] = []
+
+    async def lookup(hub_user: dict) -> list[str]:
+        lookups.append(hub_user["name"])
+        return [f"group-{len(lookups)}"]
+
+    fresh = LomasHubIdentityProvider()
+    fresh._hub_groups = lookup  # type: ignore[method-assign]
+    assert asyncio.run(fresh._fresh_groups({"name": "ann"})) == ["group-1"]
+    assert asyncio.run(fresh._fresh_groups({"name": "ann"})) == ["group-2"]  # default: read on every request
+    reused = LomasHubIdentityProvider(groups_max_age=3600)
+    reused._hub_groups = lookup  # type: ignore[method-assign]
+    assert asyncio.run(reused._fresh_groups({"name": "ann"})) == ["group-3"]
+    assert asyncio.run(reused._fresh_groups({"name": "ann"})) == ["group-3"]
+    assert asyncio.run(reused._fresh_groups({"name": "bob"})) == ["group-4"]
+    assert lookups == ["ann", "ann", "ann", "bob"]

@@ -13,12 +13,14 @@ import html
 import os
 import shutil
 import sys
+import time
 from typing import Any
 from urllib.parse import quote, urlparse
 
 import tornado.web
 from jupyter_server.base.handlers import JupyterHandler
 from jupyterhub.singleuser.extension import JupyterHubIdentityProvider, JupyterHubUser
+from traitlets import Float
 
 from .store import UserRecord
 
@@ -39,10 +41,20 @@ class LomasHubUser(JupyterHubUser):
 class LomasHubIdentityProvider(JupyterHubIdentityProvider):
     """Hub OAuth (browsers) and Hub tokens (kernels); every request also refreshes the caller's lomas record.
 
-    Group membership is read fresh from the Hub on every request, with the service's own token, rather than from
-    the identity cache (kept up to `HubOAuth.cache_max_age`): a student removed from a course's group loses its
-    budget on the very next query.
+    Group membership is read from the Hub with the service's own token, not from the identity cache (kept up to
+    `HubOAuth.cache_max_age`, 5 minutes): by default on every request, so a student removed from a course's
+    group loses its budget on the very next query.
     """
+
+    groups_max_age = Float(
+        0.0,
+        help="Seconds a user's Hub groups, once read, are reused: fewer calls to the Hub under load, at the price "
+        "of a student removed from a course's group keeping its budget that long (0: read on every request)",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._groups: dict[str, tuple[float, list[str]]] = {}
 
     async def get_user(self, handler: tornado.web.RequestHandler) -> LomasHubUser | None:  # type: ignore[override]
         if hasattr(handler, "_lomas_hub_user"):
@@ -60,6 +72,16 @@ class LomasHubIdentityProvider(JupyterHubIdentityProvider):
         return user
 
     async def _fresh_groups(self, hub_user: dict[str, Any]) -> list[str]:
+        name = hub_user["name"]
+        cached = self._groups.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self.groups_max_age:
+            return cached[1]
+        groups = await self._hub_groups(hub_user)
+        if self.groups_max_age > 0:
+            self._groups[name] = (time.monotonic(), groups)
+        return groups
+
+    async def _hub_groups(self, hub_user: dict[str, Any]) -> list[str]:
         url = f"{self.hub_auth.api_url}/users/{quote(hub_user['name'], safe='')}"
         try:
             model = await self.hub_auth._api_request("GET", url)  # the service's own token
