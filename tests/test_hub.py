@@ -201,3 +201,12 @@ def test_browsers_sign_in_through_hub_oauth(hub: Hub, course: dict) -> None:
     assert requests.get(f"{hub.url}services/lomas/lomas/api/whoami").status_code == 401
     r = requests.get(f"{hub.url}services/lomas/", allow_redirects=False)
     assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+
+
+def test_a_hub_user_an_instructor_removed_is_refused_with_the_reason(hub: Hub) -> None:
+    assert hub.service("GET", "whoami", "ljgone").json()["role"] == "analyst"
+    r = hub.service("DELETE", "admin/users/ljgone", INSTRUCTOR)
+    assert r.ok, r.text
+    for path in ["whoami", "budget"]:
+        r = hub.service("GET", path, "ljgone")
+        assert r.status_code == 403 and "removed by an admin" in r.json()["message"], r.text

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lomas_jupyter_server.demo import setup_demo
-from lomas_jupyter_server.errors import Conflict, InsufficientBudget
+from lomas_jupyter_server.errors import Conflict, Forbidden, InsufficientBudget
 from lomas_jupyter_server.recovery import process_start, settle_abandoned, this_instance
 from lomas_jupyter_server.store import InstanceRecord, SQLiteStore
 from lomas_jupyter_server.store.sqlite import MIGRATIONS
@@ -282,3 +282,12 @@ def test_hub_groups_are_course_rosters(store: SQLiteStore) -> None:
     assert store.get_grant("cat", "penguins").epsilon == pytest.approx(0.25)  # down to what was spent
     assert store.get_course("stats101").members == () and store.get_course("stats102").members == ("cat",)
     assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.25)
+
+
+def test_first_use_creation_does_not_undo_an_admins_removal(store: SQLiteStore) -> None:
+    store.create_user("dan", "analyst", "hub", revive=False)
+    store.remove_user("dan", "prof")
+    with pytest.raises(Forbidden, match="removed by an admin"):
+        store.create_user("dan", "analyst", "hub", revive=False)
+    assert store.get_user("dan") is None
+    assert store.create_user("dan", "analyst", "prof").username == "dan"  # an admin may bring them back

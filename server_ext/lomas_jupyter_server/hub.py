@@ -22,6 +22,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyterhub.singleuser.extension import JupyterHubIdentityProvider, JupyterHubUser
 from traitlets import Float
 
+from .errors import Forbidden, LomasError
 from .store import UserRecord
 
 ADMIN_SCOPE = "custom:lomas:admin"
@@ -29,13 +30,19 @@ SERVICE_NAME = "lomas"
 
 
 class LomasHubUser(JupyterHubUser):
-    """A Hub identity with the lomas user it maps to (resolved once per request)."""
+    """A Hub identity with the lomas user it maps to (resolved once per request), or why it has none."""
 
-    lomas_record: UserRecord
-
-    def __init__(self, hub_user: dict[str, Any], lomas_record: UserRecord) -> None:
+    def __init__(self, hub_user: dict[str, Any], lomas_record: UserRecord | None,
+                 refusal: LomasError | None = None) -> None:
         super().__init__(hub_user)
-        self.lomas_record = lomas_record
+        self._lomas_record = lomas_record
+        self._refusal = refusal
+
+    @property
+    def lomas_record(self) -> UserRecord:
+        if self._lomas_record is None:
+            raise self._refusal or Forbidden("no lomas user")
+        return self._lomas_record
 
 
 class LomasHubIdentityProvider(JupyterHubIdentityProvider):
@@ -66,8 +73,11 @@ class LomasHubIdentityProvider(JupyterHubIdentityProvider):
             groups = await self._fresh_groups(hub_user)
             instructor = bool(self.hub_auth.check_scopes({ADMIN_SCOPE}, hub_user))
             service = handler.settings["lomas_service"]
-            record = await asyncio.to_thread(service.hub_user, hub_user["name"], groups, instructor)
-            user = LomasHubUser(hub_user, record)
+            try:
+                record = await asyncio.to_thread(service.hub_user, hub_user["name"], groups, instructor)
+                user = LomasHubUser(hub_user, record)
+            except LomasError as refusal:  # an admin removed this user: every handler answers with why
+                user = LomasHubUser(hub_user, None, refusal)
         handler._lomas_hub_user = user  # type: ignore[attr-defined]
         return user
 
@@ -89,7 +99,7 @@ class LomasHubIdentityProvider(JupyterHubIdentityProvider):
             self.log.warning("lomas: the Hub refused to list %s's groups (does the service hold "
                              "read:users:groups?); using the cached identity", hub_user["name"])
             return list(hub_user.get("groups") or [])
-        return list(model.get("groups") or [])
+        return list((model or {}).get("groups") or [])
 
     def service_routes(self, base_url: str) -> list[tuple[Any, ...]]:
         """The only routes of the Hub service besides its API: the OAuth callback and the landing page."""
@@ -109,7 +119,12 @@ class LandingPageHandler(JupyterHandler):
     def get(self) -> None:
         user: LomasHubUser = self.current_user
         service = self.settings["lomas_service"]
-        record = user.lomas_record
+        try:
+            record = user.lomas_record
+        except LomasError as refusal:
+            self.set_status(refusal.status)
+            self.finish(f"<!doctype html><title>lomas DP service</title><p>{html.escape(refusal.message)}</p>")
+            return
         rows = "".join(
             f"<tr><td>{html.escape(b['dataset'])}</td><td>{b['epsilon_remaining']:.4g}</td>"
             f"<td>{b['epsilon_spent']:.4g}</td><td>{b['releases']}</td></tr>"

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import engine
 from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset
-from .errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
+from .errors import BadRequest, ChargedFailure, Conflict, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
 from .sql import DEFAULT_MAX_GROUPS, compile_sql
 from .store import AdminStore, DatasetRecord, UserRecord
@@ -139,11 +139,10 @@ class DPService:
         user = self.store.get_user(username)
         if user is None:
             try:
-                user = self.store.create_user(username, "analyst", actor="hub")
-            except LomasError:
-                user = self.store.get_user(username)  # created concurrently, or removed by an admin
-                if user is None:
-                    raise Forbidden("your access to the DP service was removed by an admin") from None
+                user = self.store.create_user(username, "analyst", actor="hub", revive=False)
+            except Conflict:
+                user = self.store.get_user(username)  # created by a concurrent first request
+                assert user is not None
         self.store.sync_course_memberships(username, hub_groups, actor="hub")
         return replace(user, role="admin") if instructor and user.role != "admin" else user
 

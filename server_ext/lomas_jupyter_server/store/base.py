@@ -230,7 +230,9 @@ class AdminStore(ABC):
 
     # users and tokens
     @abstractmethod
-    def create_user(self, username: str, role: str, actor: str) -> UserRecord: ...
+    def create_user(self, username: str, role: str, actor: str, revive: bool = True) -> UserRecord:
+        """A new user, or (`revive`) a removed one back with their history; without `revive`, a removed user
+        stays removed (Forbidden): users created on first use must not undo an admin's removal."""
 
     @abstractmethod
     def get_user(self, username: str) -> UserRecord | None: ...

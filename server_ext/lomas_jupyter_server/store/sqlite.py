@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, Conflict, InsufficientBudget, NotFound
+from ..errors import BadRequest, Conflict, Forbidden, InsufficientBudget, NotFound
 from .base import (
     ROLES,
     AdminStore,
@@ -252,7 +252,7 @@ class SQLiteStore(AdminStore):
 
     # --- users and tokens ---------------------------------------------------------------------------------
 
-    def create_user(self, username: str, role: str, actor: str) -> UserRecord:
+    def create_user(self, username: str, role: str, actor: str, revive: bool = True) -> UserRecord:
         _check_username(username)
         _check_role(role)
         with self._tx() as conn:
@@ -260,6 +260,8 @@ class SQLiteStore(AdminStore):
             now = utcnow()
             if row is not None and row["removed_at"] is None:
                 raise Conflict(f"user '{username}' already exists")
+            if row is not None and not revive:
+                raise Forbidden("your access to the DP service was removed by an admin")
             if row is not None:  # a removed user comes back with their history (their privacy loss is theirs)
                 conn.execute("UPDATE users SET role = ?, removed_at = NULL WHERE username = ?", (role, username))
                 now = row["created_at"]
