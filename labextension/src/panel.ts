@@ -1,0 +1,211 @@
+import { Widget } from '@lumino/widgets';
+
+import { ApiError, LomasApi } from './api';
+import {
+  ColumnMeta,
+  DatasetInfo,
+  ReleaseRecord,
+  dpqueryCell,
+  gauges,
+  recentReleases,
+  releaseTable
+} from './model';
+
+interface WhoAmI {
+  username: string;
+  role: string;
+}
+
+/** Insert a cell with this text into the current notebook; returns false when no notebook is open. */
+export type CellInserter = (source: string) => boolean;
+
+function el<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  attrs: Record<string, string> = {},
+  text = ''
+): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    node.setAttribute(key, value);
+  }
+  if (text) {
+    node.textContent = text;
+  }
+  return node;
+}
+
+/** The sidebar: the analyst view (budgets as gauges, recent releases, a ready %%dpquery cell). */
+export class LomasPanel extends Widget {
+  private timer: number | undefined;
+  private busy = false;
+  private openReleases = new Set<number>();
+
+  constructor(
+    readonly api: LomasApi,
+    private insertCell: CellInserter,
+    private refreshSeconds = 3
+  ) {
+    super();
+    this.id = 'lomas-sidebar';
+    this.addClass('lomas-Panel');
+    this.title.caption = 'DP service: budgets and releases';
+    this.node.setAttribute('role', 'region');
+    this.node.setAttribute('aria-label', 'DP service');
+  }
+
+  setRefreshSeconds(seconds: number): void {
+    this.refreshSeconds = Math.max(seconds, 1);
+    this.schedule();
+  }
+
+  protected onAfterAttach(): void {
+    void this.refresh();
+    this.schedule();
+  }
+
+  protected onBeforeDetach(): void {
+    window.clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  private schedule(): void {
+    window.clearInterval(this.timer);
+    if (this.isAttached) {
+      this.timer = window.setInterval(() => void this.refresh(), this.refreshSeconds * 1000);
+    }
+  }
+
+  /** Re-read everything; keeps the previous view on a failure and says why in one line. */
+  async refresh(): Promise<void> {
+    if (this.busy) {
+      return;
+    }
+    this.busy = true;
+    try {
+      const [me, datasets, archive] = await Promise.all([
+        this.api.call<WhoAmI>('GET', 'whoami'),
+        this.api.call<DatasetInfo[]>('GET', 'datasets'),
+        this.api.call<ReleaseRecord[]>('GET', 'archive?limit=10')
+      ]);
+      this.render(me, datasets, archive);
+    } catch (err) {
+      this.showError(err instanceof ApiError ? err.message : 'the DP service answered in a way this panel cannot read');
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private showError(message: string): void {
+    let line = this.node.querySelector('.lomas-error');
+    if (!line) {
+      line = el('p', { class: 'lomas-error', role: 'alert' });
+      this.node.prepend(line);
+    }
+    line.textContent = message;
+  }
+
+  private render(me: WhoAmI, datasets: DatasetInfo[], archive: ReleaseRecord[]): void {
+    const root = el('div', { class: 'lomas-content' });
+    root.append(el('h2', { class: 'lomas-heading' }, 'DP service'));
+    root.append(el('p', { class: 'lomas-who' }, `Signed in as ${me.username} (${me.role})`));
+
+    const budgetSection = el('section', { 'aria-label': 'My budgets' });
+    budgetSection.append(el('h3', {}, 'My budgets'));
+    const list = el('ul', { class: 'lomas-gauges' });
+    for (const gauge of gauges(datasets)) {
+      const item = el('li', { class: 'lomas-gauge', 'data-dataset': gauge.dataset });
+      item.append(el('div', { class: 'lomas-gauge-name' }, gauge.dataset));
+      if (gauge.description) {
+        item.append(el('div', { class: 'lomas-gauge-description' }, gauge.description));
+      }
+      const percent = Math.round(gauge.remainingShare * 100);
+      const bar = el('div', {
+        class: 'lomas-bar',
+        role: 'progressbar',
+        'aria-label': `ε remaining on ${gauge.dataset}`,
+        'aria-valuemin': '0',
+        'aria-valuemax': '100',
+        'aria-valuenow': String(percent),
+        'aria-valuetext': gauge.label
+      });
+      const fill = el('div', { class: 'lomas-bar-fill' });
+      fill.style.width = `${percent}%`;
+      bar.append(fill);
+      item.append(bar);
+      item.append(el('div', { class: 'lomas-gauge-label' }, gauge.label));
+      if (gauge.deltaLabel) {
+        item.append(el('div', { class: 'lomas-gauge-label' }, gauge.deltaLabel));
+      }
+      if (gauge.granted) {
+        const button = el(
+          'button',
+          { class: 'jp-Button lomas-insert', type: 'button', 'aria-label': `Insert a %%dpquery cell for ${gauge.dataset}` },
+          'Insert %%dpquery cell'
+        );
+        button.addEventListener('click', () => void this.insertFor(gauge.dataset));
+        item.append(button);
+      }
+      list.append(item);
+    }
+    if (!datasets.length) {
+      list.append(el('li', {}, 'No datasets yet.'));
+    }
+    budgetSection.append(list);
+    root.append(budgetSection);
+
+    const releaseSection = el('section', { 'aria-label': 'My recent releases' });
+    releaseSection.append(el('h3', {}, 'My recent releases'));
+    const byId = new Map(archive.map(r => [r.id, r]));
+    const releases = el('ul', { class: 'lomas-releases' });
+    for (const row of recentReleases(archive)) {
+      const item = el('li', { class: 'lomas-release' });
+      const details = el('details');
+      details.open = this.openReleases.has(row.id);
+      details.addEventListener('toggle', () =>
+        details.open ? this.openReleases.add(row.id) : this.openReleases.delete(row.id)
+      );
+      const summary = el('summary');
+      summary.append(el('span', { class: 'lomas-release-sql' }, row.title));
+      summary.append(el('span', { class: 'lomas-release-meta' }, `${row.cost} · ${row.when}`));
+      details.append(summary, this.table(byId.get(row.id)!));
+      item.append(details);
+      releases.append(item);
+    }
+    if (!archive.length) {
+      releases.append(el('li', {}, 'No releases yet.'));
+    }
+    releaseSection.append(releases);
+    root.append(releaseSection);
+
+    this.node.replaceChildren(root);
+  }
+
+  private table(record: ReleaseRecord): HTMLElement {
+    const { columns, rows } = releaseTable(record);
+    const table = el('table', { class: 'lomas-table' });
+    const head = el('tr');
+    columns.forEach(c => head.append(el('th', { scope: 'col' }, c)));
+    table.append(el('thead'), el('tbody'));
+    table.tHead!.append(head);
+    for (const row of rows) {
+      const tr = el('tr');
+      row.forEach(v => tr.append(el('td', {}, v)));
+      table.tBodies[0].append(tr);
+    }
+    return table;
+  }
+
+  private async insertFor(dataset: string): Promise<void> {
+    try {
+      const doc = await this.api.call<{ metadata: { columns: Record<string, ColumnMeta> } }>(
+        'GET',
+        `datasets/${encodeURIComponent(dataset)}`
+      );
+      if (!this.insertCell(dpqueryCell(dataset, doc.metadata.columns))) {
+        this.showError('open a notebook first: the cell goes into the current notebook');
+      }
+    } catch (err) {
+      this.showError(err instanceof ApiError ? err.message : String(err));
+    }
+  }
+}
