@@ -48,8 +48,29 @@ def running_server(command: str, args: list[str], root: Path, env: dict[str, str
                     time.sleep(0.3)
             yield url, proc.pid
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 120) -> None:
+    """SIGTERM a server we started and wait for its clean shutdown (kernels included); on a busy machine that can
+    take long, so only after `grace` seconds kill it and every process it started."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.kill()
+        proc.wait()
 
 
 def lomas_admin(storage: Path, *args: str) -> str:

@@ -96,31 +96,31 @@ export class LomasPanel extends Widget {
   }
 
   private showError(message: string): void {
-    let line = this.node.querySelector('.lomas-error');
+    let line = this.node.querySelector('.lomas-sb-error');
     if (!line) {
-      line = el('p', { class: 'lomas-error', role: 'alert' });
+      line = el('p', { class: 'lomas-sb-error', role: 'alert' });
       this.node.prepend(line);
     }
     line.textContent = message;
   }
 
   private render(me: WhoAmI, datasets: DatasetInfo[], archive: ReleaseRecord[]): void {
-    const root = el('div', { class: 'lomas-content' });
-    root.append(el('h2', { class: 'lomas-heading' }, 'DP service'));
-    root.append(el('p', { class: 'lomas-who' }, `Signed in as ${me.username} (${me.role})`));
+    const root = el('div', { class: 'lomas-sb-content' });
+    root.append(el('h2', { class: 'lomas-sb-heading' }, 'DP service'));
+    root.append(el('p', { class: 'lomas-sb-who' }, `Signed in as ${me.username} (${me.role})`));
 
     const budgetSection = el('section', { 'aria-label': 'My budgets' });
     budgetSection.append(el('h3', {}, 'My budgets'));
-    const list = el('ul', { class: 'lomas-gauges' });
+    const list = el('ul', { class: 'lomas-sb-gauges' });
     for (const gauge of gauges(datasets)) {
-      const item = el('li', { class: 'lomas-gauge', 'data-dataset': gauge.dataset });
-      item.append(el('div', { class: 'lomas-gauge-name' }, gauge.dataset));
+      const item = el('li', { class: 'lomas-sb-gauge', 'data-dataset': gauge.dataset });
+      item.append(el('div', { class: 'lomas-sb-gauge-name' }, gauge.dataset));
       if (gauge.description) {
-        item.append(el('div', { class: 'lomas-gauge-description' }, gauge.description));
+        item.append(el('div', { class: 'lomas-sb-gauge-description' }, gauge.description));
       }
       const percent = Math.round(gauge.remainingShare * 100);
       const bar = el('div', {
-        class: 'lomas-bar',
+        class: 'lomas-sb-bar',
         role: 'progressbar',
         'aria-label': `ε remaining on ${gauge.dataset}`,
         'aria-valuemin': '0',
@@ -128,18 +128,18 @@ export class LomasPanel extends Widget {
         'aria-valuenow': String(percent),
         'aria-valuetext': gauge.label
       });
-      const fill = el('div', { class: 'lomas-bar-fill' });
+      const fill = el('div', { class: 'lomas-sb-bar-fill' });
       fill.style.width = `${percent}%`;
       bar.append(fill);
       item.append(bar);
-      item.append(el('div', { class: 'lomas-gauge-label' }, gauge.label));
+      item.append(el('div', { class: 'lomas-sb-gauge-label' }, gauge.label));
       if (gauge.deltaLabel) {
-        item.append(el('div', { class: 'lomas-gauge-label' }, gauge.deltaLabel));
+        item.append(el('div', { class: 'lomas-sb-gauge-label' }, gauge.deltaLabel));
       }
       if (gauge.granted) {
         const button = el(
           'button',
-          { class: 'jp-Button lomas-insert', type: 'button', 'aria-label': `Insert a %%dpquery cell for ${gauge.dataset}` },
+          { class: 'jp-Button lomas-sb-insert', type: 'button', 'aria-label': `Insert a %%dpquery cell for ${gauge.dataset}` },
           'Insert %%dpquery cell'
         );
         button.addEventListener('click', () => void this.insertFor(gauge.dataset));
@@ -156,17 +156,17 @@ export class LomasPanel extends Widget {
     const releaseSection = el('section', { 'aria-label': 'My recent releases' });
     releaseSection.append(el('h3', {}, 'My recent releases'));
     const byId = new Map(archive.map(r => [r.id, r]));
-    const releases = el('ul', { class: 'lomas-releases' });
+    const releases = el('ul', { class: 'lomas-sb-releases' });
     for (const row of recentReleases(archive)) {
-      const item = el('li', { class: 'lomas-release' });
+      const item = el('li', { class: 'lomas-sb-release' });
       const details = el('details');
       details.open = this.openReleases.has(row.id);
       details.addEventListener('toggle', () =>
         details.open ? this.openReleases.add(row.id) : this.openReleases.delete(row.id)
       );
       const summary = el('summary');
-      summary.append(el('span', { class: 'lomas-release-sql' }, row.title));
-      summary.append(el('span', { class: 'lomas-release-meta' }, `${row.cost} · ${row.when}`));
+      summary.append(el('span', { class: 'lomas-sb-release-sql' }, row.title));
+      summary.append(el('span', { class: 'lomas-sb-release-meta' }, `${row.cost} · ${row.when}`));
       details.append(summary, this.table(byId.get(row.id)!));
       item.append(details);
       releases.append(item);
@@ -182,7 +182,7 @@ export class LomasPanel extends Widget {
 
   private table(record: ReleaseRecord): HTMLElement {
     const { columns, rows } = releaseTable(record);
-    const table = el('table', { class: 'lomas-table' });
+    const table = el('table', { class: 'lomas-sb-table' });
     const head = el('tr');
     columns.forEach(c => head.append(el('th', { scope: 'col' }, c)));
     table.append(el('thead'), el('tbody'));
