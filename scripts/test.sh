@@ -13,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 .venv/bin/ruff check .
+# the sidebar's data logic (vitest), with the jlpm that jupyterlab ships and the committed yarn.lock
+(cd labextension && PATH="$PWD/../.venv/bin:$PATH" jlpm install --immutable >/dev/null && PATH="$PWD/../.venv/bin:$PATH" jlpm test)
 .venv/bin/python -m pytest -q "$@"
