@@ -80,6 +80,15 @@ async def test_admin_flows(api, tmp_path: Path) -> None:
     assert status == 200 and grant["epsilon"] == 2.0
     status, grants = await api("admin/grants")
     assert {(g["username"], g["dataset"]) for g in grants} >= {("alice", "small"), ("owner", "penguins")}
+    # several users at once, all or nothing: an unknown user changes no grant
+    await api("admin/users", "POST", {"username": "bob"})
+    status, failed = await api("admin/grants", "PUT", {"usernames": ["bob", "nobody"], "dataset": "small",
+                                                       "epsilon": 3.0})
+    assert status == 404 and "nobody" in failed["message"]
+    status, bobs = await api("admin/grants", username="bob")
+    assert bobs == []
+    status, both = await api("admin/grants", "PUT", {"usernames": ["alice", "bob"], "dataset": "small", "epsilon": 3.0})
+    assert status == 200 and [(g["username"], g["epsilon"]) for g in both["grants"]] == [("alice", 3.0), ("bob", 3.0)]
     status, role = await api("admin/users/alice", "PATCH", {"role": "admin"})
     assert status == 200 and role["role"] == "admin"
 

@@ -463,11 +463,15 @@ class DPService:
 
     def set_grant(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
-        username, dataset = body.get("username"), body.get("dataset")
-        if not isinstance(username, str) or not isinstance(dataset, str):
-            raise BadRequest("'username' and 'dataset' are required")
+        usernames, dataset = body.get("usernames"), body.get("dataset")
+        if usernames is None:
+            usernames = [body.get("username")]
+        if (not isinstance(usernames, list) or not all(isinstance(u, str) for u in usernames)
+                or not isinstance(dataset, str)):
+            raise BadRequest("'username' (or a list 'usernames') and 'dataset' are required")
         epsilon, delta = _amount(body, "epsilon"), _amount(body, "delta")
-        return self.store.set_grant(username, dataset, epsilon, delta, admin.username).to_json()
+        grants = self.store.set_grants(usernames, dataset, epsilon, delta, admin.username)
+        return grants[0].to_json() if "usernames" not in body else {"grants": [g.to_json() for g in grants]}
 
 
 def _amount(body: dict[str, Any], name: str) -> float:

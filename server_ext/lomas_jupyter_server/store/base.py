@@ -276,6 +276,11 @@ class AdminStore(ABC):
     def set_grant(self, username: str, dataset: str, epsilon: float, delta: float, actor: str) -> GrantRecord: ...
 
     @abstractmethod
+    def set_grants(self, usernames: list[str], dataset: str, epsilon: float, delta: float,
+                   actor: str) -> list[GrantRecord]:
+        """The same grant for several users, in one transaction: an unknown user changes nothing."""
+
+    @abstractmethod
     def get_grant(self, username: str, dataset: str) -> GrantRecord | None: ...
 
     @abstractmethod

@@ -374,23 +374,31 @@ class SQLiteStore(AdminStore):
     # --- grants and ledger --------------------------------------------------------------------------------
 
     def set_grant(self, username: str, dataset: str, epsilon: float, delta: float, actor: str) -> GrantRecord:
+        return self.set_grants([username], dataset, epsilon, delta, actor)[0]
+
+    def set_grants(self, usernames: list[str], dataset: str, epsilon: float, delta: float,
+                   actor: str) -> list[GrantRecord]:
         _check_amount(epsilon, "epsilon")
         _check_amount(delta, "delta")
         if delta >= 1:
             raise BadRequest("delta must be below 1")
+        if not usernames:
+            raise BadRequest("name at least one user")
         now = utcnow()
-        with self._tx() as conn:
-            if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
-                raise NotFound(f"no user '{username}'")
+        with self._tx() as conn:  # all or nothing: one unknown user changes no grant
             if not conn.execute("SELECT 1 FROM datasets WHERE name = ?", (dataset,)).fetchone():
                 raise NotFound(f"no dataset '{dataset}'")
-            conn.execute(
-                "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, dataset) DO UPDATE SET "
-                "epsilon = excluded.epsilon, delta = excluded.delta, updated_at = excluded.updated_at",
-                (username, dataset, float(epsilon), float(delta), now),
-            )
-            self._audit(conn, actor, "set_grant", username=username, dataset=dataset, epsilon=epsilon, delta=delta)
-        return GrantRecord(username, dataset, float(epsilon), float(delta), now)
+            for username in usernames:
+                if not conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+                    raise NotFound(f"no user '{username}'")
+                conn.execute(
+                    "INSERT INTO grants VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, dataset) DO UPDATE SET "
+                    "epsilon = excluded.epsilon, delta = excluded.delta, updated_at = excluded.updated_at",
+                    (username, dataset, float(epsilon), float(delta), now),
+                )
+                self._audit(conn, actor, "set_grant", username=username, dataset=dataset, epsilon=epsilon,
+                            delta=delta)
+        return [GrantRecord(u, dataset, float(epsilon), float(delta), now) for u in usernames]
 
     def get_grant(self, username: str, dataset: str) -> GrantRecord | None:
         rows = self._read("SELECT * FROM grants WHERE username = ? AND dataset = ?", (username, dataset))
