@@ -105,3 +105,178 @@ def test_the_analyst_view_is_live_readable_and_keyboard_usable(theme: str, tmp_p
             for kernel in requests.get(f"{url}api/kernels", headers=headers, timeout=30).json():
                 requests.delete(f"{url}api/kernels/{kernel['id']}", headers=headers, timeout=60)
             browser.close()
+
+
+def _browser(p):  # noqa: ANN001, ANN202
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+
+
+def _contrast_of(page, selector: str) -> float:  # noqa: ANN001
+    texts = page.locator(selector)
+    assert texts.count() >= 5
+    return min(texts.nth(i).evaluate(CONTRAST_JS) for i in range(texts.count()))
+
+
+NAME_JS = """(el) => el.getAttribute('aria-label') || (el.labels && el.labels.length ? el.labels[0].textContent : '')
+    || el.innerText || ''"""
+
+
+def _named_and_focusable(page, selector: str) -> int:  # noqa: ANN001
+    controls = page.locator(selector)
+    for i in range(controls.count()):
+        control = controls.nth(i)
+        name = control.evaluate(NAME_JS)
+        assert name.strip(), "a control without an accessible name"
+        assert control.evaluate("(el) => el.tabIndex") >= 0
+    return controls.count()
+
+
+SPEND_NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "id": "spend", "metadata": {}, "outputs": [],
+               "source": "%load_ext lomas_jupyter\n"},
+              {"cell_type": "code", "execution_count": None, "id": "query", "metadata": {}, "outputs": [],
+               "source": "%%dpquery penguins --epsilon 1\nSELECT COUNT(*) AS n FROM penguins"}],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from .test_ui import run_all
+
+    token = "sidebar-admin-token"
+    (tmp_path / "spend.ipynb").write_text(json.dumps(SPEND_NOTEBOOK))
+    args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
+            f"--ServerApp.root_dir={tmp_path}", f"--LabApp.app_settings_dir={lab_settings(tmp_path / 'lab', 'light')}"]
+    env = {"LOMAS_STORAGE_DIR": str(tmp_path / "storage"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "LOMAS_URL": "", "LOMAS_TOKEN": ""}
+    headers = {"Authorization": f"token {token}"}
+    with running_server("jupyter-lab", args, tmp_path, env, headers) as (url, _pid), sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}lab/tree/spend.ipynb?token={token}")
+            tab = page.locator("li[data-id='lomas-sidebar']")
+            tab.wait_for(timeout=90_000)
+            tab.click()
+            admin = page.locator(".lomas-sb-admin")
+            admin.wait_for(timeout=60_000)
+            status = page.locator(".lomas-sb-status")
+
+            page.get_by_label("New user name").fill("ann")
+            page.get_by_role("button", name="Add the user").click()
+            page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('added ann')",
+                                   timeout=30_000)
+            page.get_by_role("button", name="Issue a token for ann").click()
+            value = page.get_by_label("New token of ann")
+            value.wait_for(timeout=30_000)
+            issued = value.input_value()
+            assert issued.startswith("lomas_")
+            assert page.get_by_role("button", name="Copy the token of ann").is_visible()
+            r = requests.get(f"{url}lomas/api/admin/users", headers=headers, timeout=30)
+            assert "ann" in {u["username"] for u in r.json()}
+
+            page.locator(".lomas-sb-admin-part > summary:has-text('Grants')").click()
+            page.locator(".lomas-sb-form label:has-text('ann') input").check()
+            page.get_by_label("Dataset to grant").select_option("penguins")
+            page.get_by_label("Epsilon to grant").fill("1.5")
+            page.get_by_role("button", name="Set the grant for the chosen users").click()
+            page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('granted')",
+                                   timeout=30_000)
+            grants = requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers, timeout=30).json()
+            assert [(g["dataset"], g["epsilon"]) for g in grants] == [("penguins", 1.5)]
+            # the view re-reads what it changed: the grants table shows it, the part stays open
+            page.locator("[data-part=grants] tr:has(td:text-is('ann')) td:text-is('1.5')").wait_for(timeout=30_000)
+            # a failed grant is one line and changes nothing
+            page.locator(".lomas-sb-form label:has-text('ann') input").check()
+            page.get_by_label("Epsilon to grant").fill("-1")
+            page.get_by_role("button", name="Set the grant for the chosen users").click()
+            assert "non-negative" in status.inner_text()
+            assert requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers,
+                                timeout=30).json()[0]["epsilon"] == 1.5
+            page.get_by_label("Epsilon to grant").fill("")
+            page.locator(".lomas-sb-form label:has-text('ann') input").uncheck()
+
+            caption = page.locator(".lomas-sb-chart figcaption")
+            assert "0 of 11.5 granted" in caption.inner_text()  # root's 10 and ann's 1.5
+            # a query run in the notebook moves the gauge and the burn-down without a reload
+            run_all(page)
+            page.wait_for_function(
+                "() => document.querySelector('.lomas-sb-chart figcaption').textContent.includes(' 1 of 11.5')",
+                timeout=120_000)
+            assert page.locator(".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]").get_attribute(
+                "aria-valuenow") == "90"
+            path = page.locator(".lomas-sb-chart-spent").get_attribute("d")
+            assert path and " V" in path
+
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Export the filtered ledger as CSV").click()
+            csv_text = Path(download.value.path()).read_text()
+            assert csv_text.startswith("id,created_at,username,dataset,kind,epsilon,delta")
+            assert ",root,penguins,commit,1" in csv_text.replace("\r", "")
+
+            assert _named_and_focusable(page, ".lomas-sb-admin button, .lomas-sb-admin summary, "
+                                              ".lomas-sb-admin select, .lomas-sb-admin input") >= 10
+            ARTIFACTS.mkdir(exist_ok=True)
+            texts = (".lomas-sb-admin summary, .lomas-sb-admin td, .lomas-sb-admin th, .lomas-sb-admin legend, "
+                     ".lomas-sb-admin figcaption, .lomas-sb-admin .jp-Button, .lomas-sb-status")
+            for theme in ["light", "dark"]:
+                if theme == "dark":
+                    page.get_by_role("menuitem", name="Settings", exact=True).click()
+                    page.get_by_text("Theme", exact=True).first.hover()
+                    page.get_by_text("JupyterLab Dark", exact=True).first.click()
+                    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+                worst = _contrast_of(page, texts)
+                assert worst >= 4.5, f"admin text contrast {worst:.2f} in the {theme} theme"
+                admin.scroll_into_view_if_needed()
+                page.screenshot(path=str(ARTIFACTS / f"sidebar-admin-{theme}.png"))
+        finally:
+            for kernel in requests.get(f"{url}api/kernels", headers=headers, timeout=30).json():
+                requests.delete(f"{url}api/kernels/{kernel['id']}", headers=headers, timeout=60)
+            browser.close()
+
+
+def test_an_analyst_of_a_remote_standalone_service_sees_only_the_analyst_view(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from .servers import add_analyst, lomas_admin
+
+    storage = tmp_path / "service"
+    lomas_admin(storage, "demo", "--user", "boss")
+    analyst_token = add_analyst(storage, "alice", {"penguins": 2.0})
+    service_env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "sconfig"), "JUPYTER_DATA_DIR": str(tmp_path / "sdata")}
+    # the browser calls the service from JupyterLab's origin: the service allows it (CORS), tokens in a header
+    service_args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--ServerApp.allow_origin=*"]
+    with running_server("jupyter-lomas", service_args, tmp_path, service_env) as (service_url, _):
+        settings = lab_settings(tmp_path / "lab", "light")
+        overrides = json.loads((settings / "overrides.json").read_text())
+        overrides["lomas-jupyter:plugin"] |= {"serviceUrl": service_url, "token": analyst_token}
+        (settings / "overrides.json").write_text(json.dumps(overrides))
+        token = "sidebar-remote-token"
+        args = [f"--IdentityProvider.token={token}", "--LomasApp.workers=1", f"--ServerApp.root_dir={tmp_path}",
+                f"--LabApp.app_settings_dir={settings}"]
+        env = {"LOMAS_STORAGE_DIR": str(tmp_path / "embedded"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+               "LOMAS_URL": "", "LOMAS_TOKEN": ""}
+        with running_server("jupyter-lab", args, tmp_path, env, {"Authorization": f"token {token}"}) as (url, _), \
+                sync_playwright() as p:
+            browser = _browser(p)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(f"{url}lab?token={token}")
+                tab = page.locator("li[data-id='lomas-sidebar']")
+                tab.wait_for(timeout=90_000)
+                tab.click()
+                page.locator(".lomas-sb-who:has-text('alice (analyst)')").wait_for(timeout=60_000)
+                assert "ε 2 of 2 left" in page.locator(".lomas-sb-gauge[data-dataset='penguins']").inner_text()
+                assert page.locator(".lomas-sb-admin").count() == 0
+                r = requests.post(f"{service_url}lomas/api/query", timeout=120,
+                                  headers={"Authorization": f"token {analyst_token}"},
+                                  json={"dataset": "penguins", "epsilon": 0.5, "sql": "SELECT COUNT(*) AS n FROM penguins"})
+                assert r.status_code == 201, r.text
+                page.wait_for_function(
+                    "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
+                    ".getAttribute('aria-valuenow') === '75'", timeout=60_000)
+            finally:
+                browser.close()

@@ -7,7 +7,8 @@ export class ApiError extends Error {}
 
 /**
  * The REST API through JupyterLab's ServerConnection: XSRF and the Jupyter token for the embedded service,
- * cookies for a Hub service, or a lomas token that is sent only to the configured service URL.
+ * cookies for a Hub service, or a lomas token that is sent only to the configured service URL (ServerConnection
+ * puts the settings' token in the Authorization header).
  */
 export class LomasApi {
   constructor(
@@ -34,9 +35,6 @@ export class LomasApi {
     if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers = { 'Content-Type': 'application/json' };
-    }
-    if (this.remote && this.token) {
-      init.headers = { ...(init.headers ?? {}), Authorization: `token ${this.token}` };
     }
     let response: Response;
     try {

@@ -29,6 +29,7 @@ export interface ColumnMeta {
 
 export interface ReleaseRecord {
   id: number;
+  username?: string;
   dataset: string;
   sql: string;
   epsilon: number;
@@ -141,4 +142,83 @@ function cell(value: unknown): string {
 export function apiBase(serviceUrl: string, serverBaseUrl: string): string {
   const base = (serviceUrl.trim() || serverBaseUrl).replace(/\/+$/, '');
   return `${base}/lomas/api/`;
+}
+
+// --- admin view ------------------------------------------------------------------------------------------
+
+export interface LedgerRow {
+  id: number;
+  reservation_id: string;
+  username: string;
+  dataset: string;
+  kind: string;
+  epsilon: number;
+  delta: number;
+  created_at: string;
+  [key: string]: unknown;
+}
+
+export interface LedgerFilter {
+  user?: string;
+  dataset?: string;
+  /** ISO date or date-time: rows at or after it */
+  since?: string;
+}
+
+export function filterLedger(rows: LedgerRow[], filter: LedgerFilter): LedgerRow[] {
+  return rows.filter(
+    r =>
+      (!filter.user || r.username === filter.user) &&
+      (!filter.dataset || r.dataset === filter.dataset) &&
+      (!filter.since || r.created_at >= filter.since)
+  );
+}
+
+const LEDGER_COLUMNS = ['id', 'created_at', 'username', 'dataset', 'kind', 'epsilon', 'delta', 'reservation_id'];
+
+/** RFC 4180 CSV: quoted where needed, numbers at full precision. */
+export function ledgerCsv(rows: LedgerRow[]): string {
+  const quote = (value: unknown): string => {
+    const text = value === null || value === undefined ? '' : String(value);
+    return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  };
+  const lines = [LEDGER_COLUMNS.join(',')];
+  for (const row of rows) {
+    lines.push(LEDGER_COLUMNS.map(c => quote(row[c])).join(','));
+  }
+  return lines.join('\r\n') + '\r\n';
+}
+
+export interface SpendPoint {
+  when: string;
+  spent: number;
+}
+
+/** Cumulative ε of releases over time (one dataset; one user or everyone), starting from 0. */
+export function burnDown(releases: ReleaseRecord[], dataset: string, user = ''): SpendPoint[] {
+  const chosen = releases
+    .filter(r => r.dataset === dataset && (!user || r.username === user))
+    .sort((a, b) => (a.created_at < b.created_at ? -1 : a.created_at > b.created_at ? 1 : a.id - b.id));
+  let total = 0;
+  const points: SpendPoint[] = chosen.length ? [{ when: chosen[0].created_at, spent: 0 }] : [];
+  for (const r of chosen) {
+    total += r.epsilon;
+    points.push({ when: r.created_at, spent: total });
+  }
+  return points;
+}
+
+/** An SVG step path of the points, x by order of release, y against `ceiling` (the grant). */
+export function stepPath(points: SpendPoint[], width: number, height: number, ceiling: number): string {
+  if (!points.length) {
+    return '';
+  }
+  const top = Math.max(ceiling, ...points.map(p => p.spent), 1e-12);
+  const x = (i: number) => (points.length === 1 ? 0 : (i / (points.length - 1)) * width);
+  const y = (v: number) => height - (v / top) * height;
+  let path = `M${x(0).toFixed(1)},${y(points[0].spent).toFixed(1)}`;
+  for (let i = 1; i < points.length; i++) {
+    path += ` H${x(i).toFixed(1)} V${y(points[i].spent).toFixed(1)}`;
+  }
+  return path;
 }

@@ -1,5 +1,6 @@
 import { Widget } from '@lumino/widgets';
 
+import { AdminView } from './admin';
 import { ApiError, LomasApi } from './api';
 import {
   ColumnMeta,
@@ -39,6 +40,9 @@ export class LomasPanel extends Widget {
   private timer: number | undefined;
   private busy = false;
   private openReleases = new Set<number>();
+  private admin: AdminView | null = null;
+  private analyst = document.createElement('div');
+  private status = el('p', { class: 'lomas-sb-status', role: 'status' });
 
   constructor(
     readonly api: LomasApi,
@@ -51,6 +55,7 @@ export class LomasPanel extends Widget {
     this.title.caption = 'DP service: budgets and releases';
     this.node.setAttribute('role', 'region');
     this.node.setAttribute('aria-label', 'DP service');
+    this.node.append(this.status, this.analyst);
   }
 
   setRefreshSeconds(seconds: number): void {
@@ -88,6 +93,7 @@ export class LomasPanel extends Widget {
         this.api.call<ReleaseRecord[]>('GET', 'archive?limit=10')
       ]);
       this.render(me, datasets, archive);
+      await this.refreshAdmin(me.role === 'admin');
     } catch (err) {
       this.showError(err instanceof ApiError ? err.message : 'the DP service answered in a way this panel cannot read');
     } finally {
@@ -95,13 +101,30 @@ export class LomasPanel extends Widget {
     }
   }
 
-  private showError(message: string): void {
-    let line = this.node.querySelector('.lomas-sb-error');
-    if (!line) {
-      line = el('p', { class: 'lomas-sb-error', role: 'alert' });
-      this.node.prepend(line);
+  /** Only admins see the admin view; it is not rebuilt while a form in it is being filled in. */
+  private async refreshAdmin(isAdmin: boolean): Promise<void> {
+    if (!isAdmin) {
+      this.admin?.node.remove();
+      this.admin = null;
+      return;
     }
-    line.textContent = message;
+    if (!this.admin) {
+      this.admin = new AdminView(this.api, (message, ok) => this.say(message, ok));
+      this.node.append(this.admin.node);
+    } else if (this.admin.editing) {
+      return;
+    }
+    await this.admin.load();
+  }
+
+  /** One line at the top: what just happened, or what went wrong. */
+  say(message: string, ok = false): void {
+    this.status.textContent = message;
+    this.status.className = ok ? 'lomas-sb-status' : 'lomas-sb-status lomas-sb-error';
+  }
+
+  private showError(message: string): void {
+    this.say(message);
   }
 
   private render(me: WhoAmI, datasets: DatasetInfo[], archive: ReleaseRecord[]): void {
@@ -177,7 +200,7 @@ export class LomasPanel extends Widget {
     releaseSection.append(releases);
     root.append(releaseSection);
 
-    this.node.replaceChildren(root);
+    this.analyst.replaceChildren(root);
   }
 
   private table(record: ReleaseRecord): HTMLElement {

@@ -1,0 +1,339 @@
+import { ApiError, LomasApi } from './api';
+import {
+  DatasetInfo,
+  LedgerRow,
+  ReleaseRecord,
+  burnDown,
+  filterLedger,
+  fmt,
+  ledgerCsv,
+  stepPath
+} from './model';
+
+interface UserRow {
+  username: string;
+  role: string;
+}
+
+interface GrantRow {
+  username: string;
+  dataset: string;
+  epsilon: number;
+  delta: number;
+}
+
+type Say = (message: string, ok?: boolean) => void;
+
+function el<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  attrs: Record<string, string> = {},
+  text = ''
+): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    node.setAttribute(key, value);
+  }
+  if (text) {
+    node.textContent = text;
+  }
+  return node;
+}
+
+function select(label: string, options: string[], value = ''): HTMLSelectElement {
+  const node = el('select', { 'aria-label': label, class: 'lomas-sb-input' });
+  for (const option of options) {
+    const item = el('option', { value: option }, option || 'everyone');
+    item.selected = option === value;
+    node.append(item);
+  }
+  return node;
+}
+
+function input(label: string, attrs: Record<string, string> = {}): HTMLInputElement {
+  return el('input', { 'aria-label': label, class: 'lomas-sb-input', ...attrs });
+}
+
+function button(text: string, label: string, onClick: () => void): HTMLButtonElement {
+  const node = el('button', { type: 'button', class: 'jp-Button lomas-sb-insert', 'aria-label': label }, text);
+  node.addEventListener('click', onClick);
+  return node;
+}
+
+/**
+ * The admin view: users, grants, spending. Rebuilt from the API on demand (not on every poll, so that a form
+ * being filled in is never reset); every action reports one line and re-reads what it changed.
+ */
+export class AdminView {
+  readonly node = el('section', { class: 'lomas-sb-admin', 'aria-label': 'Administration' });
+  /** kept across reloads: a token is shown once and must stay until copied */
+  private tokenBox = el('div', { class: 'lomas-sb-token', 'aria-live': 'polite' });
+  private content = el('div');
+  private filter = { user: '', dataset: '', since: '' };
+  /** which parts are open, kept across reloads */
+  private opened = new Set(['users', 'spending']);
+  private chartDataset = '';
+  private chartUser = '';
+
+  constructor(
+    private api: LomasApi,
+    private say: Say
+  ) {
+    this.node.append(el('h3', {}, 'Administration'), this.tokenBox, this.content);
+  }
+
+  /** True while an admin is filling in a form here: a periodic reload would wipe it. */
+  get editing(): boolean {
+    const active = document.activeElement;
+    if (active && this.content.contains(active) && active.tagName !== 'BUTTON' && active.tagName !== 'SUMMARY') {
+      return true;
+    }
+    return Array.from(this.content.querySelectorAll('input')).some(i =>
+      i.type === 'checkbox' ? i.checked : i.type !== 'date' && i.value !== ''
+    );
+  }
+
+  /** Re-read and rebuild; a periodic reload (not `force`) never replaces a form being filled in, even one
+   *  the admin started while the data was on its way. */
+  async load(force = false): Promise<void> {
+    const [users, datasets, grants, ledger, releases] = await Promise.all([
+      this.api.call<UserRow[]>('GET', 'admin/users'),
+      this.api.call<DatasetInfo[]>('GET', 'datasets'),
+      this.api.call<GrantRow[]>('GET', 'admin/grants'),
+      this.api.call<LedgerRow[]>('GET', 'admin/ledger?limit=10000'),
+      this.api.call<ReleaseRecord[]>('GET', 'admin/archive?limit=10000')
+    ]);
+    if (!force && this.editing) {
+      return;
+    }
+    const names = datasets.map(d => d.name);
+    this.chartDataset = names.includes(this.chartDataset) ? this.chartDataset : names[0] ?? '';
+    this.content.replaceChildren(
+      this.usersSection(users),
+      this.grantsSection(users, names, grants),
+      this.spendingSection(users, names, grants, ledger, releases)
+    );
+  }
+
+  private part(key: string, title: string): HTMLDetailsElement {
+    const section = el('details', { class: 'lomas-sb-admin-part', 'data-part': key });
+    section.open = this.opened.has(key);
+    section.addEventListener('toggle', () => (section.open ? this.opened.add(key) : this.opened.delete(key)));
+    section.append(el('summary', {}, title));
+    return section;
+  }
+
+  private async act(work: () => Promise<string>): Promise<void> {
+    try {
+      this.say(await work(), true);
+      await this.load(true);
+    } catch (err) {
+      this.say(err instanceof ApiError ? err.message : String(err));
+    }
+  }
+
+  private usersSection(users: UserRow[]): HTMLElement {
+    const section = this.part('users', `Users (${users.length})`);
+    const table = el('table', { class: 'lomas-sb-table' });
+    for (const user of users) {
+      const row = el('tr');
+      row.append(el('td', {}, user.username));
+      const role = select(`Role of ${user.username}`, ['analyst', 'admin'], user.role);
+      role.addEventListener('change', () =>
+        void this.act(async () => {
+          await this.api.call('PATCH', `admin/users/${encodeURIComponent(user.username)}`, { role: role.value });
+          return `${user.username} is now ${role.value}`;
+        })
+      );
+      const cell = el('td');
+      cell.append(role);
+      row.append(cell);
+      const actions = el('td');
+      actions.append(
+        button('Issue token', `Issue a token for ${user.username}`, () => void this.issueToken(user.username)),
+        button('Revoke tokens', `Revoke every token of ${user.username}`, () =>
+          void this.act(async () => {
+            const out = await this.api.call<{ revoked: number }>(
+              'DELETE',
+              `admin/users/${encodeURIComponent(user.username)}/tokens`
+            );
+            return `revoked ${out.revoked} token(s) of ${user.username}`;
+          })
+        )
+      );
+      row.append(actions);
+      table.append(row);
+    }
+    section.append(table);
+    const name = input('New user name', { placeholder: 'new user name' });
+    const role = select('New user role', ['analyst', 'admin']);
+    section.append(
+      name,
+      role,
+      button('Add user', 'Add the user', () =>
+        void this.act(async () => {
+          await this.api.call('POST', 'admin/users', { username: name.value.trim(), role: role.value });
+          return `added ${name.value.trim()} (${role.value})`;
+        })
+      )
+    );
+    return section;
+  }
+
+  private async issueToken(username: string): Promise<void> {
+    try {
+      const out = await this.api.call<{ token: string }>('POST', `admin/users/${encodeURIComponent(username)}/tokens`, {
+        label: 'sidebar'
+      });
+      const box = this.tokenBox;
+      const field = input(`New token of ${username}`, { readonly: 'true', class: 'lomas-sb-input lomas-sb-token-value' });
+      field.value = out.token;
+      box.replaceChildren(
+        el('p', {}, `Token for ${username}, shown once: copy it now.`),
+        field,
+        button('Copy', `Copy the token of ${username}`, () => {
+          field.select();
+          void navigator.clipboard?.writeText(out.token).catch(() => document.execCommand('copy'));
+          this.say('token copied', true);
+        }),
+        button('Done', 'Hide the token', () => box.replaceChildren())
+      );
+      this.say(`issued a token for ${username}`, true);
+    } catch (err) {
+      this.say(err instanceof ApiError ? err.message : String(err));
+    }
+  }
+
+  private grantsSection(users: UserRow[], datasets: string[], grants: GrantRow[]): HTMLElement {
+    const section = this.part('grants', `Grants (${grants.length})`);
+    const table = el('table', { class: 'lomas-sb-table' });
+    const head = el('tr');
+    ['user', 'dataset', 'ε', 'δ'].forEach(c => head.append(el('th', { scope: 'col' }, c)));
+    table.append(head);
+    for (const g of grants) {
+      const row = el('tr');
+      [g.username, g.dataset, fmt(g.epsilon), fmt(g.delta)].forEach(v => row.append(el('td', {}, v)));
+      table.append(row);
+    }
+    section.append(table);
+    const who = el('fieldset', { class: 'lomas-sb-form' });
+    who.append(el('legend', {}, 'Users'));
+    const boxes = users.map(u => {
+      const label = el('label');
+      const box = el('input', { type: 'checkbox', value: u.username });
+      label.append(box, ` ${u.username}`);
+      who.append(label);
+      return box;
+    });
+    const dataset = select('Dataset to grant', datasets);
+    const epsilon = input('Epsilon to grant', { type: 'number', min: '0', step: 'any', placeholder: 'ε' });
+    const delta = input('Delta to grant', { type: 'number', min: '0', step: 'any', placeholder: 'δ (0)' });
+    section.append(
+      who,
+      dataset,
+      epsilon,
+      delta,
+      button('Set grant', 'Set the grant for the chosen users', () =>
+        void this.act(async () => {
+          const usernames = boxes.filter(b => b.checked).map(b => b.value);
+          if (!usernames.length) {
+            throw new ApiError('choose at least one user');
+          }
+          if (epsilon.value === '' || !(Number(epsilon.value) >= 0)) {
+            throw new ApiError('epsilon must be a non-negative number');
+          }
+          await this.api.call('PUT', 'admin/grants', {
+            usernames,
+            dataset: dataset.value,
+            epsilon: Number(epsilon.value),
+            delta: Number(delta.value || 0)
+          });
+          return `granted ε ${epsilon.value} on ${dataset.value} to ${usernames.join(', ')}`;
+        })
+      )
+    );
+    return section;
+  }
+
+  private spendingSection(
+    users: UserRow[],
+    datasets: string[],
+    grants: GrantRow[],
+    ledger: LedgerRow[],
+    releases: ReleaseRecord[]
+  ): HTMLElement {
+    const section = this.part('spending', 'Spending');
+    const dataset = select('Burn-down dataset', datasets, this.chartDataset);
+    const user = select('Burn-down user', ['', ...users.map(u => u.username)], this.chartUser);
+    const chartBox = el('div');
+    const redraw = (): void => {
+      this.chartDataset = dataset.value;
+      this.chartUser = user.value;
+      chartBox.replaceChildren(this.chart(releases, grants, dataset.value, user.value));
+    };
+    dataset.addEventListener('change', redraw);
+    user.addEventListener('change', redraw);
+    section.append(dataset, user, chartBox);
+    redraw();
+
+    section.append(el('h4', {}, 'Ledger'));
+    const fUser = select('Ledger user', ['', ...users.map(u => u.username)], this.filter.user);
+    const fDataset = select('Ledger dataset', ['', ...datasets], this.filter.dataset);
+    const fSince = input('Ledger since', { type: 'date', value: this.filter.since });
+    const table = el('table', { class: 'lomas-sb-table lomas-sb-ledger' });
+    const render = (): void => {
+      this.filter = { user: fUser.value, dataset: fDataset.value, since: fSince.value };
+      const rows = filterLedger(ledger, this.filter);
+      const head = el('tr');
+      ['when', 'user', 'dataset', 'kind', 'ε', 'δ'].forEach(c => head.append(el('th', { scope: 'col' }, c)));
+      table.replaceChildren(head);
+      for (const r of rows.slice(0, 50)) {
+        const row = el('tr');
+        [r.created_at.slice(0, 19).replace('T', ' '), r.username, r.dataset, r.kind, fmt(r.epsilon), fmt(r.delta)].forEach(
+          v => row.append(el('td', {}, v))
+        );
+        table.append(row);
+      }
+      count.textContent = `${rows.length} row(s)${rows.length > 50 ? ', the newest 50 shown' : ''}`;
+    };
+    const count = el('p', { class: 'lomas-sb-who' });
+    [fUser, fDataset, fSince].forEach(f => f.addEventListener('change', render));
+    const exportButton = button('Export CSV', 'Export the filtered ledger as CSV', () => {
+      const blob = new Blob([ledgerCsv(filterLedger(ledger, this.filter))], { type: 'text/csv' });
+      const link = el('a', { href: URL.createObjectURL(blob), download: 'lomas-ledger.csv' });
+      link.click();
+      URL.revokeObjectURL(link.href);
+    });
+    section.append(fUser, fDataset, fSince, exportButton, count, table);
+    render();
+    return section;
+  }
+
+  private chart(releases: ReleaseRecord[], grants: GrantRow[], dataset: string, user: string): HTMLElement {
+    const points = burnDown(releases, dataset, user);
+    const granted = grants
+      .filter(g => g.dataset === dataset && (!user || g.username === user))
+      .reduce((sum, g) => sum + g.epsilon, 0);
+    const width = 240;
+    const height = 90;
+    const top = Math.max(granted, ...points.map(p => p.spent), 1e-12);
+    const spent = points.length ? points[points.length - 1].spent : 0;
+    const who = user || 'everyone';
+    const box = el('figure', { class: 'lomas-sb-chart' });
+    const svgNs = 'http://www.w3.org/2000/svg';
+    const svg = document.createElementNS(svgNs, 'svg');
+    svg.setAttribute('viewBox', `-2 -2 ${width + 4} ${height + 4}`);
+    svg.setAttribute('role', 'img');
+    svg.setAttribute('aria-label', `ε spent on ${dataset} by ${who}: ${fmt(spent)} of ${fmt(granted)} granted`);
+    const grantLine = document.createElementNS(svgNs, 'line');
+    const gy = height - (granted / top) * height;
+    Object.entries({ x1: '0', x2: String(width), y1: String(gy), y2: String(gy), class: 'lomas-sb-chart-grant' }).forEach(
+      ([k, v]) => grantLine.setAttribute(k, v)
+    );
+    const path = document.createElementNS(svgNs, 'path');
+    path.setAttribute('d', stepPath(points, width, height, granted));
+    path.setAttribute('class', 'lomas-sb-chart-spent');
+    svg.append(grantLine, path);
+    box.append(svg, el('figcaption', {}, `ε spent on ${dataset} by ${who}: ${fmt(spent)} of ${fmt(granted)} granted (dashed)`));
+    return box;
+  }
+}
