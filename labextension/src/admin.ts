@@ -39,10 +39,10 @@ function el<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
-function select(label: string, options: string[], value = ''): HTMLSelectElement {
+function select(label: string, options: string[], value = '', any = 'everyone'): HTMLSelectElement {
   const node = el('select', { 'aria-label': label, class: 'lomas-sb-input' });
   for (const option of options) {
-    const item = el('option', { value: option }, option || 'everyone');
+    const item = el('option', { value: option }, option || any);
     item.selected = option === value;
     node.append(item);
   }
@@ -277,7 +277,7 @@ export class AdminView {
 
     section.append(el('h4', {}, 'Ledger'));
     const fUser = select('Ledger user', ['', ...users.map(u => u.username)], this.filter.user);
-    const fDataset = select('Ledger dataset', ['', ...datasets], this.filter.dataset);
+    const fDataset = select('Ledger dataset', ['', ...datasets], this.filter.dataset, 'all datasets');
     const fSince = input('Ledger since', { type: 'date', value: this.filter.since });
     const table = el('table', { class: 'lomas-sb-table lomas-sb-ledger' });
     const render = (): void => {

@@ -1,6 +1,17 @@
 import { describe, expect, it } from 'vitest';
 
-import { apiBase, dpqueryCell, fmt, gauges, recentReleases, releaseTable } from './model';
+import {
+  apiBase,
+  burnDown,
+  dpqueryCell,
+  filterLedger,
+  fmt,
+  gauges,
+  ledgerCsv,
+  recentReleases,
+  releaseTable,
+  stepPath
+} from './model';
 
 const budget = (total: number, spent: number, deltaTotal = 0) => ({
   dataset: 'penguins',
@@ -89,5 +100,46 @@ describe('apiBase', () => {
     expect(apiBase(' https://hub.example.org/services/lomas/ ', '/')).toBe(
       'https://hub.example.org/services/lomas/lomas/api/'
     );
+  });
+});
+
+describe('admin: ledger and burn-down', () => {
+  const row = (id: number, username: string, dataset: string, when: string, epsilon = 0.5) => ({
+    id,
+    reservation_id: `r${id}`,
+    username,
+    dataset,
+    kind: 'commit',
+    epsilon,
+    delta: 0,
+    created_at: when
+  });
+  const ledger = [
+    row(1, 'ann', 'penguins', '2026-01-01T10:00:00'),
+    row(2, 'bob', 'penguins', '2026-02-01T10:00:00'),
+    row(3, 'ann', 'sales, "EU"', '2026-03-01T10:00:00')
+  ];
+
+  it('filters by user, dataset and date', () => {
+    expect(filterLedger(ledger, { user: 'ann' }).map(r => r.id)).toEqual([1, 3]);
+    expect(filterLedger(ledger, { dataset: 'penguins', since: '2026-01-15' }).map(r => r.id)).toEqual([2]);
+    expect(filterLedger(ledger, {}).length).toBe(3);
+  });
+
+  it('exports CSV with quoting', () => {
+    const lines = ledgerCsv(ledger).split('\r\n');
+    expect(lines[0]).toBe('id,created_at,username,dataset,kind,epsilon,delta,reservation_id');
+    expect(lines[3]).toBe('3,2026-03-01T10:00:00,ann,"sales, ""EU""",commit,0.5,0,r3');
+    expect(lines[4]).toBe('');
+  });
+
+  it('accumulates spending from 0, for one user or everyone, and draws a step path against the grant', () => {
+    const releases = ledger.map(r => ({ ...r, sql: 'q', result: {} }));
+    expect(burnDown(releases, 'penguins').map(p => p.spent)).toEqual([0, 0.5, 1]);
+    expect(burnDown(releases, 'penguins', 'bob').map(p => p.spent)).toEqual([0, 0.5]);
+    expect(burnDown(releases, 'nothing')).toEqual([]);
+    const path = stepPath(burnDown(releases, 'penguins'), 100, 50, 2);
+    expect(path).toBe('M0.0,50.0 H50.0 V37.5 H100.0 V25.0');
+    expect(stepPath([], 100, 50, 2)).toBe('');
   });
 });
