@@ -5,7 +5,10 @@ open notebook, everything reads well in both themes and works from the keyboard.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -27,88 +30,95 @@ def lab_settings(folder: Path, theme: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("theme", list(THEMES))
-def test_the_analyst_view_is_live_readable_and_keyboard_usable(theme: str, tmp_path: Path) -> None:
+@contextmanager
+def lab_with_sidebar(tmp_path: Path, token: str, settings: Path, open_path: str = "lab",
+                     embedded_demo: bool = True, viewport_height: int = 900) -> Iterator[tuple[str, Any]]:
+    """A real JupyterLab (embedded service, the demo dataset) in Chromium with the sidebar open; yields its URL
+    and the page. Kernels are shut down before the server stops."""
     from playwright.sync_api import sync_playwright
 
-    token = "sidebar-token"
-    args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
-            f"--ServerApp.root_dir={tmp_path}", f"--LabApp.app_settings_dir={lab_settings(tmp_path / 'lab', theme)}"]
-    env = {"LOMAS_STORAGE_DIR": str(tmp_path / "storage"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+    args = [f"--IdentityProvider.token={token}", "--LomasApp.workers=1", f"--ServerApp.root_dir={tmp_path}",
+            f"--LabApp.app_settings_dir={settings}"] + (["--LomasApp.demo=True"] if embedded_demo else [])
+    env = {"LOMAS_STORAGE_DIR": str(tmp_path / "embedded"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "LOMAS_URL": "", "LOMAS_TOKEN": ""}
     headers = {"Authorization": f"token {token}"}
     with running_server("jupyter-lab", args, tmp_path, env, headers) as (url, _pid), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}lab?token={token}")
+            page = browser.new_page(viewport={"width": 1400, "height": viewport_height})
+            page.goto(f"{url}{open_path}?token={token}")
             tab = page.locator("li[data-id='lomas-sidebar']")
             tab.wait_for(timeout=90_000)
             tab.click()
-            gauge = page.locator(".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]")
-            gauge.wait_for(timeout=60_000)
-            assert gauge.get_attribute("aria-valuenow") == "100"
-            assert "ε 10 of 10 left" in page.locator(".lomas-sb-gauge[data-dataset='penguins']").inner_text()
-
-            # a release made elsewhere (another client of the same service) shows up without a reload
-            r = requests.post(f"{url}lomas/api/query", headers=headers, timeout=120, json={
-                "dataset": "penguins", "epsilon": 2.5,
-                "sql": "SELECT species, COUNT(*) AS n FROM penguins GROUP BY species"})
-            assert r.status_code == 201, r.text
-            page.wait_for_function(
-                "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
-                ".getAttribute('aria-valuenow') === '75'", timeout=60_000)
-            release = page.locator(".lomas-sb-release").first
-            release.wait_for(timeout=30_000)
-            assert "GROUP BY species" in release.inner_text() and "ε 2.5" in release.inner_text()
-
-            # keyboard: open the release with Enter on its summary; every control has a name
-            summary = release.locator("summary")
-            summary.focus()
-            page.keyboard.press("Enter")
-            table = release.locator("table")
-            table.wait_for(timeout=10_000)
-            assert "Gentoo" in table.inner_text()
-            controls = page.locator(".lomas-Panel button, .lomas-Panel summary")
-            assert controls.count() >= 2
-            for i in range(controls.count()):
-                control = controls.nth(i)
-                name = control.get_attribute("aria-label") or control.inner_text()
-                assert name.strip(), "a control without an accessible name"
-                assert control.evaluate("(el) => el.tabIndex") >= 0
-
-            # contrast of every text in the panel
-            texts = page.locator(".lomas-Panel h2, .lomas-Panel h3, .lomas-sb-who, .lomas-sb-gauge-name, "
-                                 ".lomas-sb-gauge-label, .lomas-sb-release-sql, .lomas-sb-release-meta, "
-                                 ".lomas-sb-insert, .lomas-sb-table td")
-            assert texts.count() >= 8
-            worst = min(texts.nth(i).evaluate(CONTRAST_JS) for i in range(texts.count()))
-            assert worst >= 4.5, f"text contrast {worst:.2f} in the {theme} theme"
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / f"sidebar-{theme}.png"))
-
-            # the button puts a ready %%dpquery cell into the open notebook
-            page.get_by_role("menuitem", name="File", exact=True).click()
-            page.get_by_text("New", exact=True).first.hover()
-            page.locator(".lm-Menu-itemLabel:text-is('Notebook')").first.click()
-            accept = page.locator(".jp-Dialog .jp-mod-accept")
-            accept.wait_for(timeout=30_000)
-            accept.click()  # the kernel chooser
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            tab.click() if not page.locator(".lomas-Panel").is_visible() else None
-            page.locator(".lomas-sb-gauge[data-dataset='penguins'] .lomas-sb-insert").click()
-            page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .jp-InputArea-editor')]"
-                                   ".some(e => e.textContent.includes('%%dpquery penguins'))", timeout=30_000)
-            cell_text = page.locator(".jp-Cell .jp-InputArea-editor:has-text('%%dpquery penguins')").inner_text()
-            assert "GROUP BY" in cell_text and "--preview" in cell_text
+            yield url, page
         finally:
             for kernel in requests.get(f"{url}api/kernels", headers=headers, timeout=30).json():
                 requests.delete(f"{url}api/kernels/{kernel['id']}", headers=headers, timeout=60)
             browser.close()
 
 
-def _browser(p):  # noqa: ANN001, ANN202
-    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+@pytest.mark.parametrize("theme", list(THEMES))
+def test_the_analyst_view_is_live_readable_and_keyboard_usable(theme: str, tmp_path: Path) -> None:
+    token = "sidebar-token"
+    headers = {"Authorization": f"token {token}"}
+    with lab_with_sidebar(tmp_path, token, lab_settings(tmp_path / "lab", theme)) as (url, page):
+        gauge = page.locator(".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]")
+        gauge.wait_for(timeout=60_000)
+        assert gauge.get_attribute("aria-valuenow") == "100"
+        assert "ε 10 of 10 left" in page.locator(".lomas-sb-gauge[data-dataset='penguins']").inner_text()
+
+        # a release made elsewhere (another client of the same service) shows up without a reload
+        r = requests.post(f"{url}lomas/api/query", headers=headers, timeout=120, json={
+            "dataset": "penguins", "epsilon": 2.5,
+            "sql": "SELECT species, COUNT(*) AS n FROM penguins GROUP BY species"})
+        assert r.status_code == 201, r.text
+        page.wait_for_function(
+            "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
+            ".getAttribute('aria-valuenow') === '75'", timeout=60_000)
+        release = page.locator(".lomas-sb-release").first
+        release.wait_for(timeout=30_000)
+        assert "GROUP BY species" in release.inner_text() and "ε 2.5" in release.inner_text()
+
+        # keyboard: open the release with Enter on its summary; every control has a name
+        summary = release.locator("summary")
+        summary.focus()
+        page.keyboard.press("Enter")
+        table = release.locator("table")
+        table.wait_for(timeout=10_000)
+        assert "Gentoo" in table.inner_text()
+        controls = page.locator(".lomas-Panel button, .lomas-Panel summary")
+        assert controls.count() >= 2
+        for i in range(controls.count()):
+            control = controls.nth(i)
+            name = control.get_attribute("aria-label") or control.inner_text()
+            assert name.strip(), "a control without an accessible name"
+            assert control.evaluate("(el) => el.tabIndex") >= 0
+
+        # contrast of every text in the panel
+        texts = page.locator(".lomas-Panel h2, .lomas-Panel h3, .lomas-sb-who, .lomas-sb-gauge-name, "
+                             ".lomas-sb-gauge-label, .lomas-sb-release-sql, .lomas-sb-release-meta, "
+                             ".lomas-sb-insert, .lomas-sb-table td")
+        assert texts.count() >= 8
+        worst = min(texts.nth(i).evaluate(CONTRAST_JS) for i in range(texts.count()))
+        assert worst >= 4.5, f"text contrast {worst:.2f} in the {theme} theme"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"sidebar-{theme}.png"))
+
+        # the button puts a ready %%dpquery cell into the open notebook
+        page.get_by_role("menuitem", name="File", exact=True).click()
+        page.get_by_text("New", exact=True).first.hover()
+        page.locator(".lm-Menu-itemLabel:text-is('Notebook')").first.click()
+        accept = page.locator(".jp-Dialog .jp-mod-accept")
+        accept.wait_for(timeout=30_000)
+        accept.click()  # the kernel chooser
+        page.wait_for_selector(".jp-Notebook", timeout=60_000)
+        if not page.locator(".lomas-Panel").is_visible():
+            page.locator("li[data-id='lomas-sidebar']").click()
+        page.locator(".lomas-sb-gauge[data-dataset='penguins'] .lomas-sb-insert").click()
+        page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .jp-InputArea-editor')]"
+                               ".some(e => e.textContent.includes('%%dpquery penguins'))", timeout=30_000)
+        cell_text = page.locator(".jp-Cell .jp-InputArea-editor:has-text('%%dpquery penguins')").inner_text()
+        assert "GROUP BY" in cell_text and "--preview" in cell_text
 
 
 def _contrast_of(page, selector: str) -> float:  # noqa: ANN001
@@ -142,105 +152,87 @@ SPEND_NOTEBOOK = {
 
 
 def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     from .test_ui import run_all
 
     token = "sidebar-admin-token"
-    (tmp_path / "spend.ipynb").write_text(json.dumps(SPEND_NOTEBOOK))
-    args = [f"--IdentityProvider.token={token}", "--LomasApp.demo=True", "--LomasApp.workers=1",
-            f"--ServerApp.root_dir={tmp_path}", f"--LabApp.app_settings_dir={lab_settings(tmp_path / 'lab', 'light')}"]
-    env = {"LOMAS_STORAGE_DIR": str(tmp_path / "storage"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "LOMAS_URL": "", "LOMAS_TOKEN": ""}
     headers = {"Authorization": f"token {token}"}
-    with running_server("jupyter-lab", args, tmp_path, env, headers) as (url, _pid), sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{url}lab/tree/spend.ipynb?token={token}")
-            tab = page.locator("li[data-id='lomas-sidebar']")
-            tab.wait_for(timeout=90_000)
-            tab.click()
-            admin = page.locator(".lomas-sb-admin")
-            admin.wait_for(timeout=60_000)
-            status = page.locator(".lomas-sb-status")
+    (tmp_path / "spend.ipynb").write_text(json.dumps(SPEND_NOTEBOOK))
+    with lab_with_sidebar(tmp_path, token, lab_settings(tmp_path / "lab", "light"), "lab/tree/spend.ipynb",
+                          viewport_height=1000) as (url, page):
+        admin = page.locator(".lomas-sb-admin")
+        admin.wait_for(timeout=60_000)
+        status = page.locator(".lomas-sb-status")
 
-            page.get_by_label("New user name").fill("ann")
-            page.get_by_role("button", name="Add the user").click()
-            page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('added ann')",
-                                   timeout=30_000)
-            page.get_by_role("button", name="Issue a token for ann").click()
-            value = page.get_by_label("New token of ann")
-            value.wait_for(timeout=30_000)
-            issued = value.input_value()
-            assert issued.startswith("lomas_")
-            assert page.get_by_role("button", name="Copy the token of ann").is_visible()
-            r = requests.get(f"{url}lomas/api/admin/users", headers=headers, timeout=30)
-            assert "ann" in {u["username"] for u in r.json()}
+        page.get_by_label("New user name").fill("ann")
+        page.get_by_role("button", name="Add the user").click()
+        page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('added ann')",
+                               timeout=30_000)
+        page.get_by_role("button", name="Issue a token for ann").click()
+        value = page.get_by_label("New token of ann")
+        value.wait_for(timeout=30_000)
+        issued = value.input_value()
+        assert issued.startswith("lomas_")
+        assert page.get_by_role("button", name="Copy the token of ann").is_visible()
+        r = requests.get(f"{url}lomas/api/admin/users", headers=headers, timeout=30)
+        assert "ann" in {u["username"] for u in r.json()}
 
-            page.locator(".lomas-sb-admin-part > summary:has-text('Grants')").click()
-            page.locator(".lomas-sb-form label:has-text('ann') input").check()
-            page.get_by_label("Dataset to grant").select_option("penguins")
-            page.get_by_label("Epsilon to grant").fill("1.5")
-            page.get_by_role("button", name="Set the grant for the chosen users").click()
-            page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('granted')",
-                                   timeout=30_000)
-            grants = requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers, timeout=30).json()
-            assert [(g["dataset"], g["epsilon"]) for g in grants] == [("penguins", 1.5)]
-            # the view re-reads what it changed: the grants table shows it, the part stays open
-            page.locator("[data-part=grants] tr:has(td:text-is('ann')) td:text-is('1.5')").wait_for(timeout=30_000)
-            # a failed grant is one line and changes nothing
-            page.locator(".lomas-sb-form label:has-text('ann') input").check()
-            page.get_by_label("Epsilon to grant").fill("-1")
-            page.get_by_role("button", name="Set the grant for the chosen users").click()
-            assert "non-negative" in status.inner_text()
-            assert requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers,
-                                timeout=30).json()[0]["epsilon"] == 1.5
-            page.get_by_label("Epsilon to grant").fill("")
-            page.locator(".lomas-sb-form label:has-text('ann') input").uncheck()
+        page.locator(".lomas-sb-admin-part > summary:has-text('Grants')").click()
+        page.locator(".lomas-sb-form label:has-text('ann') input").check()
+        page.get_by_label("Dataset to grant").select_option("penguins")
+        page.get_by_label("Epsilon to grant").fill("1.5")
+        page.get_by_role("button", name="Set the grant for the chosen users").click()
+        page.wait_for_function("() => document.querySelector('.lomas-sb-status').textContent.includes('granted')",
+                               timeout=30_000)
+        grants = requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers, timeout=30).json()
+        assert [(g["dataset"], g["epsilon"]) for g in grants] == [("penguins", 1.5)]
+        # the view re-reads what it changed: the grants table shows it, the part stays open
+        page.locator("[data-part=grants] tr:has(td:text-is('ann')) td:text-is('1.5')").wait_for(timeout=30_000)
+        # a failed grant is one line and changes nothing
+        page.locator(".lomas-sb-form label:has-text('ann') input").check()
+        page.get_by_label("Epsilon to grant").fill("-1")
+        page.get_by_role("button", name="Set the grant for the chosen users").click()
+        assert "non-negative" in status.inner_text()
+        assert requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers,
+                            timeout=30).json()[0]["epsilon"] == 1.5
+        page.get_by_label("Epsilon to grant").fill("")
+        page.locator(".lomas-sb-form label:has-text('ann') input").uncheck()
 
-            caption = page.locator(".lomas-sb-chart figcaption")
-            assert "0 of 11.5 granted" in caption.inner_text()  # root's 10 and ann's 1.5
-            # a query run in the notebook moves the gauge and the burn-down without a reload
-            run_all(page)
-            page.wait_for_function(
-                "() => document.querySelector('.lomas-sb-chart figcaption').textContent.includes(' 1 of 11.5')",
-                timeout=120_000)
-            assert page.locator(".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]").get_attribute(
-                "aria-valuenow") == "90"
-            path = page.locator(".lomas-sb-chart-spent").get_attribute("d")
-            assert path and " V" in path
+        caption = page.locator(".lomas-sb-chart figcaption")
+        assert "0 of 11.5 granted" in caption.inner_text()  # root's 10 and ann's 1.5
+        # a query run in the notebook moves the gauge and the burn-down without a reload
+        run_all(page)
+        page.wait_for_function(
+            "() => document.querySelector('.lomas-sb-chart figcaption').textContent.includes(' 1 of 11.5')",
+            timeout=120_000)
+        assert page.locator(".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]").get_attribute(
+            "aria-valuenow") == "90"
+        path = page.locator(".lomas-sb-chart-spent").get_attribute("d")
+        assert path and " V" in path
 
-            with page.expect_download() as download:
-                page.get_by_role("button", name="Export the filtered ledger as CSV").click()
-            csv_text = Path(download.value.path()).read_text()
-            assert csv_text.startswith("id,created_at,username,dataset,kind,epsilon,delta")
-            assert ",root,penguins,commit,1" in csv_text.replace("\r", "")
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Export the filtered ledger as CSV").click()
+        csv_text = Path(download.value.path()).read_text()
+        assert csv_text.startswith("id,created_at,username,dataset,kind,epsilon,delta")
+        assert ",root,penguins,commit,1" in csv_text.replace("\r", "")
 
-            assert _named_and_focusable(page, ".lomas-sb-admin button, .lomas-sb-admin summary, "
-                                              ".lomas-sb-admin select, .lomas-sb-admin input") >= 10
-            ARTIFACTS.mkdir(exist_ok=True)
-            texts = (".lomas-sb-admin summary, .lomas-sb-admin td, .lomas-sb-admin th, .lomas-sb-admin legend, "
-                     ".lomas-sb-admin figcaption, .lomas-sb-admin .jp-Button, .lomas-sb-status")
-            for theme in ["light", "dark"]:
-                if theme == "dark":
-                    page.get_by_role("menuitem", name="Settings", exact=True).click()
-                    page.get_by_text("Theme", exact=True).first.hover()
-                    page.get_by_text("JupyterLab Dark", exact=True).first.click()
-                    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
-                worst = _contrast_of(page, texts)
-                assert worst >= 4.5, f"admin text contrast {worst:.2f} in the {theme} theme"
-                admin.scroll_into_view_if_needed()
-                page.screenshot(path=str(ARTIFACTS / f"sidebar-admin-{theme}.png"))
-        finally:
-            for kernel in requests.get(f"{url}api/kernels", headers=headers, timeout=30).json():
-                requests.delete(f"{url}api/kernels/{kernel['id']}", headers=headers, timeout=60)
-            browser.close()
+        assert _named_and_focusable(page, ".lomas-sb-admin button, .lomas-sb-admin summary, "
+                                          ".lomas-sb-admin select, .lomas-sb-admin input") >= 10
+        ARTIFACTS.mkdir(exist_ok=True)
+        texts = (".lomas-sb-admin summary, .lomas-sb-admin td, .lomas-sb-admin th, .lomas-sb-admin legend, "
+                 ".lomas-sb-admin figcaption, .lomas-sb-admin .jp-Button, .lomas-sb-status")
+        for theme in ["light", "dark"]:
+            if theme == "dark":
+                page.get_by_role("menuitem", name="Settings", exact=True).click()
+                page.get_by_text("Theme", exact=True).first.hover()
+                page.get_by_text("JupyterLab Dark", exact=True).first.click()
+                page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+            worst = _contrast_of(page, texts)
+            assert worst >= 4.5, f"admin text contrast {worst:.2f} in the {theme} theme"
+            admin.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / f"sidebar-admin-{theme}.png"))
 
 
 def test_an_analyst_of_a_remote_standalone_service_sees_only_the_analyst_view(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     from .servers import add_analyst, lomas_admin
 
     storage = tmp_path / "service"
@@ -254,29 +246,14 @@ def test_an_analyst_of_a_remote_standalone_service_sees_only_the_analyst_view(tm
         overrides = json.loads((settings / "overrides.json").read_text())
         overrides["lomas-jupyter:plugin"] |= {"serviceUrl": service_url, "token": analyst_token}
         (settings / "overrides.json").write_text(json.dumps(overrides))
-        token = "sidebar-remote-token"
-        args = [f"--IdentityProvider.token={token}", "--LomasApp.workers=1", f"--ServerApp.root_dir={tmp_path}",
-                f"--LabApp.app_settings_dir={settings}"]
-        env = {"LOMAS_STORAGE_DIR": str(tmp_path / "embedded"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-               "LOMAS_URL": "", "LOMAS_TOKEN": ""}
-        with running_server("jupyter-lab", args, tmp_path, env, {"Authorization": f"token {token}"}) as (url, _), \
-                sync_playwright() as p:
-            browser = _browser(p)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(f"{url}lab?token={token}")
-                tab = page.locator("li[data-id='lomas-sidebar']")
-                tab.wait_for(timeout=90_000)
-                tab.click()
-                page.locator(".lomas-sb-who:has-text('alice (analyst)')").wait_for(timeout=60_000)
-                assert "ε 2 of 2 left" in page.locator(".lomas-sb-gauge[data-dataset='penguins']").inner_text()
-                assert page.locator(".lomas-sb-admin").count() == 0
-                r = requests.post(f"{service_url}lomas/api/query", timeout=120,
-                                  headers={"Authorization": f"token {analyst_token}"},
-                                  json={"dataset": "penguins", "epsilon": 0.5, "sql": "SELECT COUNT(*) AS n FROM penguins"})
-                assert r.status_code == 201, r.text
-                page.wait_for_function(
-                    "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
-                    ".getAttribute('aria-valuenow') === '75'", timeout=60_000)
-            finally:
-                browser.close()
+        with lab_with_sidebar(tmp_path, "sidebar-remote-token", settings, embedded_demo=False) as (url, page):
+            page.locator(".lomas-sb-who:has-text('alice (analyst)')").wait_for(timeout=60_000)
+            assert "ε 2 of 2 left" in page.locator(".lomas-sb-gauge[data-dataset='penguins']").inner_text()
+            assert page.locator(".lomas-sb-admin").count() == 0
+            r = requests.post(f"{service_url}lomas/api/query", timeout=120,
+                              headers={"Authorization": f"token {analyst_token}"},
+                              json={"dataset": "penguins", "epsilon": 0.5, "sql": "SELECT COUNT(*) AS n FROM penguins"})
+            assert r.status_code == 201, r.text
+            page.wait_for_function(
+                "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
+                ".getAttribute('aria-valuenow') === '75'", timeout=60_000)

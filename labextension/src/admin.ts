@@ -1,4 +1,5 @@
 import { ApiError, LomasApi } from './api';
+import { el } from './dom';
 import {
   DatasetInfo,
   LedgerRow,
@@ -23,21 +24,6 @@ interface GrantRow {
 }
 
 type Say = (message: string, ok?: boolean) => void;
-
-function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  attrs: Record<string, string> = {},
-  text = ''
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    node.setAttribute(key, value);
-  }
-  if (text) {
-    node.textContent = text;
-  }
-  return node;
-}
 
 function select(label: string, options: string[], value = '', any = 'everyone'): HTMLSelectElement {
   const node = el('select', { 'aria-label': label, class: 'lomas-sb-input' });

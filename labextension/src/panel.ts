@@ -2,6 +2,7 @@ import { Widget } from '@lumino/widgets';
 
 import { AdminView } from './admin';
 import { ApiError, LomasApi } from './api';
+import { el } from './dom';
 import {
   ColumnMeta,
   DatasetInfo,
@@ -19,21 +20,6 @@ interface WhoAmI {
 
 /** Insert a cell with this text into the current notebook; returns false when no notebook is open. */
 export type CellInserter = (source: string) => boolean;
-
-function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  attrs: Record<string, string> = {},
-  text = ''
-): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    node.setAttribute(key, value);
-  }
-  if (text) {
-    node.textContent = text;
-  }
-  return node;
-}
 
 /** The sidebar: the analyst view (budgets as gauges, recent releases, a ready %%dpquery cell). */
 export class LomasPanel extends Widget {
