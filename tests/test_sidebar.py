@@ -197,6 +197,24 @@ def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(t
         page.get_by_label("Epsilon to grant").fill("")
         page.locator(".lomas-sb-form label:has-text('ann') input").uncheck()
 
+        # courses: create one bound to a Hub group, attach the dataset with a class cap, enrol ann
+        page.locator(".lomas-sb-admin-part > summary:has-text('Courses')").click()
+        page.get_by_label("New course name").fill("stats101")
+        page.get_by_label("Hub group of the new course").fill("stats101-students")
+        page.get_by_role("button", name="Create the course").click()
+        page.locator("[data-course=stats101]").wait_for(timeout=30_000)
+        page.get_by_label("Course", exact=True).select_option("stats101")
+        page.get_by_label("Dataset of the course").select_option("penguins")
+        page.get_by_label("Epsilon per student").fill("1.5")
+        page.get_by_label("Epsilon cap of the class").fill("4")
+        page.get_by_role("button", name="Set the per-student grant and the class cap").click()
+        page.locator("[data-course=stats101]:has-text('cap 4')").wait_for(timeout=30_000)
+        page.get_by_label("Student to add to stats101").fill("ann")
+        page.get_by_role("button", name="Add the student to stats101").click()
+        page.locator("[data-course=stats101] td:text-is('ann')").wait_for(timeout=30_000)
+        course = requests.get(f"{url}lomas/api/admin/courses/stats101", headers=headers, timeout=30).json()
+        assert course["members"] == ["ann"] and course["datasets"][0]["epsilon_cap"] == 4
+
         caption = page.locator(".lomas-sb-chart figcaption")
         assert "0 of 11.5 granted" in caption.inner_text()  # root's 10 and ann's 1.5
         # a query run in the notebook moves the gauge and the burn-down without a reload

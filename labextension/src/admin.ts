@@ -16,6 +16,19 @@ interface UserRow {
   role: string;
 }
 
+interface CourseRow {
+  name: string;
+  hub_group: string;
+  members: string[];
+  datasets: { dataset: string; epsilon_per_student: number; epsilon_cap: number }[];
+}
+
+interface ClassSpending {
+  epsilon_cap: number;
+  epsilon_spent: number;
+  per_student: Record<string, { epsilon_spent: number; releases: number }>;
+}
+
 interface GrantRow {
   username: string;
   dataset: string;
@@ -81,12 +94,13 @@ export class AdminView {
   /** Re-read and rebuild; a periodic reload (not `force`) never replaces a form being filled in, even one
    *  the admin started while the data was on its way. */
   async load(force = false): Promise<void> {
-    const [users, datasets, grants, ledger, releases] = await Promise.all([
+    const [users, datasets, grants, ledger, releases, courses] = await Promise.all([
       this.api.call<UserRow[]>('GET', 'admin/users'),
       this.api.call<DatasetInfo[]>('GET', 'datasets'),
       this.api.call<GrantRow[]>('GET', 'admin/grants'),
       this.api.call<LedgerRow[]>('GET', 'admin/ledger?limit=10000'),
-      this.api.call<ReleaseRecord[]>('GET', 'admin/archive?limit=10000')
+      this.api.call<ReleaseRecord[]>('GET', 'admin/archive?limit=10000'),
+      this.api.call<CourseRow[]>('GET', 'admin/courses')
     ]);
     if (!force && this.editing) {
       return;
@@ -96,6 +110,7 @@ export class AdminView {
     this.content.replaceChildren(
       this.usersSection(users),
       this.grantsSection(users, names, grants),
+      await this.coursesSection(courses, names),
       this.spendingSection(users, names, grants, ledger, releases)
     );
   }
@@ -237,6 +252,87 @@ export class AdminView {
         })
       )
     );
+    return section;
+  }
+
+  private async coursesSection(courses: CourseRow[], datasets: string[]): Promise<HTMLElement> {
+    const section = this.part('courses', `Courses (${courses.length})`);
+    for (const course of courses) {
+      const box = el('div', { class: 'lomas-sb-form', 'data-course': course.name });
+      box.append(el('h4', {}, `${course.name} (Hub group ${course.hub_group}): ${course.members.length} student(s)`));
+      for (const plan of course.datasets) {
+        const spending = await this.api.call<ClassSpending>(
+          'GET',
+          `admin/courses/${encodeURIComponent(course.name)}/spending/${encodeURIComponent(plan.dataset)}`
+        );
+        box.append(
+          el(
+            'p',
+            { class: 'lomas-sb-who' },
+            `${plan.dataset}: ε ${fmt(plan.epsilon_per_student)} per student; the class has spent ` +
+              `${fmt(spending.epsilon_spent)} of its cap ${fmt(spending.epsilon_cap)}`
+          )
+        );
+        const table = el('table', { class: 'lomas-sb-table' });
+        for (const [name, s] of Object.entries(spending.per_student)) {
+          const row = el('tr');
+          [name, `ε ${fmt(s.epsilon_spent)}`, `${s.releases} release(s)`].forEach(v => row.append(el('td', {}, v)));
+          table.append(row);
+        }
+        box.append(table);
+      }
+      const student = input(`Student to add to ${course.name}`, { placeholder: 'student' });
+      box.append(
+        student,
+        button('Add student', `Add the student to ${course.name}`, () =>
+          void this.act(async () => {
+            await this.api.call('POST', `admin/courses/${encodeURIComponent(course.name)}/members`, {
+              username: student.value.trim()
+            });
+            return `${student.value.trim()} joined ${course.name}`;
+          })
+        )
+      );
+      section.append(box);
+    }
+    const name = input('New course name', { placeholder: 'course' });
+    const group = input('Hub group of the new course', { placeholder: 'Hub group' });
+    section.append(
+      name,
+      group,
+      button('Create course', 'Create the course', () =>
+        void this.act(async () => {
+          await this.api.call('POST', 'admin/courses', { name: name.value.trim(), hub_group: group.value.trim() });
+          return `created course ${name.value.trim()}`;
+        })
+      )
+    );
+    const form = el('fieldset', { class: 'lomas-sb-form' });
+    form.append(el('legend', {}, 'Attach a dataset or top up'));
+    const course = select('Course', courses.map(c => c.name));
+    const dataset = select('Dataset of the course', datasets);
+    const perStudent = input('Epsilon per student', { type: 'number', min: '0', step: 'any', placeholder: 'ε per student' });
+    const cap = input('Epsilon cap of the class', { type: 'number', min: '0', step: 'any', placeholder: 'ε class cap' });
+    form.append(
+      course,
+      dataset,
+      perStudent,
+      cap,
+      button('Set', 'Set the per-student grant and the class cap', () =>
+        void this.act(async () => {
+          if (perStudent.value === '' || cap.value === '') {
+            throw new ApiError('give the epsilon per student and the class cap');
+          }
+          await this.api.call('PUT', `admin/courses/${encodeURIComponent(course.value)}/datasets`, {
+            dataset: dataset.value,
+            epsilon_per_student: Number(perStudent.value),
+            epsilon_cap: Number(cap.value)
+          });
+          return `${course.value}: ε ${perStudent.value} per student, class cap ${cap.value} on ${dataset.value}`;
+        })
+      )
+    );
+    section.append(form);
     return section;
   }
 
