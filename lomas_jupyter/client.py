@@ -3,7 +3,6 @@ receives a row of private data."""
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,12 +149,13 @@ class Client:
 
     # --- transport ---------------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, **params: Any) -> Any:
         url = self.connection.url + API + path
+        sent: dict[str, Any] = {"json": body} if raw is None else {
+            "data": raw, "headers": {"Content-Type": "application/octet-stream"}}
         try:
             response = self.session.request(
-                method, url, json=body, params={k: v for k, v in params.items() if v is not None},
-                timeout=self.timeout,
+                method, url, params={k: v for k, v in params.items() if v is not None}, timeout=self.timeout, **sent
             )
         except requests.RequestException:
             raise LomasError(f"the DP service at {self.connection.url} is unreachable") from None
@@ -226,19 +226,39 @@ class Client:
     def grants(self, username: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "admin/grants", username=username)
 
+    def upload(self, data: str | Path | bytes, fmt: str | None = None) -> str:
+        """Send a CSV or Parquet file in chunks (a service's request bodies are small); returns the upload id."""
+        if not isinstance(data, bytes):
+            fmt = fmt or Path(data).suffix.lower().lstrip(".")
+            data = Path(data).read_bytes()
+        upload = self._call("POST", "admin/uploads", {"size": len(data), "format": fmt})
+        step = upload["chunk_bytes"]
+        for offset in range(0, len(data), step):
+            self._call("PUT", f"admin/uploads/{upload['upload']}", raw=data[offset:offset + step], offset=offset)
+        return upload["upload"]
+
+    def draft_metadata(self, data: str | Path | bytes, fmt: str | None = None) -> dict[str, Any]:
+        """Metadata proposed from the data, with a review note for each choice: review it before importing."""
+        upload = self.upload(data, fmt)
+        try:
+            return self._call("POST", "admin/datasets/draft", {"upload": upload})
+        finally:
+            self._call("DELETE", f"admin/uploads/{upload}")
+
     def import_dataset(self, name: str, data: str | Path | bytes, metadata: dict[str, Any] | str | Path,
                        description: str | None = None, fmt: str | None = None) -> dict[str, Any]:
         """Upload CSV or Parquet with its public metadata (a dict, or a YAML/JSON file)."""
         if isinstance(metadata, (str, Path)):
             metadata = yaml.safe_load(Path(metadata).read_text())
-        if not isinstance(data, bytes):
-            fmt = fmt or Path(data).suffix.lower().lstrip(".")
-            data = Path(data).read_bytes()
-        body: dict[str, Any] = {"name": name, "metadata": metadata, "format": fmt,
-                                "data_base64": base64.b64encode(data).decode()}
+        upload = self.upload(data, fmt)
+        body: dict[str, Any] = {"name": name, "metadata": metadata, "upload": upload}
         if description is not None:
             body["description"] = description
-        return self._call("POST", "admin/datasets", body)
+        try:
+            return self._call("POST", "admin/datasets", body)
+        except LomasError:
+            self._call("DELETE", f"admin/uploads/{upload}")
+            raise
 
     def all_releases(self, username: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "admin/archive", username=username, dataset=dataset)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from datetime import date
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from lomas_jupyter_server.datasets import import_dataset
+from lomas_jupyter_server.datasets import import_dataset, propose_metadata
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
 from lomas_jupyter_server.errors import BadRequest, LomasError, MetadataError
+from lomas_jupyter_server.metadata import parse_metadata
 from lomas_jupyter_server.store import SQLiteStore
 
 
@@ -120,3 +122,42 @@ def test_import_warns_when_max_rows_costs_accuracy(tmp_path: Path) -> None:
     loose = run(10**9)
     assert "warning: column 'bill_length_mm'" in loose and "fixed point" in loose and "max_rows" in loose
     assert "warning" not in run(1000)
+
+
+def test_a_draft_is_valid_marks_what_came_from_the_data_and_is_never_stored(store: SQLiteStore,
+                                                                           tmp_path: Path) -> None:
+    raw = pl.read_csv(penguins_csv(), null_values=["NA"])
+    draft = propose_metadata(penguins_csv())
+    meta = draft["metadata"]
+    assert draft["rows"] == raw.height and meta["max_rows"] >= raw.height
+    assert parse_metadata(meta).column_names == raw.columns
+    for name in ("bill_length_mm", "body_mass_g", "flipper_length_mm"):
+        lo, hi = meta["columns"][name]["bounds"]
+        assert lo <= raw[name].min() and raw[name].max() <= hi
+        assert (lo, hi) != (raw[name].min(), raw[name].max())  # rounded outward, not at data values
+    assert meta["columns"]["body_mass_g"]["type"] == "int" and meta["columns"]["bill_depth_mm"]["type"] == "float"
+    assert meta["columns"]["species"]["categories"] == ["Adelie", "Chinstrap", "Gentoo"]
+    assert meta["columns"]["sex"]["nullable"] is True and meta["columns"]["species"]["nullable"] is False
+    # a small integer range: every value in the range, whichever were seen
+    assert meta["columns"]["year"]["categories"] == [2007, 2008, 2009]
+    noted = {(n["column"], n["field"]) for n in draft["review"]}
+    assert {(None, "privacy_unit"), (None, "max_rows"), ("species", "categories"),
+            ("bill_length_mm", "bounds")} <= noted
+    assert store.list_datasets() == [] and not (tmp_path / "datasets").exists()
+    # the draft imports as it is (the admin reviews it first; nothing forces that here)
+    assert import_dataset(store, tmp_path, "p", penguins_csv(), meta).version == 1
+
+
+def test_a_draft_of_many_distinct_strings_lists_no_categories(tmp_path: Path) -> None:
+    path = tmp_path / "people.parquet"
+    pl.DataFrame({"name": [f"person{i}" for i in range(80)], "born": [date(1990, 1, 1 + i % 28) for i in range(80)],
+                  "score": [0.5] * 80, "ok": [True, False] * 40}).write_parquet(path)
+    draft = propose_metadata(path)
+    columns = draft["metadata"]["columns"]
+    assert "categories" not in columns["name"] and columns["ok"] == {"type": "bool", "nullable": False}
+    assert columns["born"]["type"] == "string"
+    lo, hi = columns["score"]["bounds"]
+    assert lo < 0.5 < hi  # a constant column still gets a proper interval
+    notes = {(n["column"], n["field"]): n["note"] for n in draft["review"]}
+    assert "cannot group by" in notes[("name", "categories")] and "text" in notes[("born", "type")]
+    assert all("person1" not in n["note"] and "1990" not in n["note"] for n in draft["review"])

@@ -117,3 +117,25 @@ def test_a_course_shares_one_cap_and_only_admins_manage_it(service: dict[str, st
     call("DELETE", "admin/courses/stats101/members/carl")
     with pytest.raises(LomasError, match="not enough budget"):
         carl.query("penguins", "SELECT COUNT(*) FROM penguins WHERE island = 'Dream'", epsilon=0.01)
+
+
+def test_a_file_larger_than_the_request_limit_imports_in_chunks(service: dict[str, str], tmp_path) -> None:
+    """The standalone service takes bodies of at most 4 MB; a 6 MB CSV arrives as an upload in chunks."""
+    rows = 400_000
+    path = tmp_path / "visits.csv"
+    path.write_text("clinic,minutes\n" + "".join(f"clinic{i % 7},{(i * 37) % 120}.25\n" for i in range(rows)))
+    assert path.stat().st_size > 4 * 1024 * 1024
+    boss = Client(service["url"], service["boss"])
+    draft = boss.draft_metadata(path)
+    assert draft["rows"] == rows and draft["metadata"]["columns"]["clinic"]["categories"] == [f"clinic{i}" for i in range(7)]
+    assert draft["metadata"]["columns"]["minutes"]["bounds"] == [0.0, 200.0]
+    with pytest.raises(LomasError, match="max_rows"):
+        boss.import_dataset("visits", path, {**draft["metadata"], "max_rows": 1000})
+    imported = boss.import_dataset("visits", path, draft["metadata"])
+    assert imported["version"] == 1
+    boss.grant("boss", "visits", 1.0)
+    count = boss.query("visits", "SELECT COUNT(*) AS n FROM visits", 0.5)
+    # scale 2 at ε 0.5: a miss of 200 has probability about e^-100
+    assert abs(count.df["n"][0] - rows) < 200
+    with pytest.raises(LomasError, match="admin"):
+        Client(service["url"], service["alice"]).draft_metadata(path)

@@ -166,6 +166,9 @@ class LomasApp(ExtensionApp):
         "that another replica refunds the reservations it left (on this machine death is checked directly)",
     ).tag(config=True)
     max_epsilon_per_query = Float(10.0, help="Largest epsilon one query may ask for").tag(config=True)
+    max_upload_bytes = Integer(
+        2 * 1024**3, help="Largest CSV or Parquet file an admin may upload (sent in chunks of 2 MiB)"
+    ).tag(config=True)
     identity_mode = Enum(
         ["auto", "local", "token", "hub"],
         "auto",
@@ -245,6 +248,7 @@ class LomasApp(ExtensionApp):
             instance_id=self.instance.id,
             padding=TimingPadding(self.timing_padding, self.timing_padding_seconds),
             protect_admin_access=self.effective_identity_mode == "token",
+            max_upload_bytes=self.max_upload_bytes,
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)

@@ -7,6 +7,7 @@ and the rule, never a data value.
 from __future__ import annotations
 
 import io
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -52,6 +53,101 @@ def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
         raise
     except Exception:
         raise BadRequest(f"the data could not be read as {fmt.upper()}") from None
+
+
+DRAFT_MAX_STRING_CATEGORIES = 50
+DRAFT_MAX_INT_CATEGORIES = 20
+
+
+def _nice_ceiling(value: int) -> int:
+    """The smallest 1, 2 or 5 times a power of ten at or above value: a public-looking row bound."""
+    magnitude = 1
+    while True:
+        for factor in (1, 2, 5):
+            if factor * magnitude >= value:
+                return factor * magnitude
+        magnitude *= 10
+
+
+def _outward_bounds(lo: float, hi: float, whole: bool) -> tuple[float, float]:
+    """Round [lo, hi] outward to the order of magnitude of its span, so no bound sits at a data value."""
+    span = hi - lo
+    step = 10.0 ** math.floor(math.log10(span)) if span > 0 else 10.0 ** math.floor(math.log10(abs(lo) or 1))
+    if whole:
+        step = max(step, 1.0)
+    low, high = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    if span == 0:  # a constant column: keep its value strictly inside
+        low, high = low - step, high + step
+    return (int(low), int(high)) if whole else (round(low, 12), round(high, 12))
+
+
+def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict[str, Any]:
+    """A first draft of the metadata, for the data owner to review; nothing in it is saved or shown to analysts.
+
+    Everything proposed from the data is data-dependent, so each such choice comes with a review note: bounds
+    are rounded outward, small integer ranges get every value in the range (not the values seen), and string
+    categories list what the data holds, which the owner must prune to what is public knowledge.
+    """
+    frame = _scan(source, fmt)
+    try:
+        schema = frame.collect_schema()
+        stats_exprs: list[pl.Expr] = [pl.len().alias("__rows")]
+        for name, dtype in schema.items():
+            c = pl.col(name)
+            stats_exprs.append(c.null_count().alias(f"{name}__nulls"))
+            if dtype.is_numeric():
+                finite = c.fill_nan(None) if dtype.is_float() else c
+                stats_exprs += [finite.min().alias(f"{name}__min"), finite.max().alias(f"{name}__max")]
+            elif dtype != pl.Boolean:
+                stats_exprs.append(c.n_unique().alias(f"{name}__distinct"))
+        stats = frame.select(stats_exprs).collect().row(0, named=True)
+    except Exception:
+        raise BadRequest("the data could not be read to propose metadata") from None
+    rows = stats["__rows"]
+    review: list[dict[str, Any]] = []
+
+    def note(column: str | None, field: str, text: str) -> None:
+        review.append({"column": column, "field": field, "note": text})
+
+    note(None, "privacy_unit", "1 assumes each person has at most one row; set the most rows one person can have")
+    note(None, "max_rows", "the data's row count rounded up; it is public, so choose a bound that does not "
+         "reveal the exact size")
+    columns: dict[str, dict[str, Any]] = {}
+    for name, dtype in schema.items():
+        spec: dict[str, Any] = {"nullable": bool(stats[f"{name}__nulls"])}
+        if dtype == pl.Boolean:
+            spec["type"] = "bool"
+        elif dtype.is_integer() or dtype.is_float():
+            whole = dtype.is_integer()
+            spec["type"] = "int" if whole else "float"
+            lo, hi = stats[f"{name}__min"], stats[f"{name}__max"]
+            if lo is not None and hi is not None:
+                bounds = _outward_bounds(float(lo), float(hi), whole)
+                spec["bounds"] = list(bounds)
+                if whole and bounds[1] - bounds[0] < DRAFT_MAX_INT_CATEGORIES:
+                    spec["categories"] = list(range(int(bounds[0]), int(bounds[1]) + 1))
+                note(name, "bounds", "from the data's smallest and largest values, rounded outward; confirm "
+                     "they follow from public knowledge")
+            else:
+                note(name, "bounds", "no values to propose bounds from; add bounds to use it in sums")
+        else:
+            spec["type"] = "string"
+            distinct = stats.get(f"{name}__distinct") or 0
+            if dtype != pl.String:
+                note(name, "type", f"its {dtype} values are kept as text")
+            if 0 < distinct - spec["nullable"] <= DRAFT_MAX_STRING_CATEGORIES:
+                values = (frame.select(pl.col(name).cast(pl.String).drop_nulls().unique().sort())
+                          .collect().to_series().to_list())
+                spec["categories"] = values
+                note(name, "categories", "every value in the data; remove any that is not public knowledge "
+                     "(a rare value listed here tells that someone has it)")
+            else:
+                note(name, "categories", "too many distinct values to list, so analysts cannot group by it")
+        spec = {"type": spec.pop("type"), **spec}
+        columns[name] = spec
+    metadata = {"description": "", "privacy_unit": 1, "max_rows": _nice_ceiling(max(rows, 1)), "columns": columns}
+    parse_metadata(metadata)  # a draft is always a valid starting point
+    return {"metadata": metadata, "review": review, "rows": rows}
 
 
 def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata) -> pl.LazyFrame:

@@ -249,6 +249,41 @@ class AdminDatasetsHandler(LomasHandler):
         self.reply(await self.service.import_dataset(self.lomas_user, self.json_body()), 201)
 
 
+class AdminDatasetDraftHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply(await self.service.draft_metadata(self.lomas_user, self.json_body()))
+
+
+class AdminUploadsHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.reply(self.service.create_upload(self.lomas_user, self.json_body()), 201)
+
+
+class AdminUploadHandler(LomasHandler):
+    @tornado.web.authenticated
+    @authorized
+    def get(self, upload: str) -> None:
+        self.reply(self.service.upload_status(self.lomas_user, upload))
+
+    @tornado.web.authenticated
+    @authorized
+    def put(self, upload: str) -> None:
+        """One chunk, as the raw request body, at byte `offset` of the file."""
+        raw = self.get_argument("offset", "")
+        if not raw.isdigit() or len(raw) > 15:
+            raise BadRequest("'offset' must be the chunk's position in the file, in bytes")
+        self.reply(self.service.upload_chunk(self.lomas_user, upload, int(raw), self.request.body or b""))
+
+    @tornado.web.authenticated
+    @authorized
+    def delete(self, upload: str) -> None:
+        self.reply(self.service.discard_upload(self.lomas_user, upload))
+
+
 class AdminGrantsHandler(LomasHandler):
     @tornado.web.authenticated
     @authorized
@@ -354,6 +389,9 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("admin/users/" + NAME.format("username"), AdminUserHandler),
     ("admin/users/" + NAME.format("username") + "/tokens", AdminTokensHandler),
     ("admin/datasets", AdminDatasetsHandler),
+    ("admin/datasets/draft", AdminDatasetDraftHandler),
+    ("admin/uploads", AdminUploadsHandler),
+    ("admin/uploads/" + NAME.format("upload"), AdminUploadHandler),
     ("admin/grants", AdminGrantsHandler),
     ("admin/archive", AdminArchiveHandler),
     ("admin/ledger", AdminLedgerHandler),

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from . import engine
-from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset
+from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset, propose_metadata
 from .errors import BadRequest, ChargedFailure, Conflict, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
 from .sql import DEFAULT_MAX_GROUPS, compile_sql
 from .store import AdminStore, DatasetRecord, UserRecord
+from .uploads import CHUNK_BYTES, UploadArea
 from .workers import WorkerPool
 
 PRICE_CACHE_SIZE = 2048
@@ -104,6 +105,7 @@ class DPService:
         instance_id: str | None = None,
         padding: TimingPadding | None = None,
         protect_admin_access: bool = False,
+        max_upload_bytes: int = 2 * 1024**3,
     ) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
@@ -116,6 +118,7 @@ class DPService:
         self.padding = padding or TimingPadding()
         # with token identity, the API must never lock every admin out (lomas-admin can always recover)
         self.protect_admin_access = protect_admin_access
+        self.uploads = UploadArea(self.storage_dir / "uploads", max_upload_bytes)
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
@@ -357,38 +360,80 @@ class DPService:
 
     # --- admin side ---------------------------------------------------------------------------------------
 
+    def _data_source(self, admin: UserRecord, body: dict[str, Any]) -> tuple[str | bytes | Path, str | None, Any]:
+        """Where an import or a draft reads its data: an upload, inline base64, or a file on this machine."""
+        if isinstance(body.get("upload"), str):
+            upload = self.uploads.complete_file(admin.username, body["upload"])
+            return upload.path, upload.fmt, upload
+        if "data_base64" in body:
+            try:
+                return base64.b64decode(body["data_base64"], validate=True), body.get("format"), None
+            except (binascii.Error, TypeError, ValueError):
+                raise BadRequest("data_base64 is not valid base64") from None
+        if isinstance(body.get("path"), str):
+            return body["path"], body.get("format"), None
+        raise BadRequest("give the data as an 'upload', as 'data_base64' (with 'format') or as a 'path' on the "
+                         "service's machine")
+
     async def import_dataset(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
-        allowed = {"name", "description", "metadata", "data_base64", "format", "path"}
+        allowed = {"name", "description", "metadata", "data_base64", "format", "path", "upload"}
         unknown = set(body) - allowed
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
         name = check_dataset_name(body.get("name"))
         if "metadata" not in body:
             raise BadRequest("'metadata' is required: the dataset's public metadata")
-        source: str | bytes
-        if "data_base64" in body:
-            try:
-                source = base64.b64decode(body["data_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                raise BadRequest("data_base64 is not valid base64") from None
-        elif isinstance(body.get("path"), str):
-            source = body["path"]
-        else:
-            raise BadRequest("give the data as 'data_base64' (with 'format') or as a 'path' on the service's machine")
-        record = await asyncio.to_thread(
-            import_dataset,
-            self.store,
-            self.storage_dir,
-            name,
-            source,
-            body["metadata"],
-            body.get("description"),
-            body.get("format"),
-            admin.username,
-        )
+        source, fmt, upload = self._data_source(admin, body)
+        progress = self.uploads.progress(upload) if upload is not None else None
+        try:
+            record = await asyncio.to_thread(
+                import_dataset,
+                self.store,
+                self.storage_dir,
+                name,
+                source,
+                body["metadata"],
+                body.get("description"),
+                fmt,
+                admin.username,
+                progress,
+            )
+        except LomasError as err:
+            if progress is not None:
+                progress(f"refused: {err.message}")
+            raise
+        if upload is not None:
+            self.uploads.discard(admin.username, upload.upload_id)
         warnings = await self.pricing_pool.run(engine.metadata_warnings, record.metadata)
         return record.to_public_json() | {"warnings": warnings}
+
+    async def draft_metadata(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        """A proposal for the admin to review; it is returned, never stored."""
+        self.require_admin(admin)
+        unknown = set(body) - {"data_base64", "format", "path", "upload"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {sorted(unknown)}; give the data as for an import")
+        source, fmt, _upload = self._data_source(admin, body)
+        return await asyncio.to_thread(propose_metadata, source, fmt)
+
+    def create_upload(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
+        self.require_admin(admin)
+        upload = self.uploads.create(admin.username, body.get("size"), body.get("format"))
+        return upload.to_json() | {"chunk_bytes": CHUNK_BYTES}
+
+    def upload_status(self, admin: UserRecord, upload_id: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        return self.uploads.get(admin.username, upload_id).to_json()
+
+    def upload_chunk(self, admin: UserRecord, upload_id: str, offset: int, chunk: bytes) -> dict[str, Any]:
+        self.require_admin(admin)
+        return self.uploads.append(admin.username, upload_id, offset, chunk).to_json()
+
+    def discard_upload(self, admin: UserRecord, upload_id: str) -> dict[str, Any]:
+        self.require_admin(admin)
+        self.uploads.discard(admin.username, upload_id)
+        return {"upload": upload_id, "discarded": True}
 
     def create_user(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
