@@ -64,3 +64,19 @@ def test_an_instructor_runs_a_course_from_the_command_line(tmp_path: Path) -> No
     assert json.loads(lomas_admin(storage, "budget", "sam", "penguins"))["epsilon_total"] == 2.0
     spending = json.loads(lomas_admin(storage, "course", "spending", "stats101", "penguins"))
     assert spending["epsilon_spent"] == 0.0 and set(spending["per_student"]) == {"sam"}
+
+
+def test_a_draft_is_printed_for_review_and_imports_once_saved(tmp_path: Path) -> None:
+    from lomas_jupyter_server.demo import penguins_csv
+
+    storage = tmp_path / "store"
+    out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "dataset", "draft",
+                          str(penguins_csv())], capture_output=True, text=True, check=True)
+    assert not storage.exists()  # a draft stores nothing
+    assert out.stdout.startswith("# REVIEW privacy_unit:") and "# REVIEW species.categories:" in out.stdout
+    (tmp_path / "penguins.yaml").write_text(out.stdout)
+    lomas_admin(storage, "dataset", "import", "birds", str(penguins_csv()), "--metadata", str(tmp_path / "penguins.yaml"))
+    assert '"name": "birds"' in lomas_admin(storage, "dataset", "list")
+    bad = subprocess.run([str(BIN / "lomas-admin"), "dataset", "draft", str(tmp_path / "penguins.yaml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: data must be CSV or Parquet (.csv or .parquet)"

@@ -240,14 +240,128 @@ def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(t
                  ".lomas-sb-admin figcaption, .lomas-sb-admin .jp-Button, .lomas-sb-status")
         for theme in ["light", "dark"]:
             if theme == "dark":
-                page.get_by_role("menuitem", name="Settings", exact=True).click()
-                page.get_by_text("Theme", exact=True).first.hover()
-                page.get_by_text("JupyterLab Dark", exact=True).first.click()
-                page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+                _switch_to_dark(page)
             worst = _contrast_of(page, texts)
             assert worst >= 4.5, f"admin text contrast {worst:.2f} in the {theme} theme"
             admin.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / f"sidebar-admin-{theme}.png"))
+
+
+PROGRESS_JS = """() => { window.lomasProgress = [];
+    new MutationObserver(() => window.lomasProgress.push(document.querySelector('.lomas-sb-progress').textContent))
+      .observe(document.querySelector('.lomas-sb-progress'), {childList: true, characterData: true, subtree: true}); }"""
+
+
+def _status_says(page, words: str) -> None:  # noqa: ANN001
+    page.wait_for_function("(w) => document.querySelector('.lomas-sb-status').textContent.includes(w)", arg=words,
+                           timeout=60_000)
+
+
+def test_the_admin_registers_datasets_with_a_reviewed_draft_and_progress(tmp_path: Path) -> None:
+    """From the file browser's context menu and from an upload: the file goes up in chunks with progress, a draft
+    is proposed from the data and must be reviewed, a mismatch by column name is refused and changes nothing,
+    edits in YAML and in the form are what gets saved, and the public metadata is viewable."""
+    import polars as pl
+
+    rows = 200_000  # about 3 MB of CSV: two chunks of 2 MiB
+    (tmp_path / "visits.csv").write_text(
+        "clinic,minutes\n" + "".join(f"clinic{i % 5},{(i * 37) % 120}.5\n" for i in range(rows)))
+    pl.DataFrame({"ward": ["a", "b", "c"] * 100, "stay": [float(i % 40) for i in range(300)]}).write_parquet(
+        tmp_path / "wards.parquet")
+    token = "sidebar-datasets-token"
+    headers = {"Authorization": f"token {token}"}
+
+    def stored() -> dict[str, Any]:
+        got = requests.get(f"{url}lomas/api/admin/datasets", headers=headers, timeout=30).json()
+        return {d["name"]: d for d in got}
+
+    with lab_with_sidebar(tmp_path, token, lab_settings(tmp_path / "lab", "light"), viewport_height=1100) as (
+            url, page):
+        page.locator(".lomas-sb-admin").wait_for(timeout=60_000)
+        page.evaluate(PROGRESS_JS)
+        # pick the CSV in the file browser and register it from its context menu
+        page.locator("li[data-id='filebrowser']").click()
+        item = page.locator(".jp-DirListing-item[title^='Name: visits.csv']")
+        item.click()
+        item.click(button="right")
+        page.locator(".lm-Menu-item:has-text('Register as a DP dataset')").click()
+        _status_says(page, "uploaded visits.csv")
+        seen = page.evaluate("window.lomasProgress")
+        assert any(t.startswith("Uploading: ") and "100%" not in t for t in seen), seen  # a step between
+        assert page.locator(".lomas-sb-progress").inner_text().startswith("Uploading: 100%")
+        assert page.get_by_label("Dataset name").input_value() == "visits"
+
+        page.get_by_role("button", name="Propose a draft of the metadata from the uploaded data").click()
+        _status_says(page, "proposed metadata for 2 columns")
+        assert page.get_by_label("Upper bound of minutes (from the data: review)").input_value() == "200"
+        assert "clinic0, clinic1" in page.get_by_label("Categories of clinic (from the data: review)").input_value()
+        assert "rare value" in page.locator(".lomas-sb-review").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator(".lomas-sb-register").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "sidebar-datasets-review.png"))
+        # never saved without review
+        page.get_by_role("button", name="Import the dataset with this metadata").click()
+        _status_says(page, "tick")
+        assert "visits" not in stored()
+
+        # a mismatch by column name, written in YAML, is refused and changes nothing
+        page.get_by_role("button", name="Switch the metadata editor between the form and YAML").click()
+        yaml_box = page.get_by_label("Metadata as YAML")
+        text = yaml_box.input_value()
+        assert text.startswith("# REVIEW ") and "clinic:" in text
+        yaml_box.fill(text.replace("clinic:", "site:"))
+        page.locator(".lomas-sb-register .lomas-sb-check input[aria-describedby]").check()
+        page.get_by_role("button", name="Import the dataset with this metadata").click()
+        _status_says(page, "site")
+        assert "Import refused" in page.locator(".lomas-sb-progress").inner_text()
+        assert "visits" not in stored()
+        # fixed in YAML (the upload is kept: no second upload), with a public description
+        yaml_box.fill(text.replace("description: ''", "description: Clinic visits, 2025"))
+        page.get_by_label("Dataset description (public)").fill("Visits to five clinics")
+        page.get_by_role("button", name="Import the dataset with this metadata").click()
+        _status_says(page, "imported visits version 1")
+        assert page.locator(".lomas-sb-progress").inner_text() == "Imported visits version 1"
+        visits = stored()["visits"]
+        assert visits["description"] == "Visits to five clinics"
+        assert visits["metadata"]["columns"]["minutes"]["bounds"] == [0.0, 200.0]
+
+        # the public metadata is viewable in the list
+        page.locator("details[data-dataset=visits] > summary").click()
+        page.locator("details[data-dataset=visits] th:text-is('clinic')").wait_for(timeout=30_000)
+        assert "categories clinic0, clinic1" in page.locator("details[data-dataset=visits]").inner_text()
+
+        # an upload from this machine, with a bound edited in the form
+        page.get_by_label("Upload a CSV or Parquet file").set_input_files(str(tmp_path / "wards.parquet"))
+        _status_says(page, "uploaded wards.parquet")
+        page.get_by_role("button", name="Propose a draft of the metadata from the uploaded data").click()
+        _status_says(page, "proposed metadata for 2 columns")
+        upper = page.get_by_label("Upper bound of stay (from the data: review)")
+        upper.fill("365")
+        upper.press("Tab")
+        page.get_by_label("Categories of ward (from the data: review)").fill("a, b, c, d")
+        page.get_by_label("Categories of ward (from the data: review)").press("Tab")
+        page.locator(".lomas-sb-register .lomas-sb-check input[aria-describedby]").check()
+        page.get_by_role("button", name="Import the dataset with this metadata").click()
+        _status_says(page, "imported wards version 1")
+        wards = stored()["wards"]["metadata"]["columns"]
+        assert wards["stay"]["bounds"][1] == 365 and wards["ward"]["categories"] == ["a", "b", "c", "d"]
+
+        part = ".lomas-sb-admin details[data-part=datasets]"
+        assert _named_and_focusable(page, f"{part} button, {part} input, {part} textarea, {part} summary") >= 8
+        texts = f"{part} summary, {part} td, {part} th, {part} legend, {part} p, {part} .jp-Button"
+        for theme in ["light", "dark"]:
+            if theme == "dark":
+                _switch_to_dark(page)
+            worst = _contrast_of(page, texts)
+            assert worst >= 4.5, f"datasets text contrast {worst:.2f} in the {theme} theme"
+            page.screenshot(path=str(ARTIFACTS / f"sidebar-datasets-{theme}.png"))
+
+
+def _switch_to_dark(page) -> None:  # noqa: ANN001
+    page.get_by_role("menuitem", name="Settings", exact=True).click()
+    page.get_by_text("Theme", exact=True).first.hover()
+    page.get_by_text("JupyterLab Dark", exact=True).first.click()
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
 
 
 def test_an_analyst_of_a_remote_standalone_service_sees_only_the_analyst_view(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 import { ApiError, LomasApi } from './api';
+import { DatasetRow, DatasetsPart, PickFromBrowser, SourceFile } from './datasets';
 import { el } from './dom';
 import {
-  DatasetInfo,
   LedgerRow,
   ReleaseRecord,
   burnDown,
@@ -72,12 +72,26 @@ export class AdminView {
   private opened = new Set(['users', 'spending']);
   private chartDataset = '';
   private chartUser = '';
+  private datasets: DatasetsPart;
 
   constructor(
     private api: LomasApi,
-    private say: Say
+    private say: Say,
+    pickFromBrowser: PickFromBrowser | null = null
   ) {
     this.node.append(el('h3', {}, 'Administration'), this.tokenBox, this.content);
+    this.datasets = new DatasetsPart(api, say, pickFromBrowser, () => this.load(true));
+  }
+
+  /** Open the Datasets part and start registering this file (the file browser's context menu). */
+  async register(file: SourceFile): Promise<void> {
+    this.opened.add('datasets');
+    const part = this.content.querySelector<HTMLDetailsElement>('details[data-part="datasets"]');
+    if (part) {
+      part.open = true;
+    }
+    this.datasets.form.scrollIntoView({ block: 'nearest' });
+    await this.datasets.useFile(file);
   }
 
   /** True while an admin is filling in a form here: a periodic reload would wipe it. */
@@ -94,21 +108,24 @@ export class AdminView {
   /** Re-read and rebuild; a periodic reload (not `force`) never replaces a form being filled in, even one
    *  the admin started while the data was on its way. */
   async load(force = false): Promise<void> {
-    const [users, datasets, grants, ledger, releases, courses] = await Promise.all([
+    const [users, grants, ledger, releases, courses, datasets] = await Promise.all([
       this.api.call<UserRow[]>('GET', 'admin/users'),
-      this.api.call<DatasetInfo[]>('GET', 'datasets'),
       this.api.call<GrantRow[]>('GET', 'admin/grants'),
       this.api.call<LedgerRow[]>('GET', 'admin/ledger?limit=10000'),
       this.api.call<ReleaseRecord[]>('GET', 'admin/archive?limit=10000'),
-      this.api.call<CourseRow[]>('GET', 'admin/courses')
+      this.api.call<CourseRow[]>('GET', 'admin/courses'),
+      this.api.call<DatasetRow[]>('GET', 'admin/datasets')
     ]);
     if (!force && this.editing) {
       return;
     }
     const names = datasets.map(d => d.name);
     this.chartDataset = names.includes(this.chartDataset) ? this.chartDataset : names[0] ?? '';
+    const datasetsPart = this.part('datasets', `Datasets (${datasets.length})`);
+    datasetsPart.append(this.datasets.list(datasets), this.datasets.form);
     this.content.replaceChildren(
       this.usersSection(users),
+      datasetsPart,
       this.grantsSection(users, names, grants),
       await this.coursesSection(courses, names),
       this.spendingSection(users, names, grants, ledger, releases)

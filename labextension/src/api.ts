@@ -25,6 +25,7 @@ export class LomasApi {
     return this.serviceUrl.trim() !== '';
   }
 
+  /** `body` is sent as JSON, or as it is when it is bytes (an upload's chunk). */
   async call<T>(method: string, path: string, body?: unknown): Promise<T> {
     const defaults = ServerConnection.makeSettings();
     const settings = this.remote
@@ -32,7 +33,10 @@ export class LomasApi {
       : defaults;
     const url = apiBase(this.serviceUrl, defaults.baseUrl) + path;
     const init: RequestInit = { method };
-    if (body !== undefined) {
+    if (body instanceof Uint8Array) {
+      init.body = body;
+      init.headers = { 'Content-Type': 'application/octet-stream' };
+    } else if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers = { 'Content-Type': 'application/json' };
     }

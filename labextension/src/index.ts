@@ -1,12 +1,16 @@
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { LomasApi } from './api';
+import { SourceFile } from './datasets';
+import { base64Bytes, formatOf } from './metadata';
 import { LomasPanel } from './panel';
 
 const PLUGIN_ID = 'lomas-jupyter:plugin';
+const REGISTER_COMMAND = 'lomas-jupyter:register-file';
 
 const icon = new LabIcon({
   name: 'lomas-jupyter:icon',
@@ -21,12 +25,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'The lomas DP service in a sidebar: budgets, releases, and a ready %%dpquery cell',
   autoStart: true,
   requires: [ILabShell],
-  optional: [ISettingRegistry, INotebookTracker],
+  optional: [ISettingRegistry, INotebookTracker, IDefaultFileBrowser],
   activate: async (
     app: JupyterFrontEnd,
     shell: ILabShell,
     registry: ISettingRegistry | null,
-    notebooks: INotebookTracker | null
+    notebooks: INotebookTracker | null,
+    browser: IDefaultFileBrowser | null
   ) => {
     const api = new LomasApi('', '');
     const insertCell = (source: string): boolean => {
@@ -40,9 +45,35 @@ const plugin: JupyterFrontEndPlugin<void> = {
       shell.activateById(current.id);
       return true;
     };
-    const panel = new LomasPanel(api, insertCell);
+    /** The file selected in the file browser, read through this Jupyter server's contents API. */
+    const selectedFile = async (): Promise<SourceFile | null> => {
+      const item = browser ? Array.from(browser.selectedItems()).find(i => i.type !== 'directory') : undefined;
+      if (!item) {
+        return null;
+      }
+      const model = await app.serviceManager.contents.get(item.path, { content: true, format: 'base64' });
+      const bytes = base64Bytes(String(model.content ?? ''));
+      return { name: item.name, size: bytes.length, read: async (start, end) => bytes.subarray(start, end) };
+    };
+    const panel = new LomasPanel(api, insertCell, browser ? selectedFile : null);
     panel.title.icon = icon;
     shell.add(panel, 'left', { rank: 950 });
+    app.commands.addCommand(REGISTER_COMMAND, {
+      label: 'Register as a DP dataset…',
+      caption: 'Upload this CSV or Parquet file to the DP service and describe its public metadata',
+      isVisible: () => {
+        const item = browser ? Array.from(browser.selectedItems())[0] : undefined;
+        return Boolean(item && formatOf(item.name));
+      },
+      execute: async () => {
+        shell.activateById(panel.id);
+        const file = await selectedFile();
+        if (file) {
+          await panel.register(file);
+        }
+      }
+    });
+    app.contextMenu.addItem({ command: REGISTER_COMMAND, selector: '.jp-DirListing-item[data-isdir="false"]', rank: 60 });
     if (registry) {
       try {
         const settings = await registry.load(PLUGIN_ID);

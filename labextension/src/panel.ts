@@ -1,6 +1,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { AdminView } from './admin';
+import { PickFromBrowser, SourceFile } from './datasets';
 import { ApiError, LomasApi } from './api';
 import { el } from './dom';
 import {
@@ -33,6 +34,7 @@ export class LomasPanel extends Widget {
   constructor(
     readonly api: LomasApi,
     private insertCell: CellInserter,
+    private pickFromBrowser: PickFromBrowser | null = null,
     private refreshSeconds = 3
   ) {
     super();
@@ -95,12 +97,24 @@ export class LomasPanel extends Widget {
       return;
     }
     if (!this.admin) {
-      this.admin = new AdminView(this.api, (message, ok) => this.say(message, ok));
+      this.admin = new AdminView(this.api, (message, ok) => this.say(message, ok), this.pickFromBrowser);
       this.node.append(this.admin.node);
     } else if (this.admin.editing) {
       return;
     }
     await this.admin.load();
+  }
+
+  /** Register a file as a dataset (admins only): opens the Datasets part with the file uploading. */
+  async register(file: SourceFile): Promise<void> {
+    if (!this.admin) {
+      await this.refresh();
+    }
+    if (!this.admin) {
+      this.say('only admins register datasets');
+      return;
+    }
+    await this.admin.register(file);
   }
 
   /** One line at the top: what just happened, or what went wrong. */

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from .app import default_storage_dir
-from .datasets import import_dataset
+from .datasets import import_dataset, propose_metadata
 from .errors import LomasError
 from .store import SQLiteStore
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--metadata", type=Path, required=True, help="public metadata, YAML or JSON (see README)")
     imp.add_argument("--description", default=None, help="overrides the metadata's description")
     dataset.add_parser("list", help="all datasets with their public metadata")
+    draft = dataset.add_parser("draft", help="print metadata proposed from the data, as YAML with a REVIEW comment "
+                               "for every choice taken from the data (nothing is stored)")
+    draft.add_argument("data", type=Path, help="a .csv or .parquet file")
 
     grant = sub.add_parser("grant", help="set a user's budget on a dataset")
     grant.add_argument("username", help="the user")
@@ -104,8 +107,23 @@ READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger",
              ("course", "spending")}
 
 
+def _print_draft(data: Path) -> int:
+    try:
+        draft = propose_metadata(data)
+    except LomasError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 1
+    for note in draft["review"]:
+        where = f"{note['column']}." if note["column"] else ""
+        print(f"# REVIEW {where}{note['field']}: {note['note']}")
+    print(yaml.safe_dump(draft["metadata"], sort_keys=False, default_flow_style=None, width=110), end="")
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "dataset" and args.action == "draft":
+        return _print_draft(args.data)
     storage = Path(args.storage_dir or default_storage_dir())
     database = storage / "lomas.sqlite3"
     if not database.exists():
