@@ -68,9 +68,16 @@ def test_hub_users_become_lomas_users_and_only_instructors_administer(hub: Hub) 
 def test_students_query_from_their_own_kernels_and_are_charged(hub: Hub, course: dict) -> None:
     server = hub.start_server("ljstudent1")
     token = hub.token("ljstudent1")
-    # the student's own server runs no DP service: there is no path around the Hub service
-    r = requests.get(server + "lomas/api/whoami", headers={"Authorization": f"token {token}"})
-    assert r.status_code == 404
+    # the student's own server runs no DP service: its lomas/api/ (the sidebar's) is the Hub service, called with
+    # the server's own token, so it is the student and nothing more
+    mine = {"Authorization": f"token {token}"}
+    r = requests.get(server + "lomas/api/whoami", headers=mine, timeout=60)
+    assert r.status_code == 200 and (r.json()["username"], r.json()["role"]) == ("ljstudent1", "analyst"), r.text
+    r = requests.get(server + "lomas/api/admin/ledger", headers=mine, timeout=60)
+    assert r.status_code == 403 and "admin" in r.json()["message"]
+    other = {"Authorization": f"token {hub.token('ljstudent2')}"}
+    assert requests.get(server + "lomas/api/whoami", headers=other, timeout=60,
+                        allow_redirects=False).status_code in (302, 403)
     out = run_cells(server, token, [
         "%load_ext lomas_jupyter",
         "%lomas status",
@@ -210,3 +217,42 @@ def test_a_hub_user_an_instructor_removed_is_refused_with_the_reason(hub: Hub) -
     for path in ["whoami", "budget"]:
         r = hub.service("GET", path, "ljgone")
         assert r.status_code == 403 and "removed by an admin" in r.json()["message"], r.text
+
+
+def test_the_sidebar_works_in_jupyterlab_under_the_hub(hub: Hub, course: dict) -> None:
+    """In Chromium: the instructor logs in to the Hub and opens JupyterLab in their own server. The sidebar's calls
+    go through that server (its login and XSRF check) to the Hub service as the instructor, so the admin view
+    appears and a grant made there (a PUT) lands in the service."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_sidebar import BROWSER_ARGS
+    from .test_ui import CHROMIUM
+
+    hub.start_server(INSTRUCTOR)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{hub.url}hub/login")
+            page.locator("input[name=username]").fill(INSTRUCTOR)
+            page.locator("input[name=password]").fill("any")
+            page.locator("input[type=submit], button[type=submit]").first.click()
+            page.wait_for_url(lambda url: "/hub/login" not in url, timeout=60_000)
+            page.goto(f"{hub.url}user/{INSTRUCTOR}/lab")
+            tab = page.locator("li[data-id='lomas-sidebar']")
+            tab.wait_for(timeout=180_000)
+            tab.click()
+            page.locator(".lomas-sb-admin").wait_for(timeout=60_000)
+            assert INSTRUCTOR in page.locator(".lomas-sb-who").first.inner_text()
+            page.locator(".lomas-sb-admin-part > summary:has-text('Grants')").click()
+            page.locator(f".lomas-sb-form label:has-text('{INSTRUCTOR}') input").check()
+            page.get_by_label("Dataset to grant").select_option("penguins")
+            page.get_by_label("Epsilon to grant").fill("0.7")
+            page.get_by_role("button", name="Set the grant for the chosen users").click()
+            page.wait_for_function(
+                "() => document.querySelector('.lomas-sb-status').textContent.includes('granted')", timeout=60_000)
+            grants = hub.service("GET", f"admin/grants?username={INSTRUCTOR}", INSTRUCTOR).json()
+            assert [(g["dataset"], g["epsilon"]) for g in grants] == [("penguins", 0.7)]
+            page.locator(".lomas-sb-gauge[data-dataset='penguins']").wait_for(timeout=60_000)
+        finally:
+            browser.close()

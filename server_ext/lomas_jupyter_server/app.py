@@ -21,6 +21,7 @@ from tornado.web import _ApplicationRouter
 from traitlets import Bool, Enum, Float, Integer, Type, Unicode, default
 
 from .errors import Forbidden
+from .forward import ForwardToHubServiceHandler
 from .handlers import API_PREFIX, ROUTES
 from .identity import LomasTokenIdentityProvider
 from .recovery import settle_abandoned, this_instance
@@ -225,7 +226,7 @@ class LomasApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         if self.disabled_under_hub:
-            self.log.info("lomas: not started in this JupyterHub server: kernels use the Hub's DP service")
+            self.log.info("lomas: not started in this JupyterHub server; kernels and the sidebar use the Hub service")
             return
         store = self.store_class(self.store_url)
         worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
@@ -273,7 +274,8 @@ class LomasApp(ExtensionApp):
             self.log.warning("lomas: refunded %d reservation(s) that a stopped replica left unsettled", settled)
 
     def initialize_handlers(self) -> None:
-        if self.disabled_under_hub:
+        if self.disabled_under_hub:  # the sidebar's calls go on to the Hub's service, as this server's user
+            self.handlers.append((url_path_join("/", API_PREFIX, "(?P<path>.*)"), ForwardToHubServiceHandler))
             return
         for route, handler in ROUTES:
             self.handlers.append((url_path_join("/", API_PREFIX, route), handler))

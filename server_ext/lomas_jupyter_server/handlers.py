@@ -273,6 +273,7 @@ class AdminUploadHandler(LomasHandler):
     @authorized
     def put(self, upload: str) -> None:
         """One chunk, as the raw request body, at byte `offset` of the file."""
+        self.service.require_admin(self.lomas_user)  # an analyst learns nothing, not even what a bad offset is
         raw = self.get_argument("offset", "")
         if not raw.isdigit() or len(raw) > 15:
             raise BadRequest("'offset' must be the chunk's position in the file, in bytes")
