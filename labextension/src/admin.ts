@@ -1,6 +1,6 @@
 import { ApiError, LomasApi } from './api';
 import { DatasetRow, DatasetsPart, PickFromBrowser, SourceFile } from './datasets';
-import { el } from './dom';
+import { button, el } from './dom';
 import {
   LedgerRow,
   ReleaseRecord,
@@ -50,12 +50,6 @@ function select(label: string, options: string[], value = '', any = 'everyone'):
 
 function input(label: string, attrs: Record<string, string> = {}): HTMLInputElement {
   return el('input', { 'aria-label': label, class: 'lomas-sb-input', ...attrs });
-}
-
-function button(text: string, label: string, onClick: () => void): HTMLButtonElement {
-  const node = el('button', { type: 'button', class: 'jp-Button lomas-sb-insert', 'aria-label': label }, text);
-  node.addEventListener('click', onClick);
-  return node;
 }
 
 /**

@@ -1,5 +1,5 @@
 import { ApiError, LomasApi } from './api';
-import { el } from './dom';
+import { button, el } from './dom';
 import {
   Draft,
   MetadataDoc,
@@ -107,12 +107,12 @@ export class DatasetsPart {
     const actions = el('div');
     if (pickFromBrowser) {
       actions.append(
-        this.button('Use the file browser’s selection', 'Use the CSV or Parquet file selected in the file browser', () =>
+        button('Use the file browser’s selection', 'Use the CSV or Parquet file selected in the file browser', () =>
           void this.fromBrowser()
         )
       );
     }
-    this.modeButton = this.button('Edit as YAML', 'Switch the metadata editor between the form and YAML', () =>
+    this.modeButton = button('Edit as YAML', 'Switch the metadata editor between the form and YAML', () =>
       this.toggleMode()
     );
     const reviewLabel = el('label', { class: 'lomas-sb-check' });
@@ -126,7 +126,7 @@ export class DatasetsPart {
       this.barText,
       this.name,
       this.description,
-      this.button('Propose metadata from the data', 'Propose a draft of the metadata from the uploaded data', () =>
+      button('Propose metadata from the data', 'Propose a draft of the metadata from the uploaded data', () =>
         void this.propose()
       ),
       this.modeButton,
@@ -138,7 +138,7 @@ export class DatasetsPart {
         { class: 'lomas-sb-who', id: 'lomas-sb-review-help' },
         'Metadata is public: analysts see it. Nothing is saved until you import.'
       ),
-      this.button('Import', 'Import the dataset with this metadata', () => void this.importNow())
+      button('Import', 'Import the dataset with this metadata', () => void this.importNow())
     );
     this.renderEditor();
   }
@@ -147,7 +147,7 @@ export class DatasetsPart {
   list(datasets: DatasetRow[]): HTMLElement {
     const box = el('div', { class: 'lomas-sb-datasets' });
     for (const d of datasets) {
-      const item = el('details', { class: 'lomas-sb-release', 'data-dataset': d.name });
+      const item = el('details', { class: 'lomas-sb-dataset', 'data-dataset': d.name });
       item.open = this.openDatasets.has(d.name);
       item.addEventListener('toggle', () =>
         item.open ? this.openDatasets.add(d.name) : this.openDatasets.delete(d.name)
@@ -212,12 +212,6 @@ export class DatasetsPart {
     } finally {
       this.busy = false;
     }
-  }
-
-  private button(text: string, label: string, onClick: () => void): HTMLButtonElement {
-    const node = el('button', { type: 'button', class: 'jp-Button lomas-sb-insert', 'aria-label': label }, text);
-    node.addEventListener('click', onClick);
-    return node;
   }
 
   private async fromBrowser(): Promise<void> {

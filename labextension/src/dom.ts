@@ -13,3 +13,10 @@ export function el<K extends keyof HTMLElementTagNameMap>(
   }
   return node;
 }
+
+/** A panel button: visible text, an accessible name that says what it does, and its action. */
+export function button(text: string, label: string, onClick: () => void): HTMLButtonElement {
+  const node = el('button', { type: 'button', class: 'jp-Button lomas-sb-insert', 'aria-label': label }, text);
+  node.addEventListener('click', onClick);
+  return node;
+}
