@@ -1,3 +1,6 @@
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
 import { ApiError, LomasApi } from './api';
 import { button, el } from './dom';
 import {
@@ -52,6 +55,35 @@ export function localFile(file: File): SourceFile {
     name: file.name,
     size: file.size,
     read: async (start, end) => new Uint8Array(await file.slice(start, end).arrayBuffer())
+  };
+}
+
+/**
+ * A file of this Jupyter server (the file browser's), read a chunk at a time with HTTP ranges from its /files/
+ * route; a contents manager that ignores ranges sends the whole file once, which is then kept and sliced.
+ */
+export function jupyterFile(path: string, name: string, size: number): SourceFile {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, 'files', URLExt.encodeParts(path));
+  let whole: Uint8Array | null = null;
+  return {
+    name,
+    size,
+    read: async (start, end) => {
+      if (!whole) {
+        const init = { headers: { Range: `bytes=${start}-${end - 1}` } };
+        const response = await ServerConnection.makeRequest(url, init, settings);
+        if (!response.ok) {
+          throw new ApiError(`${name} could not be read from this Jupyter server (HTTP ${response.status})`);
+        }
+        const bytes = new Uint8Array(await response.arrayBuffer());
+        if (response.status === 206) {
+          return bytes;
+        }
+        whole = bytes;
+      }
+      return whole.subarray(start, end);
+    }
   };
 }
 

@@ -5,7 +5,7 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { LomasApi } from './api';
-import { SourceFile } from './datasets';
+import { SourceFile, jupyterFile } from './datasets';
 import { base64Bytes, formatOf } from './metadata';
 import { LomasPanel } from './panel';
 
@@ -51,8 +51,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
       if (!item) {
         return null;
       }
-      const model = await app.serviceManager.contents.get(item.path, { content: true, format: 'base64' });
-      const bytes = base64Bytes(String(model.content ?? ''));
+      const model = await app.serviceManager.contents.get(item.path, { content: false });
+      if (typeof model.size === 'number') {
+        return jupyterFile(item.path, item.name, model.size);
+      }
+      const full = await app.serviceManager.contents.get(item.path, { content: true, format: 'base64' });
+      const bytes = base64Bytes(String(full.content ?? ''));
       return { name: item.name, size: bytes.length, read: async (start, end) => bytes.subarray(start, end) };
     };
     const panel = new LomasPanel(api, insertCell, browser ? selectedFile : null);
