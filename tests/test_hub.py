@@ -210,6 +210,19 @@ def test_browsers_sign_in_through_hub_oauth(hub: Hub, course: dict) -> None:
     assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
 
 
+def test_a_course_shows_who_in_its_group_has_not_started(hub: Hub, course: dict) -> None:
+    hub.set_group(GROUP, add=["ljlate"])  # a Hub user who has never called the service
+    one = hub.service("GET", f"admin/courses/{GROUP}", INSTRUCTOR).json()
+    assert "ljlate" in one["waiting"] and "ljlate" not in one["members"]
+    assert set(one["waiting"]).isdisjoint(one["members"])
+    listed = {c["name"]: c for c in hub.service("GET", "admin/courses", INSTRUCTOR).json()}
+    assert listed[GROUP]["waiting"] == one["waiting"]
+    # the first request enrols them with the per-student grant
+    assert hub.service("GET", "budget/penguins", "ljlate").json()["epsilon_total"] == 2.0
+    after = hub.service("GET", f"admin/courses/{GROUP}", INSTRUCTOR).json()
+    assert "ljlate" in after["members"] and "ljlate" not in after["waiting"]
+
+
 def test_a_hub_user_an_instructor_removed_is_refused_with_the_reason(hub: Hub) -> None:
     assert hub.service("GET", "whoami", "ljgone").json()["role"] == "analyst"
     r = hub.service("DELETE", "admin/users/ljgone", INSTRUCTOR)

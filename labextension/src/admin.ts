@@ -20,6 +20,8 @@ interface CourseRow {
   name: string;
   hub_group: string;
   members: string[];
+  /** under JupyterHub: in the group, but not yet a member (they join on their first request) */
+  waiting?: string[];
   datasets: { dataset: string; epsilon_per_student: number; epsilon_cap: number }[];
 }
 
@@ -271,6 +273,11 @@ export class AdminView {
     for (const course of courses) {
       const box = el('div', { class: 'lomas-sb-form', 'data-course': course.name });
       box.append(el('h4', {}, `${course.name} (Hub group ${course.hub_group}): ${course.members.length} student(s)`));
+      if (course.waiting?.length) {
+        box.append(
+          el('p', { class: 'lomas-sb-who' }, `Not started yet (in the Hub group): ${course.waiting.join(', ')}`)
+        );
+      }
       for (const plan of course.datasets) {
         const spending = await this.api.call<ClassSpending>(
           'GET',

@@ -67,6 +67,17 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
         return body
 
+    async def with_hub_roster(self, course: dict[str, Any]) -> dict[str, Any]:
+        """Under JupyterHub, a course also lists who is in its Hub group but has not used the service yet (they
+        join, and get their grants, on their first request)."""
+        members_of = getattr(self.identity_provider, "group_members", None)
+        if members_of is None:
+            return course
+        in_group = await members_of(course["hub_group"])
+        if in_group is None:
+            return course
+        return course | {"waiting": [u for u in in_group if u not in course["members"]]}
+
     def reply(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -329,9 +340,9 @@ class AdminAuditHandler(LomasHandler):
 class AdminCoursesHandler(LomasHandler):
     @tornado.web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         self.service.require_admin(self.lomas_user)
-        self.reply([c.to_json() for c in self.service.store.list_courses()])
+        self.reply([await self.with_hub_roster(c.to_json()) for c in self.service.store.list_courses()])
 
     @tornado.web.authenticated
     @authorized
@@ -342,8 +353,8 @@ class AdminCoursesHandler(LomasHandler):
 class AdminCourseHandler(LomasHandler):
     @tornado.web.authenticated
     @authorized
-    def get(self, course: str) -> None:
-        self.reply(self.service.course(self.lomas_user, course))
+    async def get(self, course: str) -> None:
+        self.reply(await self.with_hub_roster(self.service.course(self.lomas_user, course)))
 
 
 class AdminCourseDatasetsHandler(LomasHandler):

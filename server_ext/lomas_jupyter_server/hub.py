@@ -101,6 +101,15 @@ class LomasHubIdentityProvider(JupyterHubIdentityProvider):
             return list(hub_user.get("groups") or [])
         return list((model or {}).get("groups") or [])
 
+    async def group_members(self, group: str) -> list[str] | None:
+        """The Hub group's users now (the service holds read:groups), or None when the Hub will not say."""
+        url = f"{self.hub_auth.api_url}/groups/{quote(group, safe='')}"
+        try:
+            model = await self.hub_auth._api_request("GET", url)
+        except tornado.web.HTTPError:
+            return None
+        return sorted((model or {}).get("users") or [])
+
     def service_routes(self, base_url: str) -> list[tuple[Any, ...]]:
         """The only routes of the Hub service besides its API: the OAuth callback and the landing page."""
         prefix = base_url.rstrip("/")
