@@ -121,18 +121,19 @@ def _contrast_of(page, selector: str, at_least: int = 5) -> float:  # noqa: ANN0
     return min(values)
 
 
-NAME_JS = """(el) => el.getAttribute('aria-label') || (el.labels && el.labels.length ? el.labels[0].textContent : '')
-    || el.innerText || ''"""
+CONTROLS_JS = """(sel) => Array.from(document.querySelectorAll(sel))
+    .filter(el => el.checkVisibility({visibilityProperty: true, opacityProperty: true}))
+    .map(el => [el.getAttribute('aria-label') || (el.labels && el.labels.length ? el.labels[0].textContent : '')
+                || el.innerText || '', el.tabIndex, el.outerHTML.slice(0, 200)])"""
 
 
 def _named_and_focusable(page, selector: str) -> int:  # noqa: ANN001
-    """Every shown control has a name and takes focus; controls inside a closed part are checked when it opens."""
-    controls = page.locator(selector)
-    shown = [controls.nth(i) for i in range(controls.count()) if controls.nth(i).is_visible()]
-    for control in shown:
-        name = control.evaluate(NAME_JS)
-        assert name.strip(), f"a control without an accessible name: {control.evaluate('(el) => el.outerHTML')[:200]}"
-        assert control.evaluate("(el) => el.tabIndex") >= 0
+    """Every shown control has a name and takes focus, all read in one go (the live refresh replaces elements);
+    controls inside a closed part are checked when it opens."""
+    shown = page.evaluate(CONTROLS_JS, selector)
+    for name, tab_index, html in shown:
+        assert name.strip(), f"a control without an accessible name: {html}"
+        assert tab_index >= 0, f"a control out of the keyboard's reach: {html}"
     return len(shown)
 
 
