@@ -271,6 +271,10 @@ class Client:
     def courses(self) -> list[dict[str, Any]]:
         return self._call("GET", "admin/courses")
 
+    def course(self, name: str) -> dict[str, Any]:
+        """One course: its students, datasets and caps (and under JupyterHub who has not started yet)."""
+        return self._call("GET", f"admin/courses/{name}")
+
     def create_course(self, name: str, hub_group: str) -> dict[str, Any]:
         """A course whose students are the members of a JupyterHub group."""
         return self._call("POST", "admin/courses", {"name": name, "hub_group": hub_group})

@@ -212,7 +212,7 @@ class LomasMagics(Magics):
         caption = (f"{spending['course']} on {spending['dataset']}: the class has spent ε "
                    f"{fmt(spending['epsilon_spent'])} of its cap {fmt(spending['epsilon_cap'])} "
                    f"(δ {fmt(spending['delta_spent'])} of {fmt(spending['delta_cap'])}), students who left included")
-        waiting = next((c.get("waiting") or [] for c in self.client.courses() if c["name"] == rest[0]), [])
+        waiting = self.client.course(rest[0]).get("waiting") or []
         if waiting:
             caption += f"; not started yet (in the Hub group): {', '.join(waiting)}"
         display(Table(rows, ["student", "ε spent", "δ spent", "releases"], caption))

@@ -217,6 +217,9 @@ def test_a_course_shows_who_in_its_group_has_not_started(hub: Hub, course: dict)
     assert set(one["waiting"]).isdisjoint(one["members"])
     listed = {c["name"]: c for c in hub.service("GET", "admin/courses", INSTRUCTOR).json()}
     assert listed[GROUP]["waiting"] == one["waiting"]
+    out = run_cells(hub.start_server(INSTRUCTOR), hub.token(INSTRUCTOR),
+                    ["%load_ext lomas_jupyter", f"%lomas class {GROUP} penguins"])
+    assert "not started yet (in the Hub group): " in out[1] and "ljlate" in out[1].split("not started yet")[1], out
     # the first request enrols them with the per-student grant
     assert hub.service("GET", "budget/penguins", "ljlate").json()["epsilon_total"] == 2.0
     after = hub.service("GET", f"admin/courses/{GROUP}", INSTRUCTOR).json()

@@ -1,6 +1,6 @@
 import { ApiError, LomasApi } from './api';
 import { DatasetRow, DatasetsPart, PickFromBrowser, SourceFile } from './datasets';
-import { button, el } from './dom';
+import { button, el, keptOpen } from './dom';
 import {
   LedgerRow,
   ReleaseRecord,
@@ -129,9 +129,7 @@ export class AdminView {
   }
 
   private part(key: string, title: string): HTMLDetailsElement {
-    const section = el('details', { class: 'lomas-sb-admin-part', 'data-part': key });
-    section.open = this.opened.has(key);
-    section.addEventListener('toggle', () => (section.open ? this.opened.add(key) : this.opened.delete(key)));
+    const section = keptOpen(el('details', { class: 'lomas-sb-admin-part', 'data-part': key }), this.opened, key);
     section.append(el('summary', {}, title));
     return section;
   }

@@ -2,12 +2,13 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { ApiError, LomasApi } from './api';
-import { button, el } from './dom';
+import { button, el, keptOpen } from './dom';
 import {
   Draft,
   MetadataDoc,
   ReviewNote,
   UploadState,
+  categoriesText,
   chunkRanges,
   datasetNameOf,
   describeColumn,
@@ -179,11 +180,7 @@ export class DatasetsPart {
   list(datasets: DatasetRow[]): HTMLElement {
     const box = el('div', { class: 'lomas-sb-datasets' });
     for (const d of datasets) {
-      const item = el('details', { class: 'lomas-sb-dataset', 'data-dataset': d.name });
-      item.open = this.openDatasets.has(d.name);
-      item.addEventListener('toggle', () =>
-        item.open ? this.openDatasets.add(d.name) : this.openDatasets.delete(d.name)
-      );
+      const item = keptOpen(el('details', { class: 'lomas-sb-dataset', 'data-dataset': d.name }), this.openDatasets, d.name);
       const columns = Object.entries(d.metadata.columns ?? {});
       item.append(el('summary', {}, `${d.name} v${d.version}: ${columns.length} columns`));
       item.append(el('p', { class: 'lomas-sb-who' }, d.description || '(no description)'));
@@ -386,8 +383,7 @@ export class DatasetsPart {
         );
       }
       if (spec.type !== 'float') {
-        const text = (spec.categories ?? []).map(String).join(', ');
-        box.append(this.field(`Categories of ${name}`, text, flagged.has(`${name}.categories`), v => set('categories', v)));
+        box.append(this.field(`Categories of ${name}`, categoriesText(spec.categories), flagged.has(`${name}.categories`), v => set('categories', v)));
       }
       box.append(this.field(`Description of ${name}`, spec.description ?? '', false, v => set('description', v)));
       this.editor.append(box);

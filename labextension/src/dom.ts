@@ -20,3 +20,10 @@ export function button(text: string, label: string, onClick: () => void): HTMLBu
   node.addEventListener('click', onClick);
   return node;
 }
+
+/** Remember whether a details element is open, by key, so a rebuild of the panel keeps it as the user left it. */
+export function keptOpen<K>(details: HTMLDetailsElement, opened: Set<K>, key: K): HTMLDetailsElement {
+  details.open = opened.has(key);
+  details.addEventListener('toggle', () => (details.open ? opened.add(key) : opened.delete(key)));
+  return details;
+}

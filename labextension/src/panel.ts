@@ -3,7 +3,7 @@ import { Widget } from '@lumino/widgets';
 import { AdminView } from './admin';
 import { PickFromBrowser, SourceFile } from './datasets';
 import { ApiError, LomasApi } from './api';
-import { el } from './dom';
+import { button, el, keptOpen } from './dom';
 import {
   ColumnMeta,
   DatasetInfo,
@@ -160,13 +160,11 @@ export class LomasPanel extends Widget {
         item.append(el('div', { class: 'lomas-sb-gauge-label' }, gauge.deltaLabel));
       }
       if (gauge.granted) {
-        const button = el(
-          'button',
-          { class: 'jp-Button lomas-sb-insert', type: 'button', 'aria-label': `Insert a %%dpquery cell for ${gauge.dataset}` },
-          'Insert %%dpquery cell'
+        item.append(
+          button('Insert %%dpquery cell', `Insert a %%dpquery cell for ${gauge.dataset}`, () =>
+            void this.insertFor(gauge.dataset)
+          )
         );
-        button.addEventListener('click', () => void this.insertFor(gauge.dataset));
-        item.append(button);
       }
       list.append(item);
     }
@@ -182,11 +180,7 @@ export class LomasPanel extends Widget {
     const releases = el('ul', { class: 'lomas-sb-releases' });
     for (const row of recentReleases(archive)) {
       const item = el('li', { class: 'lomas-sb-release' });
-      const details = el('details');
-      details.open = this.openReleases.has(row.id);
-      details.addEventListener('toggle', () =>
-        details.open ? this.openReleases.add(row.id) : this.openReleases.delete(row.id)
-      );
+      const details = keptOpen(el('details'), this.openReleases, row.id);
       const summary = el('summary');
       summary.append(el('span', { class: 'lomas-sb-release-sql' }, row.title));
       summary.append(el('span', { class: 'lomas-sb-release-meta' }, `${row.cost} · ${row.when}`));
