@@ -88,7 +88,7 @@ def ours(table: Table, sql: str, epsilon: float, delta: float) -> Callable[[], d
     lf = pl.scan_parquet(table.path)
 
     def release() -> dict[str, Any]:
-        out = plan.postprocess(calibrated.measurement(lf).collect(), described, tables)
+        out = plan.postprocess(calibrated.release(lf), described, tables)
         return {"rows": out["rows"], "intervals": out["intervals"], "mechanism": calibrated.mechanism}
 
     return release

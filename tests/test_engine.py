@@ -226,7 +226,7 @@ def test_grouped_intervals_cover_at_their_stated_rate(tmp_path: Path, mechanism:
     widths = []
     lf = pl.scan_parquet(tmp_path / "t.parquet")
     for _ in range(RELEASES):
-        out = plan.postprocess(calibrated.measurement(lf).collect(), described, tables)
+        out = plan.postprocess(calibrated.release(lf), described, tables)
         assert [r["g"] for r in out["rows"]] == ["a", "b", "e", None]  # every public key, NULL last
         for row, interval in zip(out["rows"], out["intervals"]):
             g = row["g"]
@@ -284,7 +284,7 @@ def test_direct_sums_follow_sql_null_semantics_and_cover(tmp_path: Path, mechani
     values: dict[str, list[float]] = {"sy": [], "sx": []}
     hits = dict.fromkeys(values, 0)
     for _ in range(RELEASES):
-        out = plan.postprocess(calibrated.measurement(lf).collect(), described, tables)
+        out = plan.postprocess(calibrated.release(lf), described, tables)
         row, interval = out["rows"][0], out["intervals"][0]
         for name in values:
             low, high = interval[name]
@@ -350,11 +350,11 @@ def test_float_sums_use_fixed_point_where_a_loose_max_rows_would_inflate_the_noi
     lf = pl.scan_parquet(tmp_path / "t.parquet")
     hits = {"sx": 0, "ax": 0}
     for _ in range(RELEASES):
-        out = plan.postprocess(calibrated.measurement(lf).collect(), described, tables)
+        out = plan.postprocess(calibrated.release(lf), described, tables)
         low, high = out["intervals"][0]["sx"]
         assert low <= out["rows"][0]["sx"] <= high
         hits["sx"] += low <= truth["sx"] <= high
-        out = both.postprocess(both_cal.measurement(lf).collect(), both_described, both_tables)
+        out = both.postprocess(both_cal.release(lf), both_described, both_tables)
         low, high = out["intervals"][0]["ax"]
         assert low <= out["rows"][0]["ax"] <= high
         hits["ax"] += low <= truth["ax"] <= high

@@ -33,6 +33,9 @@ from .sql import Aggregate, QuerySpec
 from .workers import note_data_access
 
 dp.enable_features("contrib")
+# The service itself collects each release's plan, once, with its own optimisation flags (see collect_release):
+# OpenDP's OnceFrame.collect would let polars merge the noise of missing groups.
+dp.enable_features("honest-but-curious")
 
 ALPHA = 0.05
 POLARS_TYPES: dict[str, pl.DataType] = {
@@ -42,6 +45,7 @@ POLARS_TYPES: dict[str, pl.DataType] = {
     "bool": pl.Boolean(),
 }
 LAPLACE, GAUSSIAN = "laplace", "gaussian"
+PLAIN, QUANTILES = "plain", "quantiles"  # the parts a plan runs in (Plan.parts)
 MECHANISM_NAMES = {
     "Integer Laplace": "Laplace (integer)",
     "Float Laplace": "Laplace",
@@ -319,12 +323,13 @@ def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
 
 
 def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
-               statistics: list[Statistic], steps: list[float | None]) -> pl.LazyFrame:
+               statistics: list[Statistic], steps: list[float | None], only: list[int] | None = None) -> pl.LazyFrame:
+    """The OpenDP plan releasing the statistics (those numbered in `only`, if given), each named by its index."""
     frame = pl.LazyFrame(schema=polars_schema(metadata))
     if spec.where is not None:
         frame = frame.filter(_predicate(spec.where))
     exprs = [_statistic_expr(stat, metadata, bounds, step).alias(_statistic_name(j))
-             for j, (stat, step) in enumerate(zip(statistics, steps))]
+             for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
     if not spec.group_by:
         return frame.select(exprs)
     grouped = frame.group_by(list(spec.group_by)).agg(exprs)
@@ -364,11 +369,25 @@ class Calibrated:
     mechanism: str  # LAPLACE (pure DP) | GAUSSIAN (zCDP, converted to (epsilon, delta))
     scale: float
     delta_target: float  # the delta the zCDP conversion is fixed at (0 for Laplace)
-    base: Any  # the OpenDP polars measurement (its summary names the noise)
-    measurement: Any  # what runs and what is charged: base, or base converted to (epsilon, delta)
+    base: Any  # the OpenDP polars measurement of all statistics (its summary names the noise)
+    measurement: Any  # what is charged: base, or its parts composed; as (epsilon, delta) for zCDP
     epsilon: float
     delta: float
+    parts: list[tuple[str, Any]]  # (kind, measurement) of each part that runs; their composition is charged
+    group_by: tuple[str, ...] = ()
     choice: dict[str, Any] | None = None
+
+    def release(self, data: pl.LazyFrame) -> pl.DataFrame:
+        """Run each part on the data, once (what `measurement` composes and charges): the released statistics,
+        side by side. (The parts are invoked one by one: collecting the OnceFrames that OpenDP 0.16's composition
+        returns crashes the process.)"""
+        frames = [collect_release(part(data), kind) for kind, part in self.parts]
+        if not self.group_by:
+            return pl.concat(frames, how="horizontal")
+        joined = frames[0]
+        for frame in frames[1:]:
+            joined = joined.join(frame, on=list(self.group_by), how="left", nulls_equal=True)
+        return joined
 
     @functools.cached_property
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -420,34 +439,53 @@ class Plan:
         meta = parse_metadata(metadata)
         return cls(QuerySpec.from_json(spec), meta, effective_bounds(meta, bounds))
 
-    def base_measurement(self, scale: float, mechanism: str = LAPLACE) -> Any:
+    def base_measurement(self, scale: float, mechanism: str = LAPLACE, only: list[int] | None = None) -> Any:
         measure = dp.max_divergence() if mechanism == LAPLACE else dp.zero_concentrated_divergence()
         try:
             return dp.polars.make_private_lazyframe(
                 input_domain(self.spec, self.metadata),
                 dp.symmetric_distance(),
                 measure,
-                build_plan(self.spec, self.metadata, self.bounds, self.statistics, self.steps),
+                build_plan(self.spec, self.metadata, self.bounds, self.statistics, self.steps, only),
                 global_scale=scale,
             )
         except dp.OpenDPException as err:
             raise QueryRejected(f"the DP engine refused the query: {_opendp_message(err)}") from None
 
-    def measurement(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> tuple[Any, Any]:
-        """(base, charged): a zCDP measurement is charged through OpenDP's conversion to (epsilon, delta)."""
+    @property
+    def parts(self) -> list[tuple[str, list[int]]]:
+        """Statistics that run together: (PLAIN, ...) and (QUANTILES, ...). Quantiles run apart: their plans hold
+        functions polars cannot hand back for collect_release, and OpenDP draws their missing groups' scores on
+        their own."""
+        plain = [j for j, s in enumerate(self.statistics) if s.kind != "quantile"]
+        quantiles = [j for j, s in enumerate(self.statistics) if s.kind == "quantile"]
+        return [(kind, part) for kind, part in ((PLAIN, plain), (QUANTILES, quantiles)) if part]
+
+    def measurement(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0
+                    ) -> tuple[Any, Any, list[tuple[str, Any]]]:
+        """(base, charged, parts): the parts that run (each its own plan at the same scale) and their composition,
+        which is charged (its loss is the sum of theirs, as the joint plan's is); a zCDP measurement is charged
+        through OpenDP's conversion to (epsilon, delta)."""
         base = self.base_measurement(scale, mechanism)
+        split = self.parts
+        if len(split) == 1:
+            parts, composed = [(split[0][0], base)], base
+        else:
+            parts = [(kind, self.base_measurement(scale, mechanism, only)) for kind, only in split]
+            composed = dp.c.make_composition([m for _, m in parts])
         if mechanism == LAPLACE:
-            return base, base
-        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), delta)
+            return base, composed, parts
+        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(composed), delta), parts
 
     def cost(self, measurement: Any) -> tuple[float, float]:
         loss = measurement.map(self.metadata.privacy_unit)
         return (float(loss[0]), float(loss[1])) if isinstance(loss, tuple) else (float(loss), 0.0)
 
     def at_scale(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> Calibrated:
-        base, charged = self.measurement(scale, mechanism, delta)
+        base, charged, parts = self.measurement(scale, mechanism, delta)
         epsilon, spent_delta = self.cost(charged)
-        return Calibrated(mechanism, scale, delta, base, charged, epsilon, spent_delta)
+        return Calibrated(mechanism, scale, delta, base, charged, epsilon, spent_delta, parts,
+                          tuple(self.spec.group_by))
 
     def calibrate(self, epsilon: float, delta: float = 0.0) -> Calibrated:
         """The least noise within (epsilon, delta): Laplace under pure DP and, when delta > 0 is offered,
@@ -708,6 +746,22 @@ def check_epsilon(epsilon: Any, max_epsilon: float) -> float:
     return float(epsilon)
 
 
+# polars' common-subexpression elimination must stay off for a release. OpenDP fills a public key that has no
+# rows with `fill_null(noise(repeat(0, len())))` per statistic; those expressions are identical across statistics
+# of one scale, so polars computes the noise once and every statistic of an empty group gets the same draw
+# (SUM(x1) == SUM(x2), COUNT(*) == COUNT(x)): a deterministic sign that the group is empty (issue 17).
+RELEASE_FLAGS = pl.QueryOptFlags(comm_subexpr_elim=False)
+
+
+def collect_release(once_frame: Any, kind: str) -> pl.DataFrame:
+    """Run one part's plan exactly once, each noise expression drawn on its own. A part of quantiles is collected
+    by OpenDP itself: its plan cannot be handed back, and its empty groups' candidates are drawn apart (see
+    tests/test_privacy.py)."""
+    if kind == QUANTILES:
+        return once_frame.collect()
+    return once_frame.lazy().collect(optimizations=RELEASE_FLAGS)
+
+
 # --- worker entry points: plain data in, plain data out ---------------------------------------------------
 
 
@@ -765,7 +819,7 @@ def release_task(
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged
-    raw = calibrated.measurement(_scan(parquet_path)).collect()
+    raw = calibrated.release(_scan(parquet_path))
     result = plan.postprocess(raw, described, tables)
     described = described | {"choice": price["plan"].get("choice")}
     return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "plan": described,
