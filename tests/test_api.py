@@ -326,3 +326,19 @@ async def test_a_new_dataset_version_is_not_replayed(api) -> None:
     assert status == 201 and imported["version"] == 2
     status, second = await api("query", "POST", body)
     assert status == 201 and second["replay"] is False and second["dataset_version"] == 2
+
+
+async def test_invalid_text_is_a_400_before_anything_and_charges_nothing(api) -> None:
+    """Issue 17.4: a lone UTF-16 surrogate (valid JSON, not valid text) in the SQL or the dataset answered 500
+    with epsilon committed and no release archived; it is refused first, naming the field."""
+    before = await spent(api)
+    for body in ({"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins WHERE species = '\ud800'",
+                  "epsilon": 0.5},
+                 {"dataset": "penguins\udfff", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.5}):
+        for path in ("query", "preview"):
+            status, error = await api(path, "POST", body)
+            field = "'sql'" if "\ud800" in body["sql"] else "'dataset'"
+            assert status == 400 and field in error["message"] and "surrogate" in error["message"], error
+    assert await spent(api) == before
+    status, archive = await api("archive")
+    assert status == 200 and archive == []

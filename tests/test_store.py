@@ -291,3 +291,46 @@ def test_first_use_creation_does_not_undo_an_admins_removal(store: SQLiteStore) 
         store.create_user("dan", "analyst", "hub", revive=False)
     assert store.get_user("dan") is None
     assert store.create_user("dan", "analyst", "prof").username == "dan"  # an admin may bring them back
+
+
+def test_a_refund_after_leaving_a_class_does_not_leave_spendable_budget_outside_its_cap(store: SQLiteStore) -> None:
+    """Issue 17.7: a student with a running query is removed (grant cut to spent + pending), the running query
+    is refunded (a service killed mid-query, say); the refunded amount came from the class and goes back to
+    it, so the student cannot spend it any more, charged to no pool."""
+    _class(store, ["ann", "ben"], per_student=1.0, cap=1.5)
+    store.commit(store.reserve("ann", "penguins", 0.25, 0.0))
+    running = store.reserve("ann", "penguins", 0.5, 0.0)
+    store.remove_course_member("stats101", "ann", "hub")
+    assert store.get_grant("ann", "penguins").epsilon == pytest.approx(0.75)  # type: ignore[union-attr]
+    store.refund(running, note="refunded: its service instance died")
+    assert store.get_grant("ann", "penguins").epsilon == pytest.approx(0.25)  # type: ignore[union-attr]
+    with pytest.raises(InsufficientBudget):
+        store.reserve("ann", "penguins", 0.1, 0.0)
+    assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.25)
+    # a student still in the class keeps their grant through a refund
+    other = store.reserve("ben", "penguins", 0.5, 0.0)
+    store.refund(other)
+    assert store.get_grant("ben", "penguins").epsilon == 1.0  # type: ignore[union-attr]
+
+
+def test_commit_and_archive_are_one_transaction(store: SQLiteStore) -> None:
+    """Issue 17.4: if the release cannot be archived, the charge is not committed either (the reservation stays
+    pending, and the service refunds it)."""
+    from lomas_jupyter_server.store import ReleaseDraft
+
+    def draft(result: dict) -> ReleaseDraft:
+        return ReleaseDraft("alice", "penguins", 1, "SELECT COUNT(*) FROM penguins", "c", {"epsilon": 0.5}, 0.5,
+                            0.0, result)
+
+    rid = store.reserve("alice", "penguins", 0.5, 0.0)
+    with pytest.raises(TypeError):
+        store.commit_release(rid, draft({"rows": {object()}}))  # not JSON: the archive insert fails
+    budget = store.budget("alice", "penguins")
+    assert budget is not None and budget.pending == 1 and budget.releases == 0
+    assert store.list_releases("alice") == [] and [r["kind"] for r in store.ledger("alice")] == ["reserve"]
+    store.refund(rid)
+    assert store.budget("alice", "penguins").epsilon_spent == 0  # type: ignore[union-attr]
+    ok = store.reserve("alice", "penguins", 0.5, 0.0)
+    archived = store.commit_release(ok, draft({"rows": [1]}))
+    assert [r.id for r in store.list_releases("alice")] == [archived.id]
+    assert [r["kind"] for r in store.ledger("alice")][0] == "commit"

@@ -35,6 +35,26 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def invalid_text_field(value: Any) -> str | None:
+    """The name of the first field (or key) whose text is not valid Unicode (a lone UTF-16 surrogate, which
+    JSON's \\u escapes allow but no store or encoder can hold), or None."""
+    stack: list[tuple[Any, str]] = [(value, "body")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, "a field name"))
+                stack.append((child, f"'{key}'" if where == "body" else where))
+        elif isinstance(item, list):
+            stack.extend((child, where) for child in item)
+    return None
+
+
 class Unauthorized(tornado.web.HTTPError):
     def __init__(self) -> None:
         super().__init__(401)
@@ -65,6 +85,10 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             raise BadRequest("the request body must be a JSON object")
         if json_depth(body) > MAX_JSON_DEPTH:
             raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        field = invalid_text_field(body)
+        if field is not None:
+            # "'sql'" names a top-level field; a nested one is named by the top-level field that holds it
+            raise BadRequest(f"{field} is not valid text: it holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         return body
 
     async def with_hub_roster(self, course: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dat
 from .errors import BadRequest, ChargedFailure, Conflict, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
 from .sql import DEFAULT_MAX_GROUPS, compile_sql
-from .store import AdminStore, DatasetRecord, UserRecord
+from .store import AdminStore, DatasetRecord, ReleaseDraft, UserRecord
 from .uploads import CHUNK_BYTES, UploadArea
 from .workers import WorkerPool
 
@@ -313,21 +313,16 @@ class DPService:
         except BaseException:
             self.store.refund(reservation, note="refunded: the request was cancelled before the release")
             raise
-        self.store.commit(reservation)
-        await self.padding.pad(started)
         result = {**answer, "cost": {"epsilon": released["epsilon"], "delta": released["delta"]}}
-        archived = self.store.archive_release(
-            user.username,
-            record.name,
-            record.version,
-            request.sql,
-            spec.canonical(),
-            request.params(),
-            released["epsilon"],
-            released["delta"],
-            result,
-            reservation,
-        )
+        draft = ReleaseDraft(user.username, record.name, record.version, request.sql, spec.canonical(),
+                             request.params(), released["epsilon"], released["delta"], result)
+        try:
+            archived = self.store.commit_release(reservation, draft)  # the charge and its answer, together
+        except BaseException:
+            # nothing is committed, nothing is released: the reservation goes back
+            self.store.refund(reservation, note="refunded: the release could not be archived")
+            raise
+        await self.padding.pad(started)
         budget = self.store.budget(user.username, record.name)
         return {
             "release_id": archived.id,

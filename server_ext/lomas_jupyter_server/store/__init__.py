@@ -10,6 +10,7 @@ from .base import (
     DatasetRecord,
     GrantRecord,
     InstanceRecord,
+    ReleaseDraft,
     ReleaseRecord,
     UserRecord,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DatasetRecord",
     "GrantRecord",
     "InstanceRecord",
+    "ReleaseDraft",
     "ReleaseRecord",
     "SQLiteStore",
     "UserRecord",

@@ -178,6 +178,21 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
+class ReleaseDraft:
+    """A release about to be archived with the commit of its reservation (ReleaseRecord without id and time)."""
+
+    username: str
+    dataset: str
+    dataset_version: int
+    sql: str
+    canonical: str
+    params: dict[str, Any]
+    epsilon: float
+    delta: float
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ReleaseRecord:
     id: int
     username: str
@@ -298,6 +313,11 @@ class AdminStore(ABC):
     def commit(self, reservation_id: str, note: str = "") -> None: ...
 
     @abstractmethod
+    def commit_release(self, reservation_id: str, release: ReleaseDraft) -> ReleaseRecord:
+        """Commit the reservation and archive its release in one transaction: a charge never stands without
+        its answer (if the archive fails, the reservation stays pending, to be refunded)."""
+
+    @abstractmethod
     def refund(self, reservation_id: str, note: str = "") -> None: ...
 
     # service instances: a replica settles only the reservations that a dead owner left
@@ -353,22 +373,7 @@ class AdminStore(ABC):
     @abstractmethod
     def ledger(self, username: str | None = None, limit: int = 500) -> list[dict[str, Any]]: ...
 
-    # archive and audit
-    @abstractmethod
-    def archive_release(
-        self,
-        username: str,
-        dataset: str,
-        dataset_version: int,
-        sql: str,
-        canonical: str,
-        params: dict[str, Any],
-        epsilon: float,
-        delta: float,
-        result: dict[str, Any],
-        reservation_id: str,
-    ) -> ReleaseRecord: ...
-
+    # archive (written by commit_release) and audit
     @abstractmethod
     def list_releases(
         self, username: str | None = None, dataset: str | None = None, limit: int = 200

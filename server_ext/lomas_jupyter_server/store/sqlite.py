@@ -30,6 +30,7 @@ from .base import (
     DatasetRecord,
     GrantRecord,
     InstanceRecord,
+    ReleaseDraft,
     ReleaseRecord,
     UserRecord,
     hash_token,
@@ -514,14 +515,34 @@ class SQLiteStore(AdminStore):
         if kind == "refund":
             totals.epsilon -= Fraction(row["epsilon"])
             totals.delta -= Fraction(row["delta"])
+            left_a_course = False
             for course in json.loads(row["pools"]):
                 pool = self._pool(conn, course, row["dataset"])
                 self._write_pool(conn, course, row["dataset"], pool[0] - Fraction(row["epsilon"]),
                                  pool[1] - Fraction(row["delta"]))
+                left_a_course |= conn.execute("SELECT 1 FROM course_members WHERE course = ? AND username = ?",
+                                              (course, row["username"])).fetchone() is None
+            if left_a_course:
+                # Their grant was cut to spent + pending when they left; the refunded part came from the class
+                # and must not stay spendable outside it (pool and grant stay in step).
+                self._lower_grant(conn, row["username"], row["dataset"], Fraction(row["epsilon"]),
+                                  Fraction(row["delta"]), totals)
         else:
             totals.releases += 1
             totals.last_cost = row["epsilon"]
         self._write_totals(conn, row["username"], row["dataset"], totals)
+
+    def _lower_grant(self, conn: sqlite3.Connection, username: str, dataset: str, epsilon: Fraction,
+                     delta: Fraction, totals: _Totals) -> None:
+        """Lower a grant by a refunded amount, never below what is spent or running."""
+        grant = conn.execute("SELECT epsilon, delta FROM grants WHERE username = ? AND dataset = ?",
+                             (username, dataset)).fetchone()
+        if grant is None:
+            return
+        new_epsilon = max(float(Fraction(grant["epsilon"]) - epsilon), float(totals.epsilon))
+        new_delta = max(float(Fraction(grant["delta"]) - delta), float(totals.delta))
+        conn.execute("UPDATE grants SET epsilon = ?, delta = ?, updated_at = ? WHERE username = ? AND dataset = ?",
+                     (new_epsilon, new_delta, utcnow(), username, dataset))
 
     def _pool(self, conn: sqlite3.Connection, course: str, dataset: str) -> tuple[Fraction, Fraction]:
         row = conn.execute("SELECT epsilon_spent, delta_spent FROM pool_totals WHERE course = ? AND dataset = ?",
@@ -699,6 +720,11 @@ class SQLiteStore(AdminStore):
         with self._tx() as conn:
             self._settle_in(conn, reservation_id, "commit", note)
 
+    def commit_release(self, reservation_id: str, release: ReleaseDraft) -> ReleaseRecord:
+        with self._tx() as conn:
+            self._settle_in(conn, reservation_id, "commit", "")
+            return self._archive_in(conn, release, reservation_id)
+
     def refund(self, reservation_id: str, note: str = "") -> None:
         with self._tx() as conn:
             self._settle_in(conn, reservation_id, "refund", note)
@@ -753,42 +779,18 @@ class SQLiteStore(AdminStore):
 
     # --- archive and audit --------------------------------------------------------------------------------
 
-    def archive_release(
-        self,
-        username: str,
-        dataset: str,
-        dataset_version: int,
-        sql: str,
-        canonical: str,
-        params: dict[str, Any],
-        epsilon: float,
-        delta: float,
-        result: dict[str, Any],
-        reservation_id: str,
-    ) -> ReleaseRecord:
+    def _archive_in(self, conn: sqlite3.Connection, release: ReleaseDraft, reservation_id: str) -> ReleaseRecord:
         now = utcnow()
-        with self._tx() as conn:
-            cur = conn.execute(
-                "INSERT INTO releases (username, dataset, dataset_version, sql, canonical, params_json, epsilon, "
-                "delta, result_json, reservation_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    username,
-                    dataset,
-                    dataset_version,
-                    sql,
-                    canonical,
-                    _params_key(params),
-                    epsilon,
-                    delta,
-                    json.dumps(result),
-                    reservation_id,
-                    now,
-                ),
-            )
-            release_id = int(cur.lastrowid or 0)
-        return ReleaseRecord(
-            release_id, username, dataset, dataset_version, sql, canonical, params, epsilon, delta, result, now
+        cur = conn.execute(
+            "INSERT INTO releases (username, dataset, dataset_version, sql, canonical, params_json, epsilon, "
+            "delta, result_json, reservation_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (release.username, release.dataset, release.dataset_version, release.sql, release.canonical,
+             _params_key(release.params), release.epsilon, release.delta, json.dumps(release.result),
+             reservation_id, now),
         )
+        return ReleaseRecord(int(cur.lastrowid or 0), release.username, release.dataset, release.dataset_version,
+                             release.sql, release.canonical, release.params, release.epsilon, release.delta,
+                             release.result, now)
 
     def list_releases(
         self, username: str | None = None, dataset: str | None = None, limit: int = 200
