@@ -342,3 +342,29 @@ async def test_invalid_text_is_a_400_before_anything_and_charges_nothing(api) ->
     assert await spent(api) == before
     status, archive = await api("archive")
     assert status == 200 and archive == []
+
+
+async def test_a_missing_or_legacy_relative_data_file(api, lomas_app, storage_dir: Path) -> None:
+    """Issue 17.10: a store made by `lomas-admin --storage-dir store` held a path relative to where the admin
+    ran it; a service started elsewhere failed every query and charged it. Such paths are found where every
+    import writes them; a file that is truly missing is the service's fault: 503, nothing charged, no path."""
+    import sqlite3
+
+    store = lomas_app.service.store
+    record = store.get_dataset("penguins")
+    real = Path(record.parquet_path)
+    assert real.is_absolute() and real.is_file()
+    with sqlite3.connect(store.path) as raw:  # what the old lomas-admin wrote from the store's parent folder
+        raw.execute("UPDATE datasets SET parquet_path = ?", (f"lomas-storage/datasets/penguins/{real.name}",))
+    body = {"dataset": "penguins", "sql": "SELECT COUNT(*) AS n FROM penguins", "epsilon": 0.25}
+    status, answer = await api("query", "POST", body)
+    assert status == 201, answer
+    before = await spent(api)
+    real.rename(real.with_suffix(".moved"))
+    status, error = await api("query", "POST", body | {"fresh": True})
+    assert status == 503 and error["error"] == "dataset_unavailable" and "Nothing was charged" in error["message"]
+    assert str(storage_dir) not in error["message"] and "lomas-storage" not in error["message"]
+    assert await spent(api) == before
+    real.with_suffix(".moved").rename(real)
+    status, answer = await api("query", "POST", body | {"fresh": True})
+    assert status == 201

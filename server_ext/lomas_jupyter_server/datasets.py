@@ -7,6 +7,7 @@ and the rule, never a data value.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import uuid
@@ -18,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from .engine import POLARS_TYPES
-from .errors import BadRequest, MetadataError
+from .errors import BadRequest, DatasetUnavailable, MetadataError
 from .metadata import DatasetMetadata, parse_metadata
 from .store import AdminStore, DatasetRecord
 
@@ -229,7 +230,8 @@ def import_dataset(
     frame = _scan(source, fmt)
     say("checking the data against the metadata")
     typed = validate_frame(frame, metadata)
-    target_dir = Path(data_dir) / "datasets" / name
+    # absolute: a service started from another folder than `lomas-admin --storage-dir store` finds it
+    target_dir = Path(data_dir).resolve() / "datasets" / name
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{uuid.uuid4().hex}.parquet"
     tmp = target.with_suffix(".tmp")
@@ -248,6 +250,28 @@ def import_dataset(
 
 
 DUMMY_ROWS = 1000
+
+
+def data_file(storage_dir: str | Path, record: DatasetRecord) -> Path:
+    """Where a dataset version's parquet file is. Stores made before paths were stored absolute hold a path
+    relative to the folder `lomas-admin` ran in; such a file is looked up where every import writes it."""
+    path = Path(record.parquet_path)
+    if not path.is_absolute():
+        path = Path(storage_dir).resolve() / "datasets" / record.name / path.name
+    return path
+
+
+def check_data_file(storage_dir: str | Path, record: DatasetRecord) -> str:
+    """The dataset's file, or DatasetUnavailable (and a line in the service's log for the admin). The message
+    names the dataset, never the path."""
+    path = data_file(storage_dir, record)
+    if not path.is_file():
+        logging.getLogger("lomas_jupyter_server").error(
+            "dataset '%s' version %s: its data file %s is missing; re-import the dataset", record.name,
+            record.version, path)
+        raise DatasetUnavailable(f"dataset '{record.name}' is unavailable: its data is missing on the service "
+                                 "(an admin has been told). Nothing was charged")
+    return str(path)
 
 
 def dummy_frame(metadata: DatasetMetadata, rows: int, seed: int = 0) -> pl.DataFrame:

@@ -11,6 +11,7 @@ import functools
 import itertools
 import json
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .accuracy import (
     ratio_grid,
     ratio_interval,
 )
-from .errors import BadRequest, QueryRejected
+from .errors import BadRequest, DatasetUnavailable, QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
 from .sql import Aggregate, QuerySpec
 from .workers import note_data_access
@@ -818,6 +819,9 @@ def release_task(
                                                     plan_doc["scale"], price["delta_target"])
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
+    if not os.path.isfile(parquet_path):  # moved or deleted since the service checked: nothing was read
+        raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
+                                 "was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged
     raw = calibrated.release(_scan(parquet_path))
     result = plan.postprocess(raw, described, tables)

@@ -64,6 +64,14 @@ class EngineFailure(LomasError):
     code = "engine_failure"
 
 
+class DatasetUnavailable(LomasError):
+    """The dataset's data file is not where the store says (moved, deleted, or a store made before paths were
+    stored absolute): a fault of the service, found before any row is read, so nothing is charged."""
+
+    status = 503
+    code = "dataset_unavailable"
+
+
 class ChargedFailure(LomasError):
     """A query failed after the engine had started reading the data: nothing was released, but the failure
     itself can depend on the data, so its reservation was charged."""

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import engine
-from .datasets import check_dataset_name, dummy_frame, dummy_parquet, import_dataset, propose_metadata
+from .datasets import (
+    check_data_file,
+    check_dataset_name,
+    dummy_frame,
+    dummy_parquet,
+    import_dataset,
+    propose_metadata,
+)
 from .errors import BadRequest, ChargedFailure, Conflict, Forbidden, LomasError, NotFound
 from .metadata import parse_metadata
 from .sql import DEFAULT_MAX_GROUPS, compile_sql
@@ -290,12 +297,13 @@ class DPService:
         if self.store.get_grant(user.username, record.name) is None:
             raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
         preview = await self._price(record, spec, request)
+        data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
         started = time.monotonic()
         # Charge what the mechanism costs (its privacy map), not what was asked for.
         reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"],
                                          owner=self.instance_id)
         try:
-            released, answer = await self._release(record, spec, request, preview, record.parquet_path)
+            released, answer = await self._release(record, spec, request, preview, data_path)
         except LomasError as err:
             if not err.data_accessed:
                 self.store.refund(reservation, note=f"refunded: failed before reading the data ({err.code})")
