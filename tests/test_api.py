@@ -138,8 +138,11 @@ BAD_INPUTS: list[tuple[str, str, Any, int, str]] = [
     ("admin/grants", "PUT", {"username": "owner", "dataset": "penguins", "epsilon": -3}, 400, "non-negative"),
     ("admin/grants", "PUT", {"username": "owner", "dataset": "nope", "epsilon": 1}, 404, "no dataset"),
     ("admin/datasets", "POST", {"name": "t", "metadata": {}, "data_base64": "%%%"}, 400, "base64"),
-    ("admin/datasets", "POST", {"name": "t", "metadata": {"x": 1}, "path": "/etc/passwd"}, 400, "metadata"),
+    ("admin/datasets", "POST", {"name": "t", "metadata": {"x": 1}, "data_base64": "YQ==", "format": "csv"}, 400,
+     "metadata"),
     ("admin/datasets", "POST", {"name": "t", "metadata": penguins_metadata(), "path": "/etc/passwd"}, 400,
+     "outside the service's import folders"),
+    ("admin/datasets", "POST", {"name": "t", "metadata": penguins_metadata(), "path": "notes.txt"}, 400,
      "CSV or Parquet"),
     ("admin/datasets", "POST", {"name": "t/../x", "metadata": {}}, 400, "dataset names"),
 ]
@@ -318,11 +321,12 @@ async def test_replays_are_free_and_identical_and_fresh_releases_are_charged(api
     assert status == 400 and "fresh" in error["message"]
 
 
-async def test_a_new_dataset_version_is_not_replayed(api) -> None:
+async def test_a_new_dataset_version_is_not_replayed(api, jp_root_dir: Path) -> None:
     body = {"dataset": "penguins", "epsilon": 0.5, "sql": "SELECT COUNT(*) FROM penguins"}
     status, first = await api("query", "POST", body)
+    (jp_root_dir / "penguins.csv").write_bytes(Path(penguins_csv()).read_bytes())  # the server's root folder
     status, imported = await api("admin/datasets", "POST", {"name": "penguins", "metadata": penguins_metadata(),
-                                                            "path": str(penguins_csv())})
+                                                            "path": "penguins.csv"})
     assert status == 201 and imported["version"] == 2
     status, second = await api("query", "POST", body)
     assert status == 201 and second["replay"] is False and second["dataset_version"] == 2
@@ -368,3 +372,24 @@ async def test_a_missing_or_legacy_relative_data_file(api, lomas_app, storage_di
     real.with_suffix(".moved").rename(real)
     status, answer = await api("query", "POST", body | {"fresh": True})
     assert status == 201
+
+
+async def test_path_imports_only_from_import_folders_and_never_the_store(api, lomas_app, jp_root_dir: Path,
+                                                                          storage_dir: Path) -> None:
+    """Issue 17.5: a path import or draft of the store's own SQLite file made polars open and close it inside
+    the service, dropping its locks (and later the WAL). Paths outside the import folders (embedded: the
+    server's root folder) and anything in the storage folder are refused; a link does not lead around it."""
+    store_file = Path(lomas_app.service.store.path)
+    (jp_root_dir / "store-link.parquet").symlink_to(store_file)
+    for path in (str(store_file), str(storage_dir / "datasets"), "store-link.parquet"):
+        for endpoint in ("admin/datasets", "admin/datasets/draft"):
+            body = {"path": path} | ({"name": "t", "metadata": penguins_metadata()} if "draft" not in endpoint
+                                     else {})
+            status, error = await api(endpoint, "POST", body)
+            assert status == 400 and "storage folder" in error["message"], (endpoint, path, error)
+            assert str(storage_dir) not in error["message"]
+    status, error = await api("admin/datasets/draft", "POST", {"path": str(penguins_csv())})
+    assert status == 400 and "outside the service's import folders" in error["message"]
+    (jp_root_dir / "p.csv").write_bytes(Path(penguins_csv()).read_bytes())
+    status, draft = await api("admin/datasets/draft", "POST", {"path": "p.csv"})
+    assert status == 200, draft

@@ -233,3 +233,15 @@ def test_nothing_secret_reaches_the_server_log(service: dict) -> None:
     for token in service["tokens"].values():
         assert token not in log
     assert "?token" not in log
+
+
+def test_path_imports_are_off_by_default(service: dict) -> None:
+    """Issue 17.5: a standalone service reads no file by path unless LomasApp.import_dirs names its folder;
+    the store's own file is never read (its locks would be dropped)."""
+    store_file = str(Path(service["storage"]) / "lomas.sqlite3")
+    for endpoint, body in (("admin/datasets", {"name": "x", "metadata": {"columns": {}}, "path": store_file}),
+                           ("admin/datasets/draft", {"path": store_file}),
+                           ("admin/datasets/draft", {"path": str(Path(service["root"]) / "wide.csv")})):
+        response = call(service, "POST", f"lomas/api/{endpoint}", user="boss", json=body)
+        assert response.status_code == 400 and "import_dirs" in response.json()["message"], response.text
+        assert str(service["root"]) not in response.text

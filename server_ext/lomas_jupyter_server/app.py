@@ -18,7 +18,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 from tornado.routing import AnyMatches, Rule
 from tornado.web import _ApplicationRouter
-from traitlets import Bool, Enum, Float, Integer, Type, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, List, Type, Unicode, default
 
 from .errors import Forbidden
 from .forward import ForwardToHubServiceHandler
@@ -185,6 +185,14 @@ class LomasApp(ExtensionApp):
     local_username = Unicode(help="The lomas user that the owner of an embedding Jupyter server is").tag(
         config=True
     )
+    import_dirs = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="Folders an admin's API import or metadata draft may read a file from by `path` (the storage folder "
+        "never). Default: none for a standalone or Hub service (admins upload, or use lomas-admin on the "
+        "service's machine); the Jupyter server's root folder for an embedded one, whose owner can read it anyway",
+    ).tag(config=True)
     demo = Bool(False, help="Load the penguins demo dataset and grant the local user a budget at start").tag(
         config=True
     )
@@ -250,6 +258,7 @@ class LomasApp(ExtensionApp):
             padding=TimingPadding(self.timing_padding, self.timing_padding_seconds),
             protect_admin_access=self.effective_identity_mode == "token",
             max_upload_bytes=self.max_upload_bytes,
+            import_dirs=self._import_dirs(),
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)
@@ -259,6 +268,11 @@ class LomasApp(ExtensionApp):
 
             setup_demo(self.service.store, self.storage_dir, self.local_username, self.demo_epsilon)
         self.log.info("lomas: DP service ready (%s identity)", self.effective_identity_mode)
+
+    def _import_dirs(self) -> list[str]:
+        if self.import_dirs is not None:
+            return list(self.import_dirs)
+        return [self.serverapp.root_dir] if self.effective_identity_mode == "local" else []
 
     async def _beat(self) -> None:
         """Say this instance is alive, and settle what dead replicas left (off the event loop: SQLite may wait

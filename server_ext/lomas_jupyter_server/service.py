@@ -113,6 +113,7 @@ class DPService:
         padding: TimingPadding | None = None,
         protect_admin_access: bool = False,
         max_upload_bytes: int = 2 * 1024**3,
+        import_dirs: list[str | Path] | None = None,
     ) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
@@ -126,6 +127,8 @@ class DPService:
         # with token identity, the API must never lock every admin out (lomas-admin can always recover)
         self.protect_admin_access = protect_admin_access
         self.uploads = UploadArea(self.storage_dir / "uploads", max_upload_bytes)
+        # the only folders an admin's `path` import or draft may read from (none: path imports are off)
+        self.import_dirs = [Path(d).resolve() for d in import_dirs or []]
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
@@ -374,9 +377,25 @@ class DPService:
             except (binascii.Error, TypeError, ValueError):
                 raise BadRequest("data_base64 is not valid base64") from None
         if isinstance(body.get("path"), str):
-            return body["path"], body.get("format"), None
+            return self._import_path(body["path"]), body.get("format"), None
         raise BadRequest("give the data as an 'upload', as 'data_base64' (with 'format') or as a 'path' on the "
                          "service's machine")
+
+    def _import_path(self, raw: str) -> Path:
+        """A file an admin names on this machine: only inside `import_dirs`, never in the storage folder (polars
+        opening the store's own SQLite file inside this process would drop its locks). Links are followed
+        first, so none leads around either rule. The messages never echo the path."""
+        if not self.import_dirs:
+            raise BadRequest("imports from a path on the service's machine are off here (LomasApp.import_dirs is "
+                             "empty): upload the file instead, or use lomas-admin dataset import")
+        path = Path(raw).expanduser()
+        path = (path if path.is_absolute() else self.import_dirs[0] / path).resolve()
+        storage = self.storage_dir.resolve()
+        if path == storage or path.is_relative_to(storage):
+            raise BadRequest("the service's own storage folder cannot be imported from")
+        if not any(path.is_relative_to(folder) for folder in self.import_dirs):
+            raise BadRequest("that path is outside the service's import folders (LomasApp.import_dirs)")
+        return path
 
     async def import_dataset(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         self.require_admin(admin)
