@@ -237,3 +237,42 @@ async def test_stall_padding_holds_back_answers_computed_from_the_data(tmp_path:
         service.pool.close()
         service.pricing_pool.close()
         store.close()
+
+
+async def test_free_requests_need_a_grant_and_their_work_is_bounded_at_any_epsilon(tmp_path: Path) -> None:
+    """Issue 17.3: free requests stalled the service. A user without a grant gets a 403 for a preview or a dummy
+    query (nothing runs); an AVG's interval search at a tiny epsilon (minutes before: it grew like 1/epsilon)
+    and a fixed-point SUM with delta on a 10^9-row bound (never returned: OpenDP's accuracy search) both finish
+    within the free-request limit."""
+    from lomas_jupyter_server.datasets import import_dataset
+    from lomas_jupyter_server.demo import penguins_csv
+    from lomas_jupyter_server.errors import Forbidden
+
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    setup_demo(store, tmp_path, "alice", epsilon=5.0, role="analyst")
+    loose = penguins_metadata() | {"max_rows": 10**9}
+    import_dataset(store, tmp_path, "loose", penguins_csv(), loose)
+    store.set_grant("alice", "loose", 1.0, 1e-5, "test")
+    store.create_user("mallory", "analyst", "test")
+    service = DPService(store, tmp_path, WorkerPool(1, timeout=60), pricing_pool=WorkerPool(1, timeout=60),
+                        free_timeout=20)
+    alice, mallory = store.get_user("alice"), store.get_user("mallory")
+    avg = {"dataset": "penguins", "sql": "SELECT species, AVG(body_mass_g) AS m FROM penguins GROUP BY species",
+           "epsilon": 2e-5}
+    try:
+        for call in (service.preview, service.dummy_query):
+            with pytest.raises(Forbidden, match="no budget on dataset 'penguins'"):
+                await call(mallory, avg)
+        dummy = await service.dummy_query(alice, avg)
+        assert dummy["dummy"] is True and len(dummy["rows"]) == 3
+        low, high = dummy["intervals"][0]["m"]
+        assert low <= dummy["rows"][0]["m"] <= high
+        fixed = await service.preview(alice, {"dataset": "loose", "sql": "SELECT SUM(bill_length_mm) FROM loose",
+                                              "epsilon": 1.0, "delta": 1e-6})
+        (statistic,) = fixed["plan"]["statistics"]
+        assert statistic["fixed_point_step"] and statistic["accuracy"] > 0
+        assert store.budget("alice", "penguins").epsilon_spent == 0  # free
+    finally:
+        service.pool.close()
+        service.pricing_pool.close()
+        store.close()

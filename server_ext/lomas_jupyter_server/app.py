@@ -134,6 +134,11 @@ class LomasApp(ExtensionApp):
         help="Seconds a query may run before it is stopped. A query stopped after it started reading the data is "
         "charged (its time-out can depend on the data); one stopped before is refunded",
     ).tag(config=True)
+    free_timeout = Float(
+        20.0,
+        help="Seconds a free request (a preview's pricing, a dummy query) may hold a worker; each user runs one "
+        "free request at a time",
+    ).tag(config=True)
     pricing_workers = Integer(
         1, help="Worker processes that only price queries (previews), so previews never wait behind queries"
     ).tag(config=True)
@@ -259,6 +264,7 @@ class LomasApp(ExtensionApp):
             protect_admin_access=self.effective_identity_mode == "token",
             max_upload_bytes=self.max_upload_bytes,
             import_dirs=self._import_dirs(),
+            free_timeout=self.free_timeout,
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)

@@ -265,7 +265,7 @@ def check_data_file(storage_dir: str | Path, record: DatasetRecord) -> str:
     """The dataset's file, or DatasetUnavailable (and a line in the service's log for the admin). The message
     names the dataset, never the path."""
     path = data_file(storage_dir, record)
-    if not path.is_file():
+    if not path.exists():
         logging.getLogger("lomas_jupyter_server").error(
             "dataset '%s' version %s: its data file %s is missing; re-import the dataset", record.name,
             record.version, path)

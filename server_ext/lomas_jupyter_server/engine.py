@@ -392,8 +392,10 @@ class Calibrated:
 
     @functools.cached_property
     def summary(self) -> dict[str, dict[str, Any]]:
-        """OpenDP's summary of the noise per statistic (distribution, scale), read once per measurement."""
-        return _summary(self.base, ALPHA)
+        """OpenDP's summary of the noise per statistic (distribution, scale), read once per measurement. Without
+        alpha: OpenDP's own accuracy search for an integer Gaussian of a huge scale (a fixed-point sum) never
+        returns; every accuracy here is computed in closed form or a bounded search by `accuracy`."""
+        return _summary(self.base)
 
 
 @functools.lru_cache(maxsize=512)
@@ -728,7 +730,7 @@ def noise_ratio(g: dict[str, dict[str, Any]], lap: dict[str, dict[str, Any]]) ->
     return math.exp(sum(logs) / len(logs))
 
 
-def _summary(measurement: Any, alpha: float) -> dict[str, dict[str, Any]]:
+def _summary(measurement: Any, alpha: float | None = None) -> dict[str, dict[str, Any]]:
     frame = dp.summarize_polars_measurement(measurement, alpha=alpha)
     return {row["column"]: row for row in frame.to_dicts()}
 
@@ -819,7 +821,7 @@ def release_task(
                                                     plan_doc["scale"], price["delta_target"])
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
-    if not os.path.isfile(parquet_path):  # moved or deleted since the service checked: nothing was read
+    if not os.path.exists(parquet_path):  # moved or deleted since the service checked: nothing was read
         raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
                                  "was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged

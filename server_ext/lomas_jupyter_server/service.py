@@ -114,6 +114,7 @@ class DPService:
         protect_admin_access: bool = False,
         max_upload_bytes: int = 2 * 1024**3,
         import_dirs: list[str | Path] | None = None,
+        free_timeout: float = 20.0,
     ) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
@@ -129,6 +130,11 @@ class DPService:
         self.uploads = UploadArea(self.storage_dir / "uploads", max_upload_bytes)
         # the only folders an admin's `path` import or draft may read from (none: path imports are off)
         self.import_dirs = [Path(d).resolve() for d in import_dirs or []]
+        # Free requests (previews, dummy queries) cost the service work but no budget: each user runs one at a
+        # time (the next waits for it), each is stopped after `free_timeout` seconds, and pricing is bounded
+        # by public information (accuracy.SUPPORT_BINS), so no user's free requests hold a worker for long.
+        self.free_timeout = free_timeout
+        self._free_slots: dict[str, asyncio.Lock] = {}
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
@@ -222,6 +228,13 @@ class DPService:
         engine.effective_bounds(metadata, request.bounds)  # refuse bad bounds before any work
         return record, spec
 
+    def _free_slot(self, user: UserRecord) -> asyncio.Lock:
+        return self._free_slots.setdefault(user.username, asyncio.Lock())
+
+    def _require_grant(self, user: UserRecord, record: DatasetRecord) -> None:
+        if self.store.get_grant(user.username, record.name) is None:
+            raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
+
     async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
         """Noise scale, exact cost and accuracy, computed by a worker from metadata only (and remembered: the
         same query on the same dataset version at the same epsilon always prices the same)."""
@@ -231,7 +244,7 @@ class DPService:
             self._prices.move_to_end(key)
             return self._prices[key]
         price = await self.pricing_pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
-                                            request.delta, request.bounds)
+                                            request.delta, request.bounds, timeout=self.free_timeout)
         self._prices[key] = price
         while len(self._prices) > PRICE_CACHE_SIZE:
             self._prices.popitem(last=False)
@@ -240,7 +253,9 @@ class DPService:
     async def preview(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec = self._compile(request)
-        preview = await self._price(record, spec, request)
+        self._require_grant(user, record)
+        async with self._free_slot(user):
+            preview = await self._price(record, spec, request)
         budget = self.store.budget(user.username, record.name)
         return {
             "dataset": record.name,
@@ -260,10 +275,11 @@ class DPService:
         }
 
     async def _release(self, record: DatasetRecord, spec: Any, request: QueryRequest, price: dict[str, Any],
-                       parquet_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                       parquet_path: str, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run the priced query on a parquet file in a worker: (the worker's answer, the answer's public part)."""
         released = await self.pool.run(
             engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price,
+            timeout=timeout,
         )
         answer = {
             "dataset": record.name,
@@ -297,8 +313,7 @@ class DPService:
                     "replay_of": {"release_id": earlier.id, "epsilon": earlier.epsilon, "delta": earlier.delta},
                     "budget": budget.to_json() if budget else None,
                 }
-        if self.store.get_grant(user.username, record.name) is None:
-            raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
+        self._require_grant(user, record)
         preview = await self._price(record, spec, request)
         data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
         started = time.monotonic()
@@ -347,9 +362,11 @@ class DPService:
         """The same query on dummy rows made from public metadata: free, never archived, clearly labelled."""
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec = self._compile(request)
-        preview = await self._price(record, spec, request)
-        path = await asyncio.to_thread(dummy_parquet, self.storage_dir, record)
-        _, answer = await self._release(record, spec, request, preview, str(path))
+        self._require_grant(user, record)
+        async with self._free_slot(user):
+            preview = await self._price(record, spec, request)
+            path = await asyncio.to_thread(dummy_parquet, self.storage_dir, record)
+            _, answer = await self._release(record, spec, request, preview, str(path), timeout=self.free_timeout)
         budget = self.store.budget(user.username, record.name)
         return {
             "dummy": True,

@@ -198,7 +198,8 @@ class WorkerPool:
             fresh = self._new_worker()
         self._idle.put(fresh)
 
-    def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None = None) -> Any:
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         for _ in range(3):  # a worker that died while starting is replaced; its task never began
             worker = self._acquire()
             if worker.wait_ready(self.start_timeout):
@@ -210,12 +211,11 @@ class WorkerPool:
         try:
             worker.busy_since = time.monotonic()
             worker.conn.send((fn, args))
-            deadline = worker.busy_since + self.timeout
+            deadline = worker.busy_since + timeout
             while True:
                 if not worker.conn.poll(max(deadline - time.monotonic(), 0)):
                     self._replace(worker)
-                    raise _failure(f"the query took longer than {self.timeout:g} s and was stopped",
-                                   data_accessed)
+                    raise _failure(f"the query took longer than {timeout:g} s and was stopped", data_accessed)
                 status, payload = worker.conn.recv()
                 if status == "data_access":
                     data_accessed = True
@@ -237,9 +237,10 @@ class WorkerPool:
         error.data_accessed = data_accessed
         raise error
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """`timeout` (seconds) may shorten the pool's own limit for this task (free requests get less)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._waiters, self._run_sync, fn, args)
+        return await loop.run_in_executor(self._waiters, self._run_sync, fn, args, timeout)
 
     def pids(self) -> list[int]:
         with self._lock:
