@@ -381,3 +381,34 @@ def test_float_sums_use_fixed_point_where_a_loose_max_rows_would_inflate_the_noi
         assert low <= out["rows"][0]["ax"] <= high
         hits["ax"] += low <= truth["ax"] <= high
     assert hits["sx"] >= _min_hits(0.95) and hits["ax"] >= _min_hits(0.95), hits
+
+
+@pytest.mark.parametrize("q", [0.9, 0.37])
+def test_quantile_rank_statements_use_the_plans_own_scoring(tmp_path: Path, q: float) -> None:
+    """Issue 17.8: PERCENTILE_CONT(0.9) on 2,000 rows claimed 'within 2.5e12 rows' (a 1/10,000 scoring grid was
+    assumed; OpenDP scores 0.9 on its exact binary fraction below 2,048 rows, on floor(2^64 / max_rows) above).
+    The statement is now a few rows, and it covers at its stated rate."""
+    rng = np.random.default_rng(5)
+    values = rng.uniform(0, 100, 2000)
+    path = tmp_path / "q.parquet"
+    pl.DataFrame({"x": values}).write_parquet(path)
+    for max_rows in (2000, 1_000_000):
+        meta = parse_metadata({"privacy_unit": 1, "max_rows": max_rows,
+                               "columns": {"x": {"type": "float", "bounds": [0.0, 100.0]}}})
+        plan = _plan(f"SELECT PERCENTILE_CONT({q}) WITHIN GROUP (ORDER BY x) AS p FROM t", meta, "t")
+        calibrated = plan.calibrate(1.0)
+        claim = plan.describe(calibrated)["aggregates"][0]["rank_error_rows"]
+        assert 1 < claim < 50, claim
+    candidates = engine._candidates(meta.column("x"), plan.bounds)
+    data = np.sort(values)
+
+    def rank_error(c: float) -> float:
+        below = np.searchsorted(data, c, side="left")
+        above = len(data) - np.searchsorted(data, c, side="right")
+        return abs((1 - q) * below - q * above)
+
+    best = min(rank_error(c) for c in candidates)
+    lf = pl.scan_parquet(path)
+    releases = 300
+    hits = sum(rank_error(calibrated.release(lf)["__s0"][0]) <= best + claim for _ in range(releases))
+    assert hits >= releases * 0.95 - 5.3 * math.sqrt(releases * 0.95 * 0.05)

@@ -221,20 +221,27 @@ def ratio_interval(noisy_sum: float, noisy_count: float, grid: Sequence[Sequence
     return (found_low, found_high) if found_low <= found_high else None
 
 
-def alpha_fraction(quantile: float) -> tuple[int, int]:
-    """The (numerator, denominator) OpenDP scores a quantile with when the data size is unknown."""
+U64_MAX = 2**64 - 1
+
+
+def alpha_fraction(quantile: float, max_rows: int) -> tuple[int, int]:
+    """The (numerator, denominator) OpenDP scores a quantile with, for a frame of at most `max_rows` rows: the
+    quantile's exact binary fraction when its denominator is below floor((2^64 - 1) / max_rows) (the finest
+    grid that cannot overflow), else round(q * that) over it. E.g. 0.5 is 1/2; 0.9 is 8106479329266893 / 2^53
+    up to 2,048 rows."""
     exact = Fraction(quantile)
-    if exact.denominator < 10_000:
+    finest = U64_MAX // max(int(max_rows), 1)
+    if exact.denominator < finest:
         return exact.numerator, exact.denominator
-    return round(quantile * 10_000), 10_000
+    return round(quantile * float(finest)), finest
 
 
-def quantile_rank_error(scale: float, candidates: int, quantile: float, alpha: float) -> float:
+def quantile_rank_error(scale: float, candidates: int, quantile: float, alpha: float, max_rows: int) -> float:
     """Rows: with probability >= 1 - alpha the released candidate's rank error is at most the best candidate's
     plus this. Rank error of c = |(1 - q) #{x < c} - q #{x > c}|, i.e. how many rows c sits from the q-th
-    position (OpenDP's score divided by its alpha denominator). Report-noisy-min picks a candidate whose score
-    is t above the best with probability at most (K - 1) exp(-t / scale)."""
+    position (OpenDP's score divided by its alpha denominator, which depends on max_rows). Report-noisy-min
+    picks a candidate whose score is t above the best with probability at most (K - 1) exp(-t / scale)."""
     if candidates <= 1:
         return 0.0
-    _, denominator = alpha_fraction(quantile)
+    _, denominator = alpha_fraction(quantile, max_rows)
     return scale * math.log((candidates - 1) / alpha) / denominator

@@ -629,7 +629,8 @@ class Plan:
         else:
             col = self.metadata.column(agg.column)  # type: ignore[arg-type]
             candidates = _candidates(col, self.bounds)  # type: ignore[arg-type]
-            rows = quantile_rank_error(parts[0]["scale"], len(candidates), agg.quantile, ALPHA)  # type: ignore[arg-type]
+            rows = quantile_rank_error(parts[0]["scale"], len(candidates), agg.quantile, ALPHA,  # type: ignore[arg-type]
+                                       self.metadata.max_rows)
             info["accuracy"] = None
             info["rank_error_rows"] = rows
             info["candidates"] = len(candidates)
