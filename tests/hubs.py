@@ -180,8 +180,12 @@ def running_hub(users: list[str], instructor: str, group: str, service_args: tup
         for name in [SERVICE_USER, instructor, *users]:
             ensure_os_user(name, created)
         cleanup.enter_context(interpreter_reachable_by_all())
-        state.chmod(0o755)  # users may pass through; the service's folder below is closed to them
-        storage = state / "service"
+        state.chmod(0o700)  # the Hub's own: its config holds the harness's admin token, its cookie secret
+        # the service's folder lives apart: others may only pass through to it, and it is closed to them
+        service_root = Path(tempfile.mkdtemp(prefix="lomas-hub-service-"))
+        cleanup.callback(shutil.rmtree, service_root, ignore_errors=True)
+        service_root.chmod(0o711)
+        storage = service_root / "service"
         storage.mkdir(mode=0o700)
         service_user = pwd.getpwnam(SERVICE_USER)
         os.chown(storage, service_user.pw_uid, service_user.pw_gid)

@@ -18,6 +18,7 @@ def test_configure_hub_adds_the_service_roles_scopes_and_kernel_environment() ->
     assert other["name"] == "other" and lomas["name"] == "lomas" and lomas["user"] == "lomas"
     assert lomas["command"][0].endswith("lomas-hub-service") and "--storage-dir=/srv/lomas" in lomas["command"]
     assert lomas["oauth_client_allowed_scopes"] == [ADMIN_SCOPE]
+    assert lomas["timeout"] == 120  # issue 17.9: a start-up allowance for a busy machine (the Hub's own is 30 s)
     assert ADMIN_SCOPE in c.JupyterHub.custom_scopes
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert roles["user"]["scopes"] == ["self", "access:services!service=other", "access:services!service=lomas"]

@@ -276,3 +276,32 @@ async def test_free_requests_need_a_grant_and_their_work_is_bounded_at_any_epsil
         service.pool.close()
         service.pricing_pool.close()
         store.close()
+
+
+def test_a_worker_whose_service_died_while_it_started_exits_at_once(tmp_path: Path) -> None:
+    """Issue 17.9: a worker spawned just before its service was killed set its parent-death signal too late
+    (after Python had re-imported the service) and lived on for a minute. It now checks its parent right after
+    setting the signal and exits before anything else: it never even opens its log."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "workers.log"
+    code = ("import os, sys\n"
+            "from lomas_jupyter_server.workers import WorkerPool\n"
+            f"pool = WorkerPool(2, 10, log_path={str(log)!r})\n"
+            "pool.warm_up()\n"
+            "print(' '.join(str(p) for p in pool.pids()), flush=True)\n"
+            "os._exit(0)\n")  # the service dies while its workers are still starting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        for _ in range(600):  # until the orphan is gone (it exits on its own; no other process reaps it here)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"worker {pid} outlived its service")
+    assert not log.exists()

@@ -15,7 +15,7 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
 from tornado import web
-from tornado.ioloop import PeriodicCallback
+from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.routing import AnyMatches, Rule
 from tornado.web import _ApplicationRouter
 from traitlets import Bool, Enum, Float, Integer, List, Type, Unicode, default
@@ -245,8 +245,10 @@ class LomasApp(ExtensionApp):
         worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
         pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb, worker_log)
         pricing_pool = WorkerPool(self.pricing_workers, self.query_timeout, self.pricing_memory_mb, worker_log)
-        pool.warm_up()
-        pricing_pool.warm_up()
+        # listen first: the workers start once the event loop runs, after the port is bound, so a health check
+        # (the Hub's, at start-up) is answered while they import OpenDP
+        IOLoop.current().add_callback(pool.warm_up)
+        IOLoop.current().add_callback(pricing_pool.warm_up)
         self.instance = this_instance()
         store.register_instance(self.instance)
         settled = settle_abandoned(store, self.instance, self.instance_stale_after, at_start=True)

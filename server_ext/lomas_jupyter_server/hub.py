@@ -183,6 +183,7 @@ def configure_hub(
     args: list[str] | tuple[str, ...] = (),
     name: str = SERVICE_NAME,
     external_api_token: str | None = None,
+    start_timeout: int = 120,
 ) -> None:
     """Add the lomas DP service to a JupyterHub config (`c`, in `jupyterhub_config.py`).
 
@@ -195,6 +196,9 @@ def configure_hub(
 
     With `external_api_token`, the Hub does not start the service: it runs elsewhere (its own container, say)
     with that token and the `JUPYTERHUB_*` variables set by hand.
+
+    `start_timeout`: seconds the Hub waits for the service to answer at start-up (the Hub's own default, 30 s,
+    is too short on a busy machine, where importing Jupyter Server and OpenDP alone can take that long).
     """
     if not storage_dir and not external_api_token:
         raise ValueError("configure_hub: give storage_dir, the service's own folder (or external_api_token)")
@@ -206,6 +210,7 @@ def configure_hub(
         "oauth_no_confirm": True,
         "oauth_client_allowed_scopes": [ADMIN_SCOPE],  # a browser session carries the instructor scope, if held
         "display": True,
+        "timeout": start_timeout,
     }
     if external_api_token:
         service["api_token"] = external_api_token

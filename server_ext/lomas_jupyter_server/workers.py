@@ -70,9 +70,11 @@ def _setup_worker_log(log_path: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
-def _serve(conn: Connection, log_path: str | None) -> None:
+def _serve(conn: Connection, log_path: str | None, parent_pid: int) -> None:
     global _task_conn
-    _die_with_parent()
+    _die_with_parent()  # the first thing a spawned worker runs (after Python re-imported the parent's main)
+    if os.getppid() != parent_pid:  # the service died before the signal was set: it never fires
+        os._exit(0)
     _setup_worker_log(log_path)
     from . import engine  # noqa: F401  (imports OpenDP and polars once, before the first task)
 
@@ -97,7 +99,7 @@ def _serve(conn: Connection, log_path: str | None) -> None:
 class _Worker:
     def __init__(self, ctx: Any, log_path: str | None) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, log_path), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, log_path, os.getpid()), daemon=True)
         self.process.start()
         child.close()
         self.ready = False
