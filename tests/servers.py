@@ -37,7 +37,7 @@ def running_server(command: str, args: list[str], root: Path, env: dict[str, str
                                 stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/"
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 240  # a busy machine: importing Jupyter and OpenDP can be slow
             while True:
                 try:
                     requests.get(url + "lomas/api/whoami", headers=headers or {}, timeout=2)

@@ -37,7 +37,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
               "alice": add_analyst(storage, "alice", {"penguins": 5, "wide": 5}),
               **{name: add_analyst(storage, name, {"penguins": 5}) for name in ("carol", "dave")}}
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
-    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", f"--ServerApp.root_dir={root}"]
+    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", f"--ServerApp.root_dir={root}",
+            "--LomasServiceServerApp.max_connections=40"]
     with running_server("jupyter-lomas", args, root, env) as (url, pid):
         yield {"url": url, "pid": pid, "root": root, "storage": storage, "tokens": tokens,
                "log": root / "jupyter-lomas.log"}
@@ -245,3 +246,78 @@ def test_path_imports_are_off_by_default(service: dict) -> None:
         response = call(service, "POST", f"lomas/api/{endpoint}", user="boss", json=body)
         assert response.status_code == 400 and "import_dirs" in response.json()["message"], response.text
         assert str(service["root"]) not in response.text
+
+
+async def test_the_http_server_caps_connections_and_drops_slow_ones() -> None:
+    """Issue 17.6: 20,000 idle half-sent requests exhausted the service's file descriptors. The standalone
+    server (CappedHTTPServer, wired in LomasServiceServerApp.init_httpserver) closes a connection over its cap
+    on arrival, and one that is too slow with its headers or its body after the timeouts."""
+    import asyncio
+
+    from tornado import web
+    from tornado.testing import bind_unused_port
+
+    from lomas_jupyter_server.app import CappedHTTPServer
+
+    class Hello(web.RequestHandler):
+        def get(self) -> None:
+            self.write("hello")
+
+    sock, port = bind_unused_port("127.0.0.1")
+    server = CappedHTTPServer(web.Application([(r"/", Hello)]), idle_connection_timeout=1.0, body_timeout=1.0,
+                              max_connections=3)
+    server.add_sockets([sock])
+
+    async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+        return await asyncio.wait_for(reader.read(), timeout=120) == b""
+
+    try:
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _, writer in slow:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        await asyncio.gather(*(w.drain() for _, w in slow))
+        while len(server._connections) < 3:  # accepted (no timing: until the server has them)
+            await asyncio.sleep(0.05)
+        over_reader, _ = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_by_server(over_reader)  # over the cap: closed at once, before any timeout
+        assert len(server._connections) == 3
+        for reader, _ in slow:  # the header timeout drops the half-sent requests
+            assert await closed_by_server(reader)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")  # body never ends
+        await writer.drain()
+        assert await closed_by_server(reader)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # and honest clients are served
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), timeout=120)).endswith(b"hello")
+    finally:
+        server.stop()
+
+
+def test_the_standalone_service_is_configured_with_caps_and_timeouts(service: dict) -> None:
+    """The live service runs the capped server: its log at start names nothing, so ask it to prove it by
+    holding connections past the cap set in the fixture (max_connections=40)."""
+    import socket
+
+    held = []
+    for _ in range(60):
+        s = socket.create_connection(("127.0.0.1", int(str(service["url"]).rsplit(":", 1)[1].strip("/"))))
+        s.sendall(b"GET /lomas/api/whoami HTTP/1.1\r\nHost: x\r\n")
+        held.append(s)
+    import select
+
+    open_ones, deadline = set(held), 90.0  # the cap closes 20 at once, the header timeout (10 s) the others
+    while open_ones and deadline > 0:
+        readable, _, _ = select.select(list(open_ones), [], [], 1.0)
+        deadline -= 1.0
+        for s in readable:
+            try:
+                data = s.recv(1)
+            except OSError:
+                data = b""
+            if data == b"":
+                open_ones.discard(s)
+    assert not open_ones, f"{len(open_ones)} half-sent requests still held open"
+    for s in held:
+        s.close()
+    assert call(service, "GET", "lomas/api/whoami").status_code == 200

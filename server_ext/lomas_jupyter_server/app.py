@@ -14,7 +14,7 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
-from tornado import web
+from tornado import httpserver, web
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.routing import AnyMatches, Rule
 from tornado.web import _ApplicationRouter
@@ -54,6 +54,33 @@ def _access_log(handler: web.RequestHandler) -> None:
             1000 * handler.request.request_time())
 
 
+class CappedHTTPServer(httpserver.HTTPServer):
+    """tornado's HTTPServer with a cap on open connections: one over the cap is closed as soon as it is
+    accepted, so idle or half-sent requests cannot take every file descriptor (they are also dropped after the
+    header and body timeouts)."""
+
+    def initialize(self, *args: Any, max_connections: int = 1000, **kwargs: Any) -> None:  # tornado's constructor
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+
+    def handle_stream(self, stream: Any, address: tuple) -> None:
+        if len(self._connections) >= self.max_connections:
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+def _default_max_connections() -> int:
+    """Half the process's file-descriptor limit (the rest: workers, the store, logs), at most 1,000."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return 500
+    return max(16, min(1000, soft // 2)) if soft > 0 else 1000
+
+
 class LomasServiceServerApp(ServerApp):
     """The server behind `jupyter lomas` (and the JupyterHub service): the DP API and nothing else.
 
@@ -68,6 +95,33 @@ class LomasServiceServerApp(ServerApp):
     @default("identity_provider_class")
     def _default_identity_provider_class(self) -> type:
         return LomasTokenIdentityProvider
+
+    header_timeout = Float(
+        10.0, help="Seconds a client may take to send a request's headers (also how long an idle connection stays "
+        "open); slower connections are closed"
+    ).tag(config=True)
+    body_timeout = Float(60.0, help="Seconds a client may take to send a request's body").tag(config=True)
+    max_connections = Integer(
+        help="Open connections the service accepts at once; more are closed on arrival (default: half the "
+        "file-descriptor limit, at most 1,000)"
+    ).tag(config=True)
+
+    @default("max_connections")
+    def _default_max_connections(self) -> int:
+        return _default_max_connections()
+
+    def init_httpserver(self) -> None:
+        super().init_httpserver()  # binds later, from the event loop, whatever http_server is then
+        self._http_server = CappedHTTPServer(
+            self.web_app,
+            ssl_options=self.ssl_options,
+            xheaders=self.trust_xheaders,
+            max_body_size=self.max_body_size,
+            max_buffer_size=self.max_buffer_size,
+            idle_connection_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            max_connections=self.max_connections,
+        )
 
     @default("max_body_size")
     def _default_max_body_size(self) -> int:

@@ -207,30 +207,45 @@ def _statistic_name(j: int) -> str:
 
 
 def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
-                    step: float | None) -> pl.Expr:
+                    step: float | None, where: dict[str, Any] | None = None) -> pl.Expr:
+    """The OpenDP expression of one statistic. A WHERE is a 0/1 mask over every row (never a filter), so the
+    engine does the same work whatever the condition matches: its time says nothing about the data."""
+    mask = _mask(where)
     if stat.kind == "rows":
-        return dp.len(signed=True)
+        return dp.len(signed=True) if mask is None else mask.dp.sum((0, 1))
     col = metadata.column(stat.column)  # type: ignore[arg-type]
     assert col is not None
     c = pl.col(col.name)
-    if stat.kind == "count":
-        return c.dp.count(signed=True)  # non-null values, as SQL's COUNT(x)
+    if stat.kind == "count":  # non-null values, as SQL's COUNT(x)
+        return c.dp.count(signed=True) if mask is None else (c.is_not_null().cast(pl.Int64) * mask).dp.sum((0, 1))
     number = int if col.type == "int" else float
+
+    def masked(values: pl.Expr) -> pl.Expr:
+        return values if mask is None else values * mask.cast(POLARS_TYPES[col.type] if step is None else pl.Int64)
+
     if step is not None:
-        return _fixed_point_sum(c, stat, col, bounds, step)
+        return _fixed_point_sum(c, stat, col, bounds, step, masked)
     if stat.kind == "sum":
         # SQL SUM ignores nulls: clip to the bounds, then a null adds 0; the sum's bounds include 0, which
         # keeps the sensitivity at max(|lo|, |hi|)
         lo, hi = (number(b) for b in bounds[col.name])
         zero = number(0)
-        return c.clip(lo, hi).fill_null(zero).dp.sum((min(lo, zero), max(hi, zero)))
-    if stat.kind == "centred_sum":
+        return masked(c.clip(lo, hi).fill_null(zero)).dp.sum((min(lo, zero), max(hi, zero)))
+    if stat.kind == "centred_sum":  # the centre lies inside the bounds, so a masked-out 0 is inside them too
         lo, hi = (number(b) for b in bounds[col.name])
         middle = number(centre(col, bounds))
-        return (c - middle).fill_null(number(0)).dp.sum((lo - middle, hi - middle))
+        return masked((c - middle).fill_null(number(0))).dp.sum((lo - middle, hi - middle))
     if stat.kind == "quantile":
-        return c.drop_nulls().dp.quantile(stat.quantile, _candidates(col, bounds))
+        # OpenDP 0.16 has no conditional expression, so a quantile's WHERE is an expression-level filter: its
+        # scoring work follows the rows matched (the README says what that means for timing)
+        values = c if where is None else c.filter(_predicate(where))
+        return values.drop_nulls().dp.quantile(stat.quantile, _candidates(col, bounds))
     raise QueryRejected(f"unknown statistic {stat.kind}")  # pragma: no cover
+
+
+def _mask(where: dict[str, Any] | None) -> pl.Expr | None:
+    """1 where the WHERE holds, 0 where it is false or unknown (NULL), as SQL keeps only true rows."""
+    return None if where is None else _predicate(where).cast(pl.Int64).fill_null(0)
 
 
 FIXED_POINT_ABOVE = 1.01  # use fixed point when OpenDP's float rounding term would add more than 1% noise
@@ -274,7 +289,7 @@ def fixed_point_step(stat: Statistic, metadata: DatasetMetadata, bounds: dict[st
 
 
 def _fixed_point_sum(c: pl.Expr, stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
-                     step: float) -> pl.Expr:
+                     step: float, masked: Callable[[pl.Expr], pl.Expr]) -> pl.Expr:
     """round((clip(x) - shift) / step) as an i64, summed exactly: adding an offset first makes the value
     non-negative, so the truncating cast rounds to nearest."""
     lo, hi = bounds[col.name]
@@ -282,7 +297,7 @@ def _fixed_point_sum(c: pl.Expr, stat: Statistic, col: ColumnMetadata, bounds: d
     low, high = _sum_range(stat, col, bounds)
     offset = math.ceil(max(abs(low), abs(high)) / step) + 1
     units = (((c.clip(lo, hi) - shift) / step + (offset + 0.5)).cast(pl.Int64) - offset).fill_null(0)
-    return units.dp.sum((math.floor(low / step) - 1, math.ceil(high / step) + 1))
+    return masked(units).dp.sum((math.floor(low / step) - 1, math.ceil(high / step) + 1))
 
 
 def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
@@ -326,10 +341,8 @@ def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
 def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
                statistics: list[Statistic], steps: list[float | None], only: list[int] | None = None) -> pl.LazyFrame:
     """The OpenDP plan releasing the statistics (those numbered in `only`, if given), each named by its index."""
-    frame = pl.LazyFrame(schema=polars_schema(metadata))
-    if spec.where is not None:
-        frame = frame.filter(_predicate(spec.where))
-    exprs = [_statistic_expr(stat, metadata, bounds, step).alias(_statistic_name(j))
+    frame = pl.LazyFrame(schema=polars_schema(metadata))  # every row is read: a WHERE is a mask (_statistic_expr)
+    exprs = [_statistic_expr(stat, metadata, bounds, step, spec.where).alias(_statistic_name(j))
              for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
     if not spec.group_by:
         return frame.select(exprs)

@@ -216,6 +216,9 @@ def configure_hub(
         service["api_token"] = external_api_token
     else:
         service["command"] = [command, f"--storage-dir={storage_dir}", *args]
+        # its own folder as working directory: the Hub's may be closed to the service's OS user, and workers
+        # start in the service's working directory
+        service["cwd"] = storage_dir
         if os_user:
             service["user"] = os_user
     c.JupyterHub.services = [*_existing(c.JupyterHub, "services", []), service]
