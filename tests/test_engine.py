@@ -432,6 +432,8 @@ def test_a_where_is_a_mask_with_sqls_semantics(tmp_path: Path) -> None:
         plan = _plan(f"SELECT g, COUNT(*) AS n, COUNT(x) AS cx, SUM(y) AS sy, AVG(x) AS ax FROM t WHERE {where} "
                      "GROUP BY g", KNOWN_META, "t")
         assert not any(s.kind == "quantile" for s in plan.statistics)
+        built = engine.build_plan(plan.spec, plan.metadata, plan.bounds, plan.statistics, plan.steps)
+        assert "FILTER" not in built.explain(optimized=False)  # every row is read and aggregated
         calibrated = plan.calibrate(10.0)
         out = plan.postprocess(calibrated.release(lf), plan.describe(calibrated), plan.interval_tables(calibrated))
         truth = {r["g"]: r for r in kept.group_by("g").agg(

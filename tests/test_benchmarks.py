@@ -1,0 +1,23 @@
+"""The benchmark scripts, run once on tiny sizes so they cannot rot (their figures come from full runs by hand:
+see the README's Benchmarks section). Nothing here is timed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_trust_boundary_benchmark_runs_every_experiment(tmp_path: Path) -> None:
+    out = tmp_path / "trust-boundary.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trust_boundary.py"), "--rows", "20000", "--seconds",
+                    "1", "--pairs", "2", "--clients", "1", "--out", str(out)], check=True, capture_output=True,
+                   text=True, timeout=900)
+    text = out.read_text()
+    for experiment in ("100% vs 10% of rows", "all vs none, with SUM and AVG", "one row vs none",
+                       "Free requests against someone else's query", "10^9-group query refused (400)"):
+        assert experiment in text, text
+    # the attacker's free requests were answered (a grant was needed and given), not refused
+    assert "preview 200" in text and "dummy 200" in text
