@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=30, help="pairs of queries per timing experiment")
+    parser.add_argument("--epsilon", type=float, default=1e-12, help="epsilon of each timing query")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trust-boundary.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lomas-tb-"))
@@ -137,7 +138,7 @@ def main() -> None:
                      f"{args.seconds:g} s ({len(answered)} answered, median {statistics.median(answered):.2f} s each): "
                      f"p50 {1000 * statistics.median(busy_lag):.1f} ms, p99 {1000 * percentile(busy_lag, 0.99):.1f} ms, "
                      f"max {1000 * max(busy_lag):.1f} ms over {len(busy_lag)} probes; peak tree RSS {peak:.0f} MB")
-        lines += timing_experiments(url, headers, args.pairs)
+        lines += timing_experiments(url, headers, args.pairs, args.epsilon)
         lines += stall_experiment(url, headers, mallory)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
@@ -165,16 +166,16 @@ TIMING = [
 ]
 
 
-def timing_experiments(url: str, headers: dict[str, str], pairs: int) -> list[str]:
-    """Each pair at a negligible epsilon (1e-12): does the response time tell the two WHEREs apart?"""
+def timing_experiments(url: str, headers: dict[str, str], pairs: int, epsilon: float) -> list[str]:
+    """Each pair at a negligible epsilon: does the response time tell the two WHEREs apart?"""
     rng = np.random.default_rng(1)
     lines = ["", f"## Timing: does a query's response time depend on its WHERE? ({pairs} interleaved pairs each, "
-             "epsilon 1e-12)", "", "| experiment | median A (ms) | median B (ms) | Mann-Whitney z |", "|---|---|---|---|"]
+             f"epsilon {epsilon:g})", "", "| experiment | median A (ms) | median B (ms) | Mann-Whitney z |", "|---|---|---|---|"]
 
     def timed(sql: str) -> float:
         start = time.perf_counter()
         r = requests.post(url + "lomas/api/query", headers=headers, timeout=600,
-                          json={"dataset": "big", "sql": sql, "epsilon": 1e-12, "fresh": True})
+                          json={"dataset": "big", "sql": sql, "epsilon": epsilon, "fresh": True})
         assert r.status_code == 201, r.text
         return time.perf_counter() - start
 
@@ -195,17 +196,19 @@ def timing_experiments(url: str, headers: dict[str, str], pairs: int) -> list[st
 def stall_experiment(url: str, headers: dict[str, str], attacker: dict[str, str]) -> list[str]:
     """One user's free requests (previews at a tiny epsilon, dummy queries with many quantiles) against
     another user's small query: how long does the small query take, alone and during the attack?"""
-    small = {"dataset": "big", "sql": "SELECT COUNT(*) FROM big WHERE k >= 0", "epsilon": 0.01, "fresh": True}
+    asked = iter(range(10**6))
 
-    def latency(body: dict) -> float:
+    def latency() -> float:  # a new epsilon each time: priced afresh, so it needs the pricing worker too
+        body = {"dataset": "big", "sql": "SELECT COUNT(*) FROM big WHERE k >= 0", "fresh": True,
+                "epsilon": 0.01 + 1e-6 * next(asked)}
         start = time.perf_counter()
         r = requests.post(url + "lomas/api/query", headers=headers, json=body, timeout=900)
         assert r.status_code == 201, r.text
         return time.perf_counter() - start
 
-    alone = [latency(small) for _ in range(5)]
-    free = [("preview", {"dataset": "big", "sql": "SELECT g, AVG(x) FROM big GROUP BY g", "epsilon": 2e-5}),
-            ("dummy", {"dataset": "big", "epsilon": 1.0, "sql": "SELECT g, " + ", ".join(
+    alone = [latency() for _ in range(5)]
+    free = [("preview", {"dataset": "big", "sql": "SELECT g, COUNT(x), SUM(x) FROM big GROUP BY g", "epsilon": 2e-5}),
+            ("dummy", {"dataset": "big", "epsilon": 2e-5, "sql": "SELECT g, AVG(x), " + ", ".join(
                 f"PERCENTILE_CONT({q / 100:g}) WITHIN GROUP (ORDER BY x)" for q in range(5, 100, 5)) +
                 " FROM big GROUP BY g"})]
     statuses: list[str] = []
@@ -220,14 +223,15 @@ def stall_experiment(url: str, headers: dict[str, str], attacker: dict[str, str]
     for t in threads:
         t.start()
     time.sleep(1.0)
-    during = [latency(small) for _ in range(5)]
+    during = [latency() for _ in range(5)]
     stop.set()
     for t in threads:
         t.join(timeout=900)
     counts = {s: statuses.count(s) for s in sorted(set(statuses))}
     return ["", "## Free requests against someone else's query", "",
             f"- another user's `COUNT(*)` alone: median {1000 * statistics.median(alone):.0f} ms; while one user "
-            f"keeps two previews at epsilon 2e-5 and two 19-percentile dummy queries running: median "
+            f"keeps two previews (COUNT and SUM) and two dummy queries (AVG and 19 percentiles) at epsilon 2e-5 "
+            "running: median "
             f"{1000 * statistics.median(during):.0f} ms, max {1000 * max(during):.0f} ms (attacker's answers: "
             f"{counts})"]
 
