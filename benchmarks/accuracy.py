@@ -27,8 +27,8 @@ import polars as pl
 
 from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
-from lomas_jupyter_server.metadata import DatasetMetadata, parse_metadata
-from lomas_jupyter_server.sql import compile_sql
+from lomas_jupyter_server.engine.metadata import DatasetMetadata, parse_metadata
+from lomas_jupyter_server.engine.sql import compile_sql
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -164,7 +164,7 @@ def kinds(p: Table, big: Table) -> list[Kind]:
         clipped(p, "bill_length_mm").sum().alias("bill"),
     ).to_dicts()[0]
     big_mean = big.frame.select(clipped(big, "x").mean()).item()
-    candidates = engine._candidates(p.metadata.column(flipper), engine.effective_bounds(p.metadata, None))  # type: ignore[arg-type]
+    candidates = engine.quantile_candidates(p.metadata.column(flipper), engine.effective_bounds(p.metadata, None))  # type: ignore[arg-type]
     m = pl.col(mass)
     not_null = lambda q: q.filter(pl.col(mass).is_not_null())  # noqa: E731
     groups = ["species", "island", "sex"]

@@ -103,8 +103,8 @@ def plain_polars(path: Path) -> Callable[[], Any]:
 def opendp_exec_only(path: Path, rows: int) -> Callable[[], Any]:
     """Our plan at a fixed (calibrated) scale: OpenDP's own execution cost."""
     from lomas_jupyter_server import engine
-    from lomas_jupyter_server.metadata import parse_metadata
-    from lomas_jupyter_server.sql import compile_sql
+    from lomas_jupyter_server.engine.metadata import parse_metadata
+    from lomas_jupyter_server.engine.sql import compile_sql
 
     meta = parse_metadata(metadata(rows))
     plan = engine.Plan(compile_sql(SQL.format(rows=rows), dataset_name(rows), meta), meta, engine.effective_bounds(meta, None))

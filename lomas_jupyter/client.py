@@ -13,6 +13,7 @@ import polars as pl
 import requests
 import yaml
 
+from .charts import Chart, plot_spec
 from .errors import LomasError
 
 API = "lomas/api/"
@@ -114,8 +115,6 @@ class Release:
         """The values with their 95% intervals as error bars, one per group, labelled "DP estimate" (a Vega-Lite
         chart, which JupyterLab renders natively). `column`: which aggregate (default: the first with
         intervals)."""
-        from .display import Chart, plot_spec
-
         return Chart(plot_spec(self, column), f"{self.dataset}: DP estimates with 95% intervals")
 
     def with_intervals(self) -> pl.DataFrame:

@@ -12,19 +12,11 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import HTML, display
 
+from .charts import Chart, class_spending_spec, spending_spec
 from .client import Client, Release, on_release
-from .display import (
-    Chart,
-    Table,
-    accuracy_summary,
-    class_spending_spec,
-    fmt,
-    plain,
-    preview_html,
-    release_html,
-    spending_spec,
-)
+from .display import Table, accuracy_summary, plain, preview_html, release_html
 from .errors import LomasError
+from .format import fmt
 from .widget import BudgetPanel
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .display import fmt
+from .format import fmt
 
 POLL_SECONDS = 3.0
 

@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 import yaml
 
+from lomas_jupyter_server.api import API_PREFIX, ROUTES
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
-from lomas_jupyter_server.handlers import API_PREFIX, ROUTES
 
 GROUPED = "SELECT species, COUNT(*) AS n, AVG(bill_length_mm) AS mean_bill FROM penguins GROUP BY species"
 
@@ -244,7 +244,7 @@ def test_no_endpoint_of_ours_lacks_an_auth_decorator(recwarn, jp_serverapp) -> N
     web_app = jp_serverapp.web_app
     for route, handler in ROUTES:
         assert web_app._check_handler_auth(route, handler) == [], route
-    from lomas_jupyter_server.handlers import LomasHandler
+    from lomas_jupyter_server.api import LomasHandler
 
     class Naked(LomasHandler):  # the negative control: the same check catches a missing decorator
         def get(self) -> None: ...
@@ -253,7 +253,7 @@ def test_no_endpoint_of_ours_lacks_an_auth_decorator(recwarn, jp_serverapp) -> N
 
 
 def test_openapi_matches_the_handlers() -> None:
-    spec = yaml.safe_load((resources.files("lomas_jupyter_server") / "openapi.yaml").read_text())
+    spec = yaml.safe_load((resources.files("lomas_jupyter_server.api") / "openapi.yaml").read_text())
     documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item
                   if method in ("get", "post", "put", "patch", "delete")}
     served = set()

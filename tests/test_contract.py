@@ -42,7 +42,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
 
 def _schema() -> Any:
-    raw = yaml.safe_load((resources.files("lomas_jupyter_server") / "openapi.yaml").read_text())
+    raw = yaml.safe_load((resources.files("lomas_jupyter_server.api") / "openapi.yaml").read_text())
     return schemathesis.openapi.from_dict(raw)
 
 

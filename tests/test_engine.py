@@ -11,11 +11,12 @@ import opendp.prelude as dp
 import polars as pl
 import pytest
 
-from lomas_jupyter_server import accuracy, engine
-from lomas_jupyter_server.accuracy import Noise, combined_half_width
+from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_metadata
-from lomas_jupyter_server.metadata import parse_metadata
-from lomas_jupyter_server.sql import compile_sql
+from lomas_jupyter_server.engine import accuracy
+from lomas_jupyter_server.engine.accuracy import Noise, combined_half_width
+from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.sql import compile_sql
 
 PENGUINS = parse_metadata(penguins_metadata())
 
@@ -126,7 +127,7 @@ def test_each_statistic_is_released_once() -> None:
     plan = _plan("SELECT COUNT(body_mass_g) AS c, SUM(body_mass_g) AS s, AVG(body_mass_g) AS a FROM penguins")
     assert [(s.kind, s.column) for s in plan.statistics] == [("count", "body_mass_g"),
                                                              ("centred_sum", "body_mass_g")]
-    assert len(engine._summary(plan.base_measurement(1.0), 0.05)) == 2  # what OpenDP actually noises
+    assert len(engine.summarize(plan.base_measurement(1.0), 0.05)) == 2  # what OpenDP actually noises
     # year has no nulls: COUNT(year) is COUNT(*), and SUM(year) then needs one more statistic, not two
     plan = _plan("SELECT COUNT(*) AS n, COUNT(year) AS c, SUM(year) AS s FROM penguins")
     assert [s.kind for s in plan.statistics] == ["rows", "centred_sum"]
@@ -219,7 +220,7 @@ def test_grouped_intervals_cover_at_their_stated_rate(tmp_path: Path, mechanism:
     calibrated = plan.calibrate_mechanism(mechanism, 1.0, 1e-6 if mechanism == engine.GAUSSIAN else 0.0)
     described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
     info = {a["name"]: a for a in described["aggregates"]}
-    candidates = engine._candidates(KNOWN_META.column("x"), plan.bounds)
+    candidates = engine.quantile_candidates(KNOWN_META.column("x"), plan.bounds)
     ranks = {g: _rank_errors(frame.filter(pl.col("g").eq_missing(g))["x"].drop_nulls().to_list(), candidates)
              for g in ("a", "b", None)}
     hits: dict[tuple[str, object], int] = {}
@@ -254,7 +255,7 @@ def test_grouped_intervals_cover_at_their_stated_rate(tmp_path: Path, mechanism:
 
 
 def _distribution(calibrated: engine.Calibrated, j: int) -> tuple[str, float]:
-    row = engine._summary(calibrated.base, 0.05)[engine._statistic_name(j)]
+    row = engine.summarize(calibrated.base, 0.05)[engine.statistic_name(j)]
     return row["distribution"], row["scale"]
 
 
@@ -399,7 +400,7 @@ def test_quantile_rank_statements_use_the_plans_own_scoring(tmp_path: Path, q: f
         calibrated = plan.calibrate(1.0)
         claim = plan.describe(calibrated)["aggregates"][0]["rank_error_rows"]
         assert 1 < claim < 50, claim
-    candidates = engine._candidates(meta.column("x"), plan.bounds)
+    candidates = engine.quantile_candidates(meta.column("x"), plan.bounds)
     data = np.sort(values)
 
     def rank_error(c: float) -> float:

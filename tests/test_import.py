@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from lomas_jupyter_server.datasets import import_dataset, propose_metadata
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
+from lomas_jupyter_server.engine.metadata import parse_metadata
 from lomas_jupyter_server.errors import BadRequest, LomasError, MetadataError
-from lomas_jupyter_server.metadata import parse_metadata
+from lomas_jupyter_server.service.importing import import_dataset, propose_metadata
 from lomas_jupyter_server.store import SQLiteStore
 
 

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 
 from lomas_jupyter_server import engine
-from lomas_jupyter_server.metadata import parse_metadata
-from lomas_jupyter_server.sql import compile_sql
+from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.sql import compile_sql
 
 META_DOC: dict[str, Any] = {
     "privacy_unit": 1,
@@ -162,7 +162,7 @@ def test_quantiles_of_an_empty_group_are_independent(tmp_path: Path, mechanism: 
     plan, _ = _calibrated(sql, mechanism, delta)
     assert [kind for kind, _ in plan.parts] == [engine.PLAIN, engine.QUANTILES]
     cells, p_noise = _raw_releases(sql, _table(tmp_path / "t.parquet"), mechanism, delta)
-    candidates = len(engine._candidates(META.column("x1"), plan.bounds))
+    candidates = len(engine.quantile_candidates(META.column("x1"), plan.bounds))
     per_group = len(cells[0]) // 4  # four groups, in key order
     assert per_group == len(plan.statistics)
     names = [f"__s{j}" for j in range(per_group)]

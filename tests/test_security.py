@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from lomas_jupyter_server.handlers import ROUTES
+from lomas_jupyter_server.api import ROUTES
 
 from .servers import add_analyst, free_port, lomas_admin, running_server, tree_rss_mb
 

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from lomas_jupyter_server.demo import penguins_metadata
+from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.sql import compile_sql
 from lomas_jupyter_server.errors import QueryRejected
-from lomas_jupyter_server.metadata import parse_metadata
-from lomas_jupyter_server.sql import compile_sql
 
 META = parse_metadata(penguins_metadata())
 

@@ -16,7 +16,7 @@ import pytest
 
 from lomas_jupyter_server.demo import setup_demo
 from lomas_jupyter_server.errors import Conflict, Forbidden, InsufficientBudget
-from lomas_jupyter_server.recovery import process_start, settle_abandoned, this_instance
+from lomas_jupyter_server.service.recovery import process_start, settle_abandoned, this_instance
 from lomas_jupyter_server.store import InstanceRecord, SQLiteStore
 from lomas_jupyter_server.store.sqlite import MIGRATIONS
 

@@ -9,7 +9,7 @@ import pytest
 
 from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
 from lomas_jupyter_server.errors import BadRequest, Conflict, NotFound
-from lomas_jupyter_server.uploads import MAX_CHUNK_BYTES, UploadArea
+from lomas_jupyter_server.service.uploads import MAX_CHUNK_BYTES, UploadArea
 
 
 def test_an_upload_is_appended_in_order_and_belongs_to_its_admin(tmp_path: Path) -> None:

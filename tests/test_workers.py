@@ -14,12 +14,12 @@ import pytest
 
 from lomas_jupyter_server import engine
 from lomas_jupyter_server.demo import penguins_metadata, setup_demo
+from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.sql import compile_sql
+from lomas_jupyter_server.engine.workers import WorkerPool, note_data_access
 from lomas_jupyter_server.errors import ChargedFailure, EngineFailure, QueryRejected
-from lomas_jupyter_server.metadata import parse_metadata
 from lomas_jupyter_server.service import DPService, TimingPadding
-from lomas_jupyter_server.sql import compile_sql
 from lomas_jupyter_server.store import SQLiteStore
-from lomas_jupyter_server.workers import WorkerPool, note_data_access
 
 META = parse_metadata(penguins_metadata())
 SPEC = compile_sql("SELECT COUNT(*) FROM penguins", "penguins", META).to_json()
@@ -113,19 +113,19 @@ async def test_a_failure_before_the_data_is_read_is_refunded(tmp_path: Path) -> 
     alice = store.get_user("alice")
     body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 1.0}
     try:
-        await service.preview(alice, body)
+        await service.queries.preview(alice, body)
         service.pool.warm_up()
         (pid,) = service.pool.pids()
         await service.pool.run(time.sleep, 0)  # started and idle
         os.kill(pid, signal.SIGSTOP)  # it will never even look at the task
         with pytest.raises(EngineFailure, match="longer than 3 s.*nothing was charged"):
-            await service.query(alice, body)
+            await service.queries.query(alice, body)
         budget = store.budget("alice", "penguins")
         assert budget.epsilon_spent == 0.0 and budget.pending == 0
         refund, reserve = store.ledger("alice")[:2]
         assert (refund["kind"], reserve["kind"]) == ("refund", "reserve")
         assert "before reading the data" in refund["note"]
-        assert (await service.query(alice, body))["budget"]["releases"] == 1  # the stopped worker was replaced
+        assert (await service.queries.query(alice, body))["budget"]["releases"] == 1  # the stopped worker was replaced
     finally:
         service.pool.close()
         service.pricing_pool.close()
@@ -144,7 +144,7 @@ async def test_a_failure_after_the_data_was_read_is_charged(tmp_path: Path) -> N
         path.unlink()
         os.mkfifo(path)
         with pytest.raises(ChargedFailure) as info:
-            await service.query(alice, body)
+            await service.queries.query(alice, body)
         message = info.value.message
         assert "longer than 3 s" in message and "was charged" in message and str(tmp_path) not in message
         charged = info.value.details["charged"]["epsilon"]
@@ -154,7 +154,7 @@ async def test_a_failure_after_the_data_was_read_is_charged(tmp_path: Path) -> N
         assert commit["kind"] == "commit" and "after reading the data" in commit["note"]
         path.unlink()
         path.write_bytes(good)
-        answer = await service.query(alice, {**body, "fresh": True})  # and the next query works
+        answer = await service.queries.query(alice, {**body, "fresh": True})  # and the next query works
         assert answer["budget"]["epsilon_spent"] == pytest.approx(charged + answer["cost"]["epsilon"])
     finally:
         service.pool.close()
@@ -225,13 +225,13 @@ async def test_the_parent_enforces_memory_limits_a_worker_cannot_dodge() -> None
 
 async def test_stall_padding_holds_back_answers_computed_from_the_data(tmp_path: Path) -> None:
     service, store = _service_with_demo(tmp_path)
-    service.padding = TimingPadding("stall", 1.5)
+    service.queries.padding = TimingPadding("stall", 1.5)
     alice = store.get_user("alice")
     body = {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.5}
     try:
-        await service.preview(alice, body)
+        await service.queries.preview(alice, body)
         started = time.monotonic()
-        await service.query(alice, body)
+        await service.queries.query(alice, body)
         assert time.monotonic() - started >= 1.5  # a lower bound: true on any machine
     finally:
         service.pool.close()
@@ -244,9 +244,9 @@ async def test_free_requests_need_a_grant_and_their_work_is_bounded_at_any_epsil
     query (nothing runs); an AVG's interval search at a tiny epsilon (minutes before: it grew like 1/epsilon)
     and a fixed-point SUM with delta on a 10^9-row bound (never returned: OpenDP's accuracy search) both finish
     within the free-request limit."""
-    from lomas_jupyter_server.datasets import import_dataset
     from lomas_jupyter_server.demo import penguins_csv
     from lomas_jupyter_server.errors import Forbidden
+    from lomas_jupyter_server.service.importing import import_dataset
 
     store = SQLiteStore(tmp_path / "s.sqlite3")
     setup_demo(store, tmp_path, "alice", epsilon=5.0, role="analyst")
@@ -260,14 +260,14 @@ async def test_free_requests_need_a_grant_and_their_work_is_bounded_at_any_epsil
     avg = {"dataset": "penguins", "sql": "SELECT species, AVG(body_mass_g) AS m FROM penguins GROUP BY species",
            "epsilon": 2e-5}
     try:
-        for call in (service.preview, service.dummy_query):
+        for call in (service.queries.preview, service.queries.dummy_query):
             with pytest.raises(Forbidden, match="no budget on dataset 'penguins'"):
                 await call(mallory, avg)
-        dummy = await service.dummy_query(alice, avg)
+        dummy = await service.queries.dummy_query(alice, avg)
         assert dummy["dummy"] is True and len(dummy["rows"]) == 3
         low, high = dummy["intervals"][0]["m"]
         assert low <= dummy["rows"][0]["m"] <= high
-        fixed = await service.preview(alice, {"dataset": "loose", "sql": "SELECT SUM(bill_length_mm) FROM loose",
+        fixed = await service.queries.preview(alice, {"dataset": "loose", "sql": "SELECT SUM(bill_length_mm) FROM loose",
                                               "epsilon": 1.0, "delta": 1e-6})
         (statistic,) = fixed["plan"]["statistics"]
         assert statistic["fixed_point_step"] and statistic["accuracy"] > 0
@@ -287,7 +287,7 @@ def test_a_worker_whose_service_died_while_it_started_exits_at_once(tmp_path: Pa
 
     log = tmp_path / "workers.log"
     code = ("import os, sys\n"
-            "from lomas_jupyter_server.workers import WorkerPool\n"
+            "from lomas_jupyter_server.engine.workers import WorkerPool\n"
             f"pool = WorkerPool(2, 10, log_path={str(log)!r})\n"
             "pool.warm_up()\n"
             "print(' '.join(str(p) for p in pool.pids()), flush=True)\n"

@@ -7,8 +7,10 @@ import getpass
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
@@ -20,15 +22,15 @@ from tornado.routing import AnyMatches, Rule
 from tornado.web import _ApplicationRouter
 from traitlets import Bool, Enum, Float, Integer, List, Type, Unicode, default
 
+from .api import API_PREFIX, ROUTES
+from .api.forward import ForwardToHubServiceHandler
+from .api.identity import LomasTokenIdentityProvider
+from .engine.sql import DEFAULT_MAX_GROUPS
+from .engine.workers import WorkerPool
 from .errors import Forbidden
-from .forward import ForwardToHubServiceHandler
-from .handlers import API_PREFIX, ROUTES
-from .identity import LomasTokenIdentityProvider
-from .recovery import settle_abandoned, this_instance
 from .service import DPService, TimingPadding
-from .sql import DEFAULT_MAX_GROUPS
+from .service.recovery import settle_abandoned, this_instance
 from .store import AdminStore, SQLiteStore, UserRecord
-from .workers import WorkerPool
 
 
 def default_storage_dir() -> str:
@@ -368,7 +370,7 @@ class LomasApp(ExtensionApp):
         if self.effective_identity_mode == "hub":
             return current_user.lomas_record  # resolved, with the Hub's groups and scopes, by the identity provider
         if self.effective_identity_mode == "local":
-            return self.service.ensure_user(self.local_username, "admin")
+            return self.service.admin.ensure_user(self.local_username, "admin")
         record = self.service.store.get_user(current_user.username)
         if record is None:
             raise Forbidden("unknown user")
@@ -385,3 +387,20 @@ class LomasApp(ExtensionApp):
 
 
 main = launch_new_instance = LomasApp.launch_instance
+
+
+def hub_service() -> None:
+    """`lomas-hub-service`: the command a Hub runs. The Hub's environment says where to listen."""
+    os.umask(0o077)  # the store, the parquet copies and the logs are the service user's alone
+    url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
+    argv = [
+        f"--ServerApp.ip={url.hostname}",
+        f"--ServerApp.port={url.port}",
+        f"--ServerApp.base_url={os.environ['JUPYTERHUB_SERVICE_PREFIX']}",
+        "--ServerApp.identity_provider_class=lomas_jupyter_server.hub.LomasHubIdentityProvider",
+        "--LomasApp.identity_mode=hub",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--ServerApp.allow_root=True")  # discouraged: run the service as its own OS user
+    LomasApp.launch_instance(argv=argv + sys.argv[1:])
+

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from .app import default_storage_dir
-from .datasets import import_dataset, propose_metadata
 from .errors import LomasError
+from .service.importing import import_dataset, propose_metadata
 from .store import SQLiteStore
 
 

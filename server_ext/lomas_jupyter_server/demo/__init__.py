@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ..datasets import import_dataset
+from ..service.importing import import_dataset
 from ..store import AdminStore
 
 DEMO_DATASET = "penguins"

@@ -1,4 +1,7 @@
-"""The admin store: users, tokens, datasets, grants, the append-only ledger and the release archive."""
+"""The store room: users, tokens, datasets, grants, the append-only ledger and the release archive, behind one
+interface (`base.AdminStore`) with its SQLite implementation.
+
+May import: `errors` only (never `api`, `service`, `hub` or `engine`)."""
 
 from .base import (
     AdminStore,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest, Conflict, NotFound
+from ..errors import BadRequest, Conflict, NotFound
 
 CHUNK_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_BYTES = 3 * 1024 * 1024  # under the standalone service's 4 MB body limit

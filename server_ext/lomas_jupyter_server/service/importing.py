@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .engine import POLARS_TYPES
-from .errors import BadRequest, DatasetUnavailable, MetadataError
-from .metadata import DatasetMetadata, parse_metadata
-from .store import AdminStore, DatasetRecord
+from ..engine import POLARS_TYPES
+from ..engine.metadata import DatasetMetadata, parse_metadata
+from ..errors import BadRequest, DatasetUnavailable, MetadataError
+from ..store import AdminStore, DatasetRecord
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 Progress = Callable[[str], None]

@@ -14,8 +14,8 @@ import socket
 import uuid
 from datetime import datetime, timezone
 
-from .store import AdminStore, InstanceRecord
-from .store.base import utcnow
+from ..store import AdminStore, InstanceRecord
+from ..store.base import utcnow
 
 
 def process_start(pid: int) -> str | None:

@@ -1,37 +1,25 @@
-"""The DP service's domain logic: who may do what, and the check-reserve-run-commit flow of a query.
-
-Handlers call these methods and only translate HTTP; everything here is testable without a server.
-"""
+"""Queries: check, price, reserve, run, commit (with the release archived) or refund; previews and dummy queries
+(free, bounded); what an analyst may see of datasets, budgets and the archive."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import math
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import engine
-from .datasets import (
-    check_data_file,
-    check_dataset_name,
-    dummy_frame,
-    dummy_parquet,
-    import_dataset,
-    propose_metadata,
-)
-from .errors import BadRequest, ChargedFailure, Conflict, Forbidden, LomasError, NotFound
-from .metadata import parse_metadata
-from .sql import DEFAULT_MAX_GROUPS, compile_sql
-from .store import AdminStore, DatasetRecord, ReleaseDraft, UserRecord
-from .uploads import CHUNK_BYTES, UploadArea
-from .workers import WorkerPool
+from .. import engine
+from ..engine.metadata import parse_metadata
+from ..engine.sql import DEFAULT_MAX_GROUPS, compile_sql
+from ..engine.workers import WorkerPool
+from ..errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
+from ..store import AdminStore, DatasetRecord, ReleaseDraft, UserRecord
+from .importing import check_data_file, dummy_frame, dummy_parquet
 
 PRICE_CACHE_SIZE = 2048
 
@@ -100,7 +88,9 @@ class TimingPadding:
             await asyncio.sleep(delay)
 
 
-class DPService:
+class QueryService:
+    """The analyst's side of the service: one instance per service process, shared by all requests."""
+
     def __init__(
         self,
         store: AdminStore,
@@ -111,9 +101,6 @@ class DPService:
         max_groups: int = DEFAULT_MAX_GROUPS,
         instance_id: str | None = None,
         padding: TimingPadding | None = None,
-        protect_admin_access: bool = False,
-        max_upload_bytes: int = 2 * 1024**3,
-        import_dirs: list[str | Path] | None = None,
         free_timeout: float = 20.0,
     ) -> None:
         self.store = store
@@ -125,11 +112,6 @@ class DPService:
         self.max_groups = max_groups
         self.instance_id = instance_id  # the service process that holds this service's reservations
         self.padding = padding or TimingPadding()
-        # with token identity, the API must never lock every admin out (lomas-admin can always recover)
-        self.protect_admin_access = protect_admin_access
-        self.uploads = UploadArea(self.storage_dir / "uploads", max_upload_bytes)
-        # the only folders an admin's `path` import or draft may read from (none: path imports are off)
-        self.import_dirs = [Path(d).resolve() for d in import_dirs or []]
         # Free requests (previews, dummy queries) cost the service work but no budget: each user runs one at a
         # time (the next waits for it), each is stopped after `free_timeout` seconds, and pricing is bounded
         # by public information (accuracy.SUPPORT_BINS), so no user's free requests hold a worker for long.
@@ -138,39 +120,6 @@ class DPService:
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
-
-    # --- identity -----------------------------------------------------------------------------------------
-
-    def ensure_user(self, username: str, role: str) -> UserRecord:
-        user = self.store.get_user(username)
-        if user is None:
-            try:
-                user = self.store.create_user(username, role, actor="system")
-            except LomasError:
-                user = self.store.get_user(username)  # created concurrently
-                assert user is not None
-        return user
-
-    def hub_user(self, username: str, hub_groups: list[str], instructor: bool) -> UserRecord:
-        """The lomas user behind a JupyterHub identity: created as an analyst on first use, enrolled in exactly
-        the courses of their Hub groups, and an admin for this request when the Hub grants the instructor
-        scope (the Hub, not this store, decides who teaches)."""
-        user = self.store.get_user(username)
-        if user is None:
-            try:
-                user = self.store.create_user(username, "analyst", actor="hub", revive=False)
-            except Conflict:
-                user = self.store.get_user(username)  # created by a concurrent first request
-                assert user is not None
-        self.store.sync_course_memberships(username, hub_groups, actor="hub")
-        return replace(user, role="admin") if instructor and user.role != "admin" else user
-
-    @staticmethod
-    def require_admin(user: UserRecord) -> None:
-        if user.role != "admin":
-            raise Forbidden("this needs the admin role")
-
-    # --- analyst side -------------------------------------------------------------------------------------
 
     def _dataset(self, name: str) -> DatasetRecord:
         record = self.store.get_dataset(name) if isinstance(name, str) else None
@@ -380,187 +329,3 @@ class DPService:
         record = self._dataset(name)
         frame = dummy_frame(parse_metadata(record.metadata), rows, seed=record.version)
         return {"dataset": name, "dummy": True, "columns": frame.columns, "rows": frame.to_dicts()}
-
-    # --- admin side ---------------------------------------------------------------------------------------
-
-    def _data_source(self, admin: UserRecord, body: dict[str, Any]) -> tuple[str | bytes | Path, str | None, Any]:
-        """Where an import or a draft reads its data: an upload, inline base64, or a file on this machine."""
-        if isinstance(body.get("upload"), str):
-            upload = self.uploads.complete_file(admin.username, body["upload"])
-            return upload.path, upload.fmt, upload
-        if "data_base64" in body:
-            try:
-                return base64.b64decode(body["data_base64"], validate=True), body.get("format"), None
-            except (binascii.Error, TypeError, ValueError):
-                raise BadRequest("data_base64 is not valid base64") from None
-        if isinstance(body.get("path"), str):
-            return self._import_path(body["path"]), body.get("format"), None
-        raise BadRequest("give the data as an 'upload', as 'data_base64' (with 'format') or as a 'path' on the "
-                         "service's machine")
-
-    def _import_path(self, raw: str) -> Path:
-        """A file an admin names on this machine: only inside `import_dirs`, never in the storage folder (polars
-        opening the store's own SQLite file inside this process would drop its locks). Links are followed
-        first, so none leads around either rule. The messages never echo the path."""
-        if not self.import_dirs:
-            raise BadRequest("imports from a path on the service's machine are off here (LomasApp.import_dirs is "
-                             "empty): upload the file instead, or use lomas-admin dataset import")
-        path = Path(raw).expanduser()
-        path = (path if path.is_absolute() else self.import_dirs[0] / path).resolve()
-        storage = self.storage_dir.resolve()
-        if path == storage or path.is_relative_to(storage):
-            raise BadRequest("the service's own storage folder cannot be imported from")
-        if not any(path.is_relative_to(folder) for folder in self.import_dirs):
-            raise BadRequest("that path is outside the service's import folders (LomasApp.import_dirs)")
-        return path
-
-    async def import_dataset(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        allowed = {"name", "description", "metadata", "data_base64", "format", "path", "upload"}
-        unknown = set(body) - allowed
-        if unknown:
-            raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        name = check_dataset_name(body.get("name"))
-        if "metadata" not in body:
-            raise BadRequest("'metadata' is required: the dataset's public metadata")
-        source, fmt, upload = self._data_source(admin, body)
-        progress = self.uploads.progress(upload) if upload is not None else None
-        try:
-            record = await asyncio.to_thread(
-                import_dataset,
-                self.store,
-                self.storage_dir,
-                name,
-                source,
-                body["metadata"],
-                body.get("description"),
-                fmt,
-                admin.username,
-                progress,
-            )
-        except LomasError as err:
-            if progress is not None:
-                progress(f"refused: {err.message}")
-            raise
-        if upload is not None:
-            self.uploads.discard(admin.username, upload.upload_id)
-        warnings = await self.pricing_pool.run(engine.metadata_warnings, record.metadata)
-        return record.to_public_json() | {"warnings": warnings}
-
-    async def draft_metadata(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        """A proposal for the admin to review; it is returned, never stored."""
-        self.require_admin(admin)
-        unknown = set(body) - {"data_base64", "format", "path", "upload"}
-        if unknown:
-            raise BadRequest(f"unknown field(s) {sorted(unknown)}; give the data as for an import")
-        source, fmt, _upload = self._data_source(admin, body)
-        return await asyncio.to_thread(propose_metadata, source, fmt)
-
-    def create_upload(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        upload = self.uploads.create(admin.username, body.get("size"), body.get("format"))
-        return upload.to_json() | {"chunk_bytes": CHUNK_BYTES}
-
-    def upload_status(self, admin: UserRecord, upload_id: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        return self.uploads.get(admin.username, upload_id).to_json()
-
-    def upload_chunk(self, admin: UserRecord, upload_id: str, offset: int, chunk: bytes) -> dict[str, Any]:
-        self.require_admin(admin)
-        return self.uploads.append(admin.username, upload_id, offset, chunk).to_json()
-
-    def discard_upload(self, admin: UserRecord, upload_id: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        self.uploads.discard(admin.username, upload_id)
-        return {"upload": upload_id, "discarded": True}
-
-    def create_user(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        username = body.get("username")
-        if not isinstance(username, str):
-            raise BadRequest("'username' is required")
-        return self.store.create_user(username, body.get("role", "analyst"), admin.username).to_json()
-
-    def set_role(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        return self.store.set_role(username, body.get("role", ""), admin.username,
-                                   keep_admin_access=self.protect_admin_access).to_json()
-
-    def remove_user(self, admin: UserRecord, username: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        revoked = self.store.remove_user(username, admin.username, keep_admin_access=self.protect_admin_access)
-        return {"username": username, "removed": True, "tokens_revoked": revoked}
-
-    def issue_token(self, admin: UserRecord, username: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        label = body.get("label", "")
-        if not isinstance(label, str):
-            raise BadRequest("label must be text")
-        return {"username": username, "token": self.store.issue_token(username, label, admin.username)}
-
-    def revoke_tokens(self, admin: UserRecord, username: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        if self.store.get_user(username) is None:
-            raise NotFound(f"no user '{username}'")
-        revoked = self.store.revoke_tokens(username, admin.username, keep_admin_access=self.protect_admin_access)
-        return {"username": username, "revoked": revoked}
-
-    # --- courses: a class shares one cap per dataset; each student has their own grant ----------------------
-
-    def create_course(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        name, group = body.get("name"), body.get("hub_group")
-        if not isinstance(name, str) or not isinstance(group, str):
-            raise BadRequest("'name' and 'hub_group' (the Hub group of its students) are required")
-        return self.store.create_course(name, group, admin.username).to_json()
-
-    def course(self, admin: UserRecord, name: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        record = self.store.get_course(name)
-        if record is None:
-            raise NotFound(f"no course '{name}'")
-        return record.to_json()
-
-    def set_course_dataset(self, admin: UserRecord, course: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        dataset = body.get("dataset")
-        if not isinstance(dataset, str):
-            raise BadRequest("'dataset' is required")
-        amounts = [_amount(body, name) for name in ("epsilon_per_student", "delta_per_student", "epsilon_cap",
-                                                     "delta_cap")]
-        return self.store.set_course_dataset(course, dataset, *amounts, admin.username).to_json()
-
-    def add_course_member(self, admin: UserRecord, course: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        username = body.get("username")
-        if not isinstance(username, str):
-            raise BadRequest("'username' is required")
-        return self.store.add_course_member(course, username, admin.username).to_json()
-
-    def remove_course_member(self, admin: UserRecord, course: str, username: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        return self.store.remove_course_member(course, username, admin.username).to_json()
-
-    def class_spending(self, admin: UserRecord, course: str, dataset: str) -> dict[str, Any]:
-        self.require_admin(admin)
-        return self.store.class_spending(course, dataset).to_json()
-
-    def set_grant(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
-        self.require_admin(admin)
-        usernames, dataset = body.get("usernames"), body.get("dataset")
-        if usernames is None:
-            usernames = [body.get("username")]
-        if (not isinstance(usernames, list) or not all(isinstance(u, str) for u in usernames)
-                or not isinstance(dataset, str)):
-            raise BadRequest("'username' (or a list 'usernames') and 'dataset' are required")
-        epsilon, delta = _amount(body, "epsilon"), _amount(body, "delta")
-        grants = self.store.set_grants(usernames, dataset, epsilon, delta, admin.username)
-        return grants[0].to_json() if "usernames" not in body else {"grants": [g.to_json() for g in grants]}
-
-
-def _amount(body: dict[str, Any], name: str) -> float:
-    """A budget amount from a request body (delta defaults to 0): a finite, non-negative number."""
-    value = body.get(name, 0.0 if name.startswith("delta") else None)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise BadRequest(f"'{name}' must be a non-negative number")
-    return float(value)

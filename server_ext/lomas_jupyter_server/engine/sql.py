@@ -17,7 +17,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError
 
-from .errors import QueryRejected
+from ..errors import QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata
 
 MAX_SQL_CHARS = 20_000

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib
 import logging
 import multiprocessing
 import os
@@ -31,12 +32,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineFailure, LomasError
+from ..errors import EngineFailure, LomasError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 300.0  # seconds a fresh worker may take to import OpenDP on a very busy machine
 WATCH_INTERVAL = 0.02  # seconds between the parent's memory readings of busy workers
+TASKS_MODULE = "lomas_jupyter_server.engine.tasks"  # what workers run; imported by name in the worker only
 _task_conn: Connection | None = None  # inside a worker: the pipe of the task that is running
 
 
@@ -70,13 +72,14 @@ def _setup_worker_log(log_path: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
-def _serve(conn: Connection, log_path: str | None, parent_pid: int) -> None:
+def _serve(conn: Connection, log_path: str | None, parent_pid: int, preload: tuple[str, ...] = ()) -> None:
     global _task_conn
     _die_with_parent()  # the first thing a spawned worker runs (after Python re-imported the parent's main)
     if os.getppid() != parent_pid:  # the service died before the signal was set: it never fires
         os._exit(0)
     _setup_worker_log(log_path)
-    from . import engine  # noqa: F401  (imports OpenDP and polars once, before the first task)
+    for module in preload:  # e.g. the engine's tasks: OpenDP and polars imported once, before the first task
+        importlib.import_module(module)
 
     conn.send(("ready", os.getpid()))
     while True:
@@ -97,9 +100,9 @@ def _serve(conn: Connection, log_path: str | None, parent_pid: int) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, log_path: str | None) -> None:
+    def __init__(self, ctx: Any, log_path: str | None, preload: tuple[str, ...] = ()) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, log_path, os.getpid()), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, log_path, os.getpid(), preload), daemon=True)
         self.process.start()
         child.close()
         self.ready = False
@@ -136,7 +139,7 @@ class _Worker:
 
 
 def _rebuild_error(kind: str, message: str) -> LomasError:
-    from . import errors
+    from .. import errors
 
     cls = getattr(errors, kind, None)
     if not (isinstance(cls, type) and issubclass(cls, LomasError)):
@@ -148,12 +151,13 @@ class WorkerPool:
     """`await pool.run(fn, *args)` runs a module-level function in a worker and returns its result."""
 
     def __init__(self, workers: int, timeout: float, memory_limit_mb: int = 0, log_path: str | None = None,
-                 start_timeout: float = START_TIMEOUT) -> None:
+                 start_timeout: float = START_TIMEOUT, preload: tuple[str, ...] = (TASKS_MODULE,)) -> None:
         self.workers = max(1, workers)
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.memory_limit = memory_limit_mb * 1024 * 1024
         self.log_path = log_path
+        self.preload = preload  # modules each worker imports before its first task (by name: no import cycle)
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
@@ -165,7 +169,7 @@ class WorkerPool:
             threading.Thread(target=self._watch_memory, name="lomas-memory-watch", daemon=True).start()
 
     def _new_worker(self) -> _Worker:
-        worker = _Worker(self._ctx, self.log_path)
+        worker = _Worker(self._ctx, self.log_path, self.preload)
         self._all.add(worker)
         return worker
 

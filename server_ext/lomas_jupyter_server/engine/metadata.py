@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MetadataError
+from ..errors import MetadataError
 
 COLUMN_TYPES = ("int", "float", "string", "bool")
 MAX_CATEGORIES = 1000

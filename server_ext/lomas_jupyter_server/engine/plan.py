@@ -1,0 +1,442 @@
+"""Calibration and meaning: the least noise a budget allows, charged at OpenDP's own privacy map, and what
+every released number is worth (its 95% interval, derived from the public plan, never from data)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import opendp.prelude as dp
+import polars as pl
+
+from ..errors import BadRequest, QueryRejected
+from .accuracy import (
+    DISTRIBUTIONS,
+    Noise,
+    combined_half_width,
+    quantile_rank_error,
+    ratio_grid,
+    ratio_interval,
+)
+from .metadata import DatasetMetadata, parse_metadata
+from .polars_backend import build_plan, collect_release, input_domain
+from .sql import Aggregate, QuerySpec
+from .statistics import (
+    PLAIN,
+    QUANTILES,
+    Recipe,
+    Statistic,
+    centre,
+    effective_bounds,
+    fixed_point_step,
+    plan_statistics,
+    quantile_candidates,
+    statistic_name,
+)
+
+dp.enable_features("contrib")
+
+ALPHA = 0.05
+
+LAPLACE, GAUSSIAN = "laplace", "gaussian"
+MECHANISM_NAMES = {
+    "Integer Laplace": "Laplace (integer)",
+    "Float Laplace": "Laplace",
+    "Integer Gaussian": "Gaussian (integer)",
+    "Float Gaussian": "Gaussian",
+    "ExponentialMin": "Exponential (report noisy min)",
+    "GumbelMin": "Exponential (Gumbel, report noisy min)",
+}
+
+
+# --- calibration: the least noise the budget allows, charged at its privacy map -------------------------------
+
+
+@dataclass
+class Calibrated:
+    """A measurement ready to run: its mechanism, global noise scale and exact (epsilon, delta) charge."""
+
+    mechanism: str  # LAPLACE (pure DP) | GAUSSIAN (zCDP, converted to (epsilon, delta))
+    scale: float
+    delta_target: float  # the delta the zCDP conversion is fixed at (0 for Laplace)
+    base: Any  # the OpenDP polars measurement of all statistics (its summary names the noise)
+    measurement: Any  # what is charged: base, or its parts composed; as (epsilon, delta) for zCDP
+    epsilon: float
+    delta: float
+    parts: list[tuple[str, Any]]  # (kind, measurement) of each part that runs; their composition is charged
+    group_by: tuple[str, ...] = ()
+    choice: dict[str, Any] | None = None
+
+    def release(self, data: pl.LazyFrame) -> pl.DataFrame:
+        """Run each part on the data, once (what `measurement` composes and charges): the released statistics,
+        side by side. (The parts are invoked one by one: collecting the OnceFrames that OpenDP 0.16's composition
+        returns crashes the process.)"""
+        frames = [collect_release(part(data), kind) for kind, part in self.parts]
+        if not self.group_by:
+            return pl.concat(frames, how="horizontal")
+        joined = frames[0]
+        for frame in frames[1:]:
+            joined = joined.join(frame, on=list(self.group_by), how="left", nulls_equal=True)
+        return joined
+
+    @functools.cached_property
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """OpenDP's summary of the noise per statistic (distribution, scale), read once per measurement. Without
+        alpha: OpenDP's own accuracy search for an integer Gaussian of a huge scale (a fixed-point sum) never
+        returns; every accuracy here is computed in closed form or a bounded search by `accuracy`."""
+        return summarize(self.base)
+
+
+@functools.lru_cache(maxsize=512)
+def rho_for(epsilon: float, delta: float) -> float:
+    """Largest zCDP rho whose conversion to (epsilon, delta) by OpenDP's own combinator stays within epsilon.
+
+    The conversion is a function of rho alone, so a one-parameter Gaussian measurement stands in for the
+    query; the query's own converted map is checked afterwards."""
+    gaussian = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
+    curve = dp.c.make_zCDP_to_approxDP(gaussian)
+
+    def converted(rho: float) -> float:
+        return float(curve.map(math.sqrt(2 * rho)).epsilon(delta))
+
+    log_term = -math.log(delta)
+    low = (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2  # the classic bound: never above epsilon
+    high = low * 2
+    while converted(high) <= epsilon:
+        low, high = high, high * 2
+    while (high - low) > 1e-10 * low:
+        mid = (low + high) / 2
+        if converted(mid) <= epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@dataclass
+class Plan:
+    spec: QuerySpec
+    metadata: DatasetMetadata
+    bounds: dict[str, tuple[float, float]]
+    statistics: list[Statistic] = field(init=False)
+    recipes: list[Recipe] = field(init=False)
+    steps: list[float | None] = field(init=False)  # per statistic: its fixed-point step, None if exact as is
+
+    def __post_init__(self) -> None:
+        self.statistics, self.recipes = plan_statistics(self.spec, self.metadata)
+        self.steps = [fixed_point_step(stat, self.metadata, self.bounds) for stat in self.statistics]
+
+    @classmethod
+    def from_json(cls, spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None) -> Plan:
+        meta = parse_metadata(metadata)
+        return cls(QuerySpec.from_json(spec), meta, effective_bounds(meta, bounds))
+
+    def base_measurement(self, scale: float, mechanism: str = LAPLACE, only: list[int] | None = None) -> Any:
+        measure = dp.max_divergence() if mechanism == LAPLACE else dp.zero_concentrated_divergence()
+        try:
+            return dp.polars.make_private_lazyframe(
+                input_domain(self.spec, self.metadata),
+                dp.symmetric_distance(),
+                measure,
+                build_plan(self.spec, self.metadata, self.bounds, self.statistics, self.steps, only),
+                global_scale=scale,
+            )
+        except dp.OpenDPException as err:
+            raise QueryRejected(f"the DP engine refused the query: {_opendp_message(err)}") from None
+
+    @property
+    def parts(self) -> list[tuple[str, list[int]]]:
+        """Statistics that run together: (PLAIN, ...) and (QUANTILES, ...). Quantiles run apart: their plans hold
+        functions polars cannot hand back for collect_release, and OpenDP draws their missing groups' scores on
+        their own."""
+        plain = [j for j, s in enumerate(self.statistics) if s.kind != "quantile"]
+        quantiles = [j for j, s in enumerate(self.statistics) if s.kind == "quantile"]
+        return [(kind, part) for kind, part in ((PLAIN, plain), (QUANTILES, quantiles)) if part]
+
+    def measurement(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0
+                    ) -> tuple[Any, Any, list[tuple[str, Any]]]:
+        """(base, charged, parts): the parts that run (each its own plan at the same scale) and their composition,
+        which is charged (its loss is the sum of theirs, as the joint plan's is); a zCDP measurement is charged
+        through OpenDP's conversion to (epsilon, delta)."""
+        base = self.base_measurement(scale, mechanism)
+        split = self.parts
+        if len(split) == 1:
+            parts, composed = [(split[0][0], base)], base
+        else:
+            parts = [(kind, self.base_measurement(scale, mechanism, only)) for kind, only in split]
+            composed = dp.c.make_composition([m for _, m in parts])
+        if mechanism == LAPLACE:
+            return base, composed, parts
+        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(composed), delta), parts
+
+    def cost(self, measurement: Any) -> tuple[float, float]:
+        loss = measurement.map(self.metadata.privacy_unit)
+        return (float(loss[0]), float(loss[1])) if isinstance(loss, tuple) else (float(loss), 0.0)
+
+    def at_scale(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> Calibrated:
+        base, charged, parts = self.measurement(scale, mechanism, delta)
+        epsilon, spent_delta = self.cost(charged)
+        return Calibrated(mechanism, scale, delta, base, charged, epsilon, spent_delta, parts,
+                          tuple(self.spec.group_by))
+
+    def calibrate(self, epsilon: float, delta: float = 0.0) -> Calibrated:
+        """The least noise within (epsilon, delta): Laplace under pure DP and, when delta > 0 is offered,
+        Gaussian under zCDP converted to (epsilon, delta); whichever adds less noise (RMSE)."""
+        laplace = self.calibrate_mechanism(LAPLACE, epsilon)
+        if delta <= 0:
+            return laplace
+        try:
+            gaussian = self.calibrate_mechanism(GAUSSIAN, epsilon, delta)
+        except (dp.OpenDPException, QueryRejected, ArithmeticError, ValueError):
+            # e.g. a delta so small that no finite noise converts within epsilon: Laplace needs no delta
+            laplace.choice = {"mechanism": LAPLACE, "gaussian_to_laplace_noise": None,
+                              "reason": f"no Gaussian noise fits (ε, δ={delta:g}); Laplace is kept and no δ is spent"}
+            return laplace
+        ratio = noise_ratio(gaussian.summary, laplace.summary)
+        chosen = gaussian if ratio < 1 else laplace
+        parts = len(self.statistics)
+        chosen.choice = {
+            "mechanism": chosen.mechanism,
+            "gaussian_to_laplace_noise": ratio,
+            "reason": (
+                f"Gaussian noise under zCDP (converted to (ε, δ={delta:g})) is {ratio:.2f}x Laplace's for "
+                f"this query's {parts} noisy statistic{'s' if parts > 1 else ''}"
+                + ("; it spends δ" if chosen is gaussian else "; Laplace is kept and no δ is spent")
+            ),
+        }
+        return chosen
+
+    def calibrate_mechanism(self, mechanism: str, epsilon: float, delta: float = 0.0) -> Calibrated:
+        """Pure-DP loss is proportional to 1/scale and zCDP's rho to 1/scale^2, so one build at scale 1 gives
+        the answer in closed form; float rounding terms can leave it a hair above target, so we verify and
+        nudge upward."""
+        at_unit = self.cost(self.base_measurement(1.0, mechanism))[0]
+        if mechanism == LAPLACE:
+            scale = at_unit / epsilon
+        else:
+            scale = math.sqrt(at_unit / rho_for(epsilon, delta))
+        step = 1e-12
+        for _ in range(200):
+            calibrated = self.at_scale(scale, mechanism, delta)
+            if calibrated.epsilon <= epsilon and calibrated.delta <= delta:
+                return calibrated
+            scale *= 1 + step
+            step *= 2
+        raise QueryRejected("could not calibrate noise for this epsilon")  # pragma: no cover
+
+    # --- what the answer means --------------------------------------------------------------------------
+
+    def describe(self, calibrated: Calibrated) -> dict[str, Any]:
+        """The public plan: each released statistic with its noise, and each output aggregate with how it is
+        computed, its 95% accuracy, and what its interval covers."""
+        summary = calibrated.summary
+        released = []
+        for j in range(len(self.statistics)):
+            row = summary[statistic_name(j)]
+            noise, unit = _noise(row), self._unit(j)
+            released.append({
+                "statistic": self._label(j),
+                "mechanism": MECHANISM_NAMES.get(row["distribution"], row["distribution"]),
+                "scale": row["scale"] * unit,
+                "accuracy": noise.half_width(ALPHA) * unit + self._rounding(j) if noise else None,
+                "fixed_point_step": self.steps[j],
+            })
+        aggregates = [self._describe_aggregate(agg, recipe, released, summary)
+                      for agg, recipe in zip(self.spec.aggregates, self.recipes)]
+        return {
+            "mechanism": calibrated.mechanism,
+            "scale": calibrated.scale,
+            "choice": calibrated.choice,
+            "statistics": released,
+            "aggregates": aggregates,
+        }
+
+    def _unit(self, j: int) -> float:
+        """What one unit of statistic j's released number is worth: 1, or its fixed-point step."""
+        return self.steps[j] or 1.0
+
+    def _in_units(self, value: Any, j: int) -> Any:
+        """Statistic j's released number in the column's units (an exact integer stays one)."""
+        step = self.steps[j]
+        return value * step if step else value
+
+    def _rounding(self, j: int) -> float:
+        """The most by which fixed-point rounding can move statistic j's sum (public: max_rows steps)."""
+        step = self.steps[j]
+        return self.metadata.max_rows * step if step else 0.0
+
+    def _label(self, j: int) -> str:
+        stat, step = self.statistics[j], self.steps[j]
+        rounded = f", in steps of {step:g}" if step else ""
+        if stat.kind == "rows":
+            return "COUNT(*)"
+        if stat.kind == "count":
+            return f"COUNT({stat.column})"
+        lo, hi = self.bounds[stat.column]  # type: ignore[index]
+        if stat.kind == "sum":
+            return f"SUM({stat.column}) clipped to [{lo:g}, {hi:g}]{rounded}"
+        if stat.kind == "centred_sum":
+            col = self.metadata.column(stat.column)  # type: ignore[arg-type]
+            return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]{rounded}"  # type: ignore[arg-type]
+        return f"PERCENTILE({stat.quantile:g}) of {stat.column}"
+
+    def _describe_aggregate(self, agg: Aggregate, recipe: Recipe, released: list[dict[str, Any]],
+                            summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": agg.column, "alpha": ALPHA}
+        if agg.quantile is not None:
+            info["quantile"] = agg.quantile
+        parts = [released[j] for j in recipe.uses]
+        info["statistics"] = [p["statistic"] for p in parts]
+        info["derived"] = recipe.how in ("centred_sum", "avg")
+        info["mechanism"] = ", ".join(dict.fromkeys(p["mechanism"] for p in parts))
+        info["scale"] = parts[0]["scale"] if len(parts) == 1 else {"sum": parts[0]["scale"],
+                                                                    "count": parts[1]["scale"]}
+        bounds = self.bounds.get(agg.column) if agg.column else None  # type: ignore[arg-type]
+        info["bounds"] = list(bounds) if bounds and agg.kind in ("sum", "avg", "quantile") else None
+        clipped = f", each value clipped to [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
+        step = self.steps[recipe.uses[0]]
+        if step:
+            clipped += f" (summed in steps of {step:g}; the interval allows for that rounding)"
+        if recipe.how == "count":
+            info["accuracy"] = parts[0]["accuracy"]
+            info["covers"] = ("the number of rows" if agg.kind == "count_star"
+                              else f"the number of non-null values of {agg.column}")
+        elif recipe.how == "sum":
+            info["accuracy"] = parts[0]["accuracy"]
+            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+        elif recipe.how == "centred_sum":
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            total, count = (_noise(summary[statistic_name(j)]) for j in recipe.uses)
+            unit = self._unit(recipe.uses[0])
+            middle = centre(col, self.bounds)  # type: ignore[arg-type]
+            info["accuracy"] = combined_half_width(total, count, middle / unit, ALPHA) * unit \
+                + self._rounding(recipe.uses[0])  # type: ignore[arg-type]
+            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+        elif recipe.how == "avg":
+            info["accuracy"] = None  # it depends on the group's count: each interval is computed per group
+            info["covers"] = f"the mean of non-null {agg.column}{clipped}"
+        else:
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            candidates = quantile_candidates(col, self.bounds)  # type: ignore[arg-type]
+            rows = quantile_rank_error(parts[0]["scale"], len(candidates), agg.quantile, ALPHA,  # type: ignore[arg-type]
+                                       self.metadata.max_rows)
+            info["accuracy"] = None
+            info["rank_error_rows"] = rows
+            info["candidates"] = len(candidates)
+            info["covers"] = (
+                f"the rank of the value among non-null {agg.column}: with 95% confidence it is within "
+                f"{rows:,.1f} rows of the requested position, beyond the best of the {len(candidates)} "
+                f"candidates over [{candidates[0]:g}, {candidates[-1]:g}]"
+            )
+        return info
+
+    def interval_tables(self, calibrated: Calibrated) -> list[Any]:
+        """Per aggregate, the data-free part of its interval (a pivot grid for AVG), computed once per plan."""
+        summary = calibrated.summary
+        tables: list[Any] = []
+        for agg, recipe in zip(self.spec.aggregates, self.recipes):
+            if recipe.how != "avg":
+                tables.append(None)
+                continue
+            col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+            lo, hi = self.bounds[agg.column]  # type: ignore[index]
+            middle = centre(col, self.bounds)  # type: ignore[arg-type]
+            total, count = (_noise(summary[statistic_name(j)]) for j in recipe.uses)
+            unit = self._unit(recipe.uses[0])  # the grid is in the released sum's own units
+            tables.append(ratio_grid(total, count, (lo - middle) / unit, (hi - middle) / unit, ALPHA))  # type: ignore[arg-type]
+        return tables
+
+    def postprocess(self, raw: pl.DataFrame, described: dict[str, Any], tables: list[Any]) -> dict[str, Any]:
+        """Released statistics -> the user's columns, each value with the 95% interval of what it covers."""
+        order = {k: {v: n for n, v in enumerate(self.metadata.column(k).group_keys)} for k in self.spec.group_by}  # type: ignore[union-attr]
+        records = raw.to_dicts()
+        records.sort(key=lambda r: tuple(order[k].get(r[k], len(order[k])) for k in self.spec.group_by))
+        rows, intervals = [], []
+        for record in records:
+            row: dict[str, Any] = {}
+            interval: dict[str, Any] = {}
+            for output in self.spec.outputs:
+                if output.key is not None:
+                    row[output.name] = record[output.key]
+                    continue
+                i = output.aggregate
+                assert i is not None
+                values = [record[statistic_name(j)] for j in self.recipes[i].uses]
+                row[output.name], interval[output.name] = self._value(i, values, described["aggregates"][i],
+                                                                      tables[i])
+            rows.append(row)
+            intervals.append(interval)
+        return {"columns": [o.name for o in self.spec.outputs], "rows": rows, "intervals": intervals}
+
+    def _value(self, i: int, values: list[Any], info: dict[str, Any], table: Any) -> tuple[Any, Any]:
+        """(value, [low, high]): the value always lies inside its own interval."""
+        agg, how = self.spec.aggregates[i], self.recipes[i].how
+        if how == "count":
+            (noisy,) = values
+            acc = int(info["accuracy"])  # integer noise on an integer count
+            return max(noisy, 0), [max(noisy - acc, 0), max(noisy + acc, 0)]
+        if how == "quantile":
+            return values[0], None
+        col = self.metadata.column(agg.column)  # type: ignore[arg-type]
+        is_int = col.type == "int"  # type: ignore[union-attr]
+        first = self.recipes[i].uses[0]
+        if how in ("sum", "centred_sum"):
+            value = self._in_units(values[0], first)
+            if how == "centred_sum":
+                value += centre(col, self.bounds) * values[1]  # type: ignore[arg-type]
+            acc = info["accuracy"]
+            if is_int:  # the true sum is a whole number: round the interval inward, onto whole numbers
+                return value, [math.ceil(value - acc), math.floor(value + acc)]
+            return value, [value - acc, value + acc]
+        # AVG
+        total, count = values
+        lo, hi = self.bounds[agg.column]  # type: ignore[index]
+        middle = float(centre(col, self.bounds))  # type: ignore[arg-type]
+        unit = self._unit(first)
+        offset = min(max(total * unit / count, lo - middle), hi - middle) if count > 0 else 0.0
+        plausible = ratio_interval(total, count, table)
+        # fixed-point rounding moves each value, hence the mean, by at most one step
+        slack = self.steps[first] or 0.0
+        low, high = (plausible[0] * unit - slack, plausible[1] * unit + slack) if plausible else (offset, offset)
+        low, high = max(min(low, offset), lo - middle), min(max(high, offset), hi - middle)
+        return middle + offset, [middle + low, middle + high]
+
+
+def _noise(row: dict[str, Any]) -> Noise | None:
+    if row["distribution"] not in DISTRIBUTIONS:
+        return None  # a quantile's selection noise: its accuracy is stated in rows, not as an interval
+    return Noise.from_summary(row["distribution"], row["scale"])
+
+
+def noise_ratio(g: dict[str, dict[str, Any]], lap: dict[str, dict[str, Any]]) -> float:
+    """How much noise the Gaussian plan adds relative to the Laplace one (their summaries): the geometric mean,
+    over the released statistics, of the ratio of their standard deviations (RMSE; of selection scales for
+    quantiles)."""
+    logs = []
+    for name, row in lap.items():
+        a, b = _noise(g[name]), _noise(row)
+        ratio = a.std() / b.std() if a and b and b.std() > 0 else g[name]["scale"] / row["scale"]
+        logs.append(math.log(max(ratio, 1e-300)))
+    return math.exp(sum(logs) / len(logs))
+
+
+def summarize(measurement: Any, alpha: float | None = None) -> dict[str, dict[str, Any]]:
+    frame = dp.summarize_polars_measurement(measurement, alpha=alpha)
+    return {row["column"]: row for row in frame.to_dicts()}
+
+
+def _opendp_message(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    text = text.strip().splitlines()[0] if text.strip() else "unknown reason"
+    return text[:300]
+
+
+def check_epsilon(epsilon: Any, max_epsilon: float) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
+        raise BadRequest("epsilon must be a number")
+    if not 0 < epsilon <= max_epsilon:
+        raise BadRequest(f"epsilon must be above 0 and at most {max_epsilon} per query")
+    return float(epsilon)
+

@@ -1,0 +1,188 @@
+"""The execution backend of today: OpenDP's polars plan, built here (never received) from the statistics that
+`statistics` planned, over an empty frame with the dataset's schema. A WHERE is a mask, never a filter; public
+key sets come from metadata. Another backend (an out-of-core engine, Spark) plugs in at the same seam: a plan
+of statistics in, the released statistics out."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import opendp.prelude as dp
+import polars as pl
+
+from ..errors import QueryRejected
+from .metadata import ColumnMetadata, DatasetMetadata
+from .sql import QuerySpec
+from .statistics import (
+    POLARS_TYPES,
+    QUANTILES,
+    Statistic,
+    centre,
+    polars_schema,
+    quantile_candidates,
+    statistic_name,
+    sum_range,
+)
+
+dp.enable_features("contrib")
+# The service itself collects each release's plan, once, with its own optimisation flags (see collect_release):
+# OpenDP's OnceFrame.collect would let polars merge the noise of missing groups.
+dp.enable_features("honest-but-curious")
+
+
+
+def _balanced(exprs: list[pl.Expr], combine: Callable[[pl.Expr, pl.Expr], pl.Expr]) -> pl.Expr:
+    """Combine many conditions as a balanced tree: depth log2(n), so long IN lists or OR chains never nest
+    deeply in polars or OpenDP."""
+    while len(exprs) > 1:
+        paired = [combine(exprs[i], exprs[i + 1]) for i in range(0, len(exprs) - 1, 2)]
+        exprs = paired + ([exprs[-1]] if len(exprs) % 2 else [])
+    return exprs[0]
+
+
+def _predicate(node: dict[str, Any]) -> pl.Expr:
+    op = node["op"]
+    if op == "and":
+        return _balanced([_predicate(a) for a in node["args"]], lambda a, b: a & b)
+    if op == "or":
+        return _balanced([_predicate(a) for a in node["args"]], lambda a, b: a | b)
+    if op == "not":
+        return ~_predicate(node["arg"])
+    col = pl.col(node["column"])
+    if op == "cmp":
+        value = node["value"]
+        return {
+            "==": col == value,
+            "!=": col != value,
+            ">": col > value,
+            ">=": col >= value,
+            "<": col < value,
+            "<=": col <= value,
+        }[node["cmp"]]
+    if op == "in":  # OpenDP 0.16 has no is_in: an OR of equalities is the same filter
+        return _balanced([col == value for value in node["values"]], lambda a, b: a | b)
+    if op == "between":
+        return (col >= node["low"]) & (col <= node["high"])
+    if op == "is_null":
+        return col.is_not_null() if node["negate"] else col.is_null()
+    raise QueryRejected(f"unknown predicate {op}")  # specs come from compile_sql; defensive only
+
+
+
+def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
+                    step: float | None, where: dict[str, Any] | None = None) -> pl.Expr:
+    """The OpenDP expression of one statistic. A WHERE is a 0/1 mask over every row (never a filter), so the
+    engine does the same work whatever the condition matches: its time says nothing about the data."""
+    mask = _mask(where)
+    if stat.kind == "rows":
+        return dp.len(signed=True) if mask is None else mask.dp.sum((0, 1))
+    col = metadata.column(stat.column)  # type: ignore[arg-type]
+    assert col is not None
+    c = pl.col(col.name)
+    if stat.kind == "count":  # non-null values, as SQL's COUNT(x)
+        return c.dp.count(signed=True) if mask is None else (c.is_not_null().cast(pl.Int64) * mask).dp.sum((0, 1))
+    number = int if col.type == "int" else float
+
+    def masked(values: pl.Expr) -> pl.Expr:
+        return values if mask is None else values * mask.cast(POLARS_TYPES[col.type] if step is None else pl.Int64)
+
+    if step is not None:
+        return _fixed_point_sum(c, stat, col, bounds, step, masked)
+    if stat.kind == "sum":
+        # SQL SUM ignores nulls: clip to the bounds, then a null adds 0; the sum's bounds include 0, which
+        # keeps the sensitivity at max(|lo|, |hi|)
+        lo, hi = (number(b) for b in bounds[col.name])
+        zero = number(0)
+        return masked(c.clip(lo, hi).fill_null(zero)).dp.sum((min(lo, zero), max(hi, zero)))
+    if stat.kind == "centred_sum":  # the centre lies inside the bounds, so a masked-out 0 is inside them too
+        lo, hi = (number(b) for b in bounds[col.name])
+        middle = number(centre(col, bounds))
+        return masked((c - middle).fill_null(number(0))).dp.sum((lo - middle, hi - middle))
+    if stat.kind == "quantile":
+        # OpenDP 0.16 has no conditional expression, so a quantile's WHERE is an expression-level filter: its
+        # scoring work follows the rows matched (the README says what that means for timing)
+        values = c if where is None else c.filter(_predicate(where))
+        return values.drop_nulls().dp.quantile(stat.quantile, quantile_candidates(col, bounds))
+    raise QueryRejected(f"unknown statistic {stat.kind}")  # pragma: no cover
+
+
+def _mask(where: dict[str, Any] | None) -> pl.Expr | None:
+    """1 where the WHERE holds, 0 where it is false or unknown (NULL), as SQL keeps only true rows."""
+    return None if where is None else _predicate(where).cast(pl.Int64).fill_null(0)
+
+
+
+def _fixed_point_sum(c: pl.Expr, stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
+                     step: float, masked: Callable[[pl.Expr], pl.Expr]) -> pl.Expr:
+    """round((clip(x) - shift) / step) as an i64, summed exactly: adding an offset first makes the value
+    non-negative, so the truncating cast rounds to nearest."""
+    lo, hi = bounds[col.name]
+    shift = centre(col, bounds) if stat.kind == "centred_sum" else 0.0
+    low, high = sum_range(stat, col, bounds)
+    offset = math.ceil(max(abs(low), abs(high)) / step) + 1
+    units = (((c.clip(lo, hi) - shift) / step + (offset + 0.5)).cast(pl.Int64) - offset).fill_null(0)
+    return masked(units).dp.sum((math.floor(low / step) - 1, math.ceil(high / step) + 1))
+
+
+
+def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
+    cols = [metadata.column(k) for k in spec.group_by]
+    rows = list(itertools.product(*[c.group_keys for c in cols]))  # type: ignore[union-attr]
+    schema = {c.name: POLARS_TYPES[c.type] for c in cols}  # type: ignore[union-attr]
+    return pl.LazyFrame(rows, schema=schema, orient="row")
+
+
+def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
+               statistics: list[Statistic], steps: list[float | None], only: list[int] | None = None) -> pl.LazyFrame:
+    """The OpenDP plan releasing the statistics (those numbered in `only`, if given), each named by its index."""
+    frame = pl.LazyFrame(schema=polars_schema(metadata))  # every row is read: a WHERE is a mask (_statistic_expr)
+    exprs = [_statistic_expr(stat, metadata, bounds, step, spec.where).alias(statistic_name(j))
+             for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
+    if not spec.group_by:
+        return frame.select(exprs)
+    grouped = frame.group_by(list(spec.group_by)).agg(exprs)
+    # The public key set, built here from metadata: every category (and NULL for a nullable column) appears,
+    # seen in the data or not.
+    return _key_frame(spec, metadata).join(grouped, on=list(spec.group_by), how="left", nulls_equal=True)
+
+
+def input_domain(spec: QuerySpec, metadata: DatasetMetadata) -> Any:
+    domain = dp.lazyframe_domain(
+        [
+            dp.series_domain(name, dp.option_domain(dp.atom_domain(T=_opendp_type(dtype))))
+            for name, dtype in polars_schema(metadata).items()
+        ]
+    )
+    domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=metadata.max_rows))
+    if spec.group_by:
+        groups = math.prod(len(metadata.column(k).group_keys) for k in spec.group_by)  # type: ignore[union-attr]
+        domain = dp.with_margin(
+            domain,
+            dp.polars.Margin(by=list(spec.group_by), max_length=metadata.max_rows, max_groups=groups),
+        )
+    return domain
+
+
+def _opendp_type(dtype: pl.DataType) -> str:
+    return {pl.Int64: "i64", pl.Float64: "f64", pl.String: "String", pl.Boolean: "bool"}[type(dtype)]
+
+
+
+# polars' common-subexpression elimination must stay off for a release. OpenDP fills a public key that has no
+# rows with `fill_null(noise(repeat(0, len())))` per statistic; those expressions are identical across statistics
+# of one scale, so polars computes the noise once and every statistic of an empty group gets the same draw
+# (SUM(x1) == SUM(x2), COUNT(*) == COUNT(x)): a deterministic sign that the group is empty (issue 17).
+RELEASE_FLAGS = pl.QueryOptFlags(comm_subexpr_elim=False)
+
+
+def collect_release(once_frame: Any, kind: str) -> pl.DataFrame:
+    """Run one part's plan exactly once, each noise expression drawn on its own. A part of quantiles is collected
+    by OpenDP itself: its plan cannot be handed back, and its empty groups' candidates are drawn apart (see
+    tests/test_privacy.py)."""
+    if kind == QUANTILES:
+        return once_frame.collect()
+    return once_frame.lazy().collect(optimizations=RELEASE_FLAGS)
+

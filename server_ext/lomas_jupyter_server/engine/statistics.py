@@ -1,0 +1,213 @@
+"""What a query releases, planned from public metadata alone: the fewest noisy statistics that answer its
+aggregates (and how each aggregate is derived from them), their bounds, fixed-point steps and quantile
+candidates. No OpenDP plan is built here (that is the backend's), so every backend shares this planning."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import opendp.prelude as dp
+import polars as pl
+
+from ..errors import BadRequest, QueryRejected
+from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
+from .sql import QuerySpec
+
+dp.enable_features("contrib")
+
+
+POLARS_TYPES: dict[str, pl.DataType] = {
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "string": pl.String(),
+    "bool": pl.Boolean(),
+}
+PLAIN, QUANTILES = "plain", "quantiles"  # the parts a plan runs in (Plan.parts)
+
+
+def polars_schema(metadata: DatasetMetadata) -> pl.Schema:
+    return pl.Schema({c.name: POLARS_TYPES[c.type] for c in metadata.columns})
+
+
+def effective_bounds(
+    metadata: DatasetMetadata, overrides: dict[str, Any] | None
+) -> dict[str, tuple[float, float]]:
+    """Metadata bounds, narrowed (never widened) by the user's overrides."""
+    bounds = {c.name: c.bounds for c in metadata.columns if c.bounds is not None}
+    for name, raw in (overrides or {}).items():
+        col = metadata.column(name)
+        if col is None:
+            raise BadRequest(f"bounds: unknown column '{name}'")
+        if col.bounds is None:
+            raise BadRequest(f"bounds: column '{name}' has no public bounds to narrow")
+        if (
+            not isinstance(raw, (list, tuple))
+            or len(raw) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        ):
+            raise BadRequest(f"bounds for '{name}' must be [lower, upper]")
+        lo, hi = raw
+        meta_lo, meta_hi = col.bounds
+        if not (meta_lo <= lo < hi <= meta_hi):
+            raise BadRequest(
+                f"bounds for '{name}' may only narrow the public bounds [{meta_lo}, {meta_hi}], "
+                "with lower below upper"
+            )
+        if col.type == "int":
+            if not (float(lo).is_integer() and float(hi).is_integer()):
+                raise BadRequest(f"bounds for int column '{name}' must be whole numbers")
+            lo, hi = int(lo), int(hi)
+        else:
+            lo, hi = float(lo), float(hi)
+        bounds[name] = (lo, hi)
+    return bounds
+
+
+
+# --- what a query releases -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One noisy number per group that a plan releases. Aggregates are computed from these, so a statistic two
+    aggregates need (the count behind COUNT(x) and AVG(x), say) is released, and paid for, once."""
+
+    kind: str  # rows | count | sum | centred_sum | quantile
+    column: str | None = None
+    quantile: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one output aggregate is computed from released statistics (indices into Plan.statistics)."""
+
+    how: str  # count | sum | centred_sum | avg | quantile
+    uses: tuple[int, ...]
+
+
+def centre(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> float:
+    """The middle of the bounds (a whole number for int columns, so their sums stay exact integers)."""
+    lo, hi = bounds[col.name]
+    return (int(lo) + int(hi)) // 2 if col.type == "int" else (lo + hi) / 2
+
+
+def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[Statistic], list[Recipe]]:
+    """The fewest statistics that answer every aggregate, and how each aggregate is derived from them.
+
+    AVG(x) = c + S/C with S the sum of (x - c) over non-null x, c the centre of the bounds, C the count of
+    non-null x: S's sensitivity is half the width of the bounds. When C is released anyway (COUNT(x) or AVG(x)
+    in the same query, or COUNT(*) for a column without nulls), SUM(x) = S + c C costs no extra statistic and
+    its noise is never larger than a direct sum's: sqrt(half_width^2 + c^2) <= max(|lo|, |hi|) per unit scale.
+    """
+    statistics: list[Statistic] = []
+
+    def use(stat: Statistic) -> int:
+        if stat not in statistics:
+            statistics.append(stat)
+        return statistics.index(stat)
+
+    def count_of(column: str) -> Statistic:
+        col = metadata.column(column)
+        assert col is not None
+        return Statistic("count", column) if col.nullable else Statistic("rows")
+
+    counted = {count_of(a.column) for a in spec.aggregates if a.kind in ("count", "avg") and a.column}
+    if any(a.kind == "count_star" for a in spec.aggregates):
+        counted.add(Statistic("rows"))
+    recipes = []
+    for agg in spec.aggregates:
+        if agg.kind == "count_star":
+            recipes.append(Recipe("count", (use(Statistic("rows")),)))
+            continue
+        assert agg.column is not None
+        if agg.kind == "count":
+            recipes.append(Recipe("count", (use(count_of(agg.column)),)))
+        elif agg.kind == "avg" or (agg.kind == "sum" and count_of(agg.column) in counted):
+            parts = (use(Statistic("centred_sum", agg.column)), use(count_of(agg.column)))
+            recipes.append(Recipe("avg" if agg.kind == "avg" else "centred_sum", parts))
+        elif agg.kind == "sum":
+            recipes.append(Recipe("sum", (use(Statistic("sum", agg.column)),)))
+        elif agg.kind == "quantile":
+            recipes.append(Recipe("quantile", (use(Statistic("quantile", agg.column, agg.quantile)),)))
+        else:  # pragma: no cover - specs come from compile_sql
+            raise QueryRejected(f"unknown aggregate {agg.kind}")
+    return statistics, recipes
+
+
+def statistic_name(j: int) -> str:
+    return f"__s{j}"
+
+
+FIXED_POINT_ABOVE = 1.01  # use fixed point when OpenDP's float rounding term would add more than 1% noise
+
+
+@functools.lru_cache(maxsize=1024)
+def float_sum_inflation(max_rows: int, lo: float, hi: float) -> float:
+    """OpenDP's float-sum noise relative to an exact sum's (max(|lo|, |hi|)): its rounding term grows with
+    max_rows, e.g. 1.0 up to 1e6 rows, 5.4x at 1e8 and 445x at 1e9."""
+    domain = dp.lazyframe_domain([dp.series_domain("v", dp.option_domain(dp.atom_domain(T="f64")))])
+    domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=max_rows))
+    plan = pl.LazyFrame(schema={"v": pl.Float64}).select(pl.col("v").fill_null(0.0).dp.sum((lo, hi)))
+    measurement = dp.polars.make_private_lazyframe(domain, dp.symmetric_distance(), dp.max_divergence(), plan,
+                                                   global_scale=1.0)
+    (row,) = dp.summarize_polars_measurement(measurement).to_dicts()
+    return float(row["scale"]) / max(abs(lo), abs(hi))
+
+
+def sum_range(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The range a sum statistic's terms take: the bounds with 0 added, or centred on the bounds' middle."""
+    lo, hi = bounds[col.name]
+    if stat.kind == "centred_sum":
+        middle = centre(col, bounds)
+        return lo - middle, hi - middle
+    return min(lo, 0), max(hi, 0)
+
+
+def fixed_point_step(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> float | None:
+    """For a float sum that OpenDP's rounding term would make noisier: the step (a power of two) its values are
+    rounded to so they can be summed exactly as integers. Chosen as fine as i64 allows for max_rows values
+    (and 2^40 per value, where float64 still rounds exactly); None where a float sum is as good."""
+    col = metadata.column(stat.column) if stat.column else None
+    if col is None or col.type != "float" or stat.kind not in ("sum", "centred_sum"):
+        return None
+    lo, hi = sum_range(stat, col, bounds)
+    if float_sum_inflation(metadata.max_rows, lo, hi) <= FIXED_POINT_ABOVE:
+        return None
+    magnitude = max(abs(lo), abs(hi))
+    per_unit = min(2.0**62 / (metadata.max_rows * magnitude), 2.0**40 / magnitude)
+    return 2.0 ** -math.floor(math.log2(per_unit))
+
+
+def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
+    """What the metadata costs in accuracy, for the admin at import: float sums where max_rows is loose enough
+    for OpenDP's rounding term to matter (they are then summed in fixed point, with a rounding allowance)."""
+    metadata = parse_metadata(metadata_doc)
+    warnings = []
+    for col in metadata.columns:
+        if col.type != "float" or col.bounds is None:
+            continue
+        stat, bounds = Statistic("sum", col.name), {col.name: col.bounds}
+        step = fixed_point_step(stat, metadata, bounds)
+        if step is not None:
+            inflation = float_sum_inflation(metadata.max_rows, *sum_range(stat, col, bounds))
+            warnings.append(
+                f"column '{col.name}': with max_rows {metadata.max_rows:,}, OpenDP's float sums would add "
+                f"{inflation:,.2f}x the noise; lomas sums it in fixed point instead (steps of {step:.3g}), and each "
+                f"SUM interval allows up to {metadata.max_rows * step:.3g} for that rounding. A max_rows closer to "
+                "the real row count makes sums exact."
+            )
+    return warnings
+
+
+def quantile_candidates(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> list[Any]:
+    candidates = col.quantile_candidates()
+    if col.name in bounds:
+        lo, hi = bounds[col.name]
+        narrowed = [v for v in candidates if lo <= v <= hi]
+        if len(narrowed) >= 2:
+            candidates = narrowed
+    return candidates
+

@@ -1,0 +1,79 @@
+"""What worker processes run: plain data in, plain data out (a spec, public metadata, a price, a file path).
+The service calls these through the worker pool; they never see a request or a user."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Any
+
+import polars as pl
+
+from ..errors import DatasetUnavailable, QueryRejected
+from .plan import Calibrated, Plan
+from .workers import note_data_access
+
+
+def preview_task(
+    spec: dict[str, Any], metadata: dict[str, Any], epsilon: float, delta: float, bounds: dict[str, Any] | None
+) -> dict[str, Any]:
+    plan = Plan.from_json(spec, metadata, bounds)
+    calibrated = plan.calibrate(epsilon, delta)
+    return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "delta_target": calibrated.delta_target,
+            "plan": plan.describe(calibrated)}
+
+
+# A warm worker keeps the measurements it built and the scans it opened: a repeated query shape pays only for
+# its execution. Both are plain functions of their keys, so a cached entry is the same as a rebuilt one.
+_PREPARED: OrderedDict[str, tuple[Plan, Calibrated, dict[str, Any], list[Any]]] = OrderedDict()
+_SCANS: OrderedDict[str, pl.LazyFrame] = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None, mechanism: str,
+              scale: float, delta: float) -> tuple[Plan, Calibrated, dict[str, Any], list[Any]]:
+    key = json.dumps([spec, metadata, bounds, mechanism, scale, delta], sort_keys=True)
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        return _PREPARED[key]
+    plan = Plan.from_json(spec, metadata, bounds)
+    calibrated = plan.at_scale(scale, mechanism, delta)
+    entry = (plan, calibrated, plan.describe(calibrated), plan.interval_tables(calibrated))
+    _PREPARED[key] = entry
+    if len(_PREPARED) > _CACHE_SIZE:
+        _PREPARED.popitem(last=False)
+    return entry
+
+
+def _scan(parquet_path: str) -> pl.LazyFrame:
+    if parquet_path not in _SCANS:
+        _SCANS[parquet_path] = pl.scan_parquet(parquet_path)
+        if len(_SCANS) > _CACHE_SIZE:
+            _SCANS.popitem(last=False)
+    return _SCANS[parquet_path]
+
+
+def release_task(
+    spec: dict[str, Any],
+    metadata: dict[str, Any],
+    bounds: dict[str, Any] | None,
+    parquet_path: str,
+    price: dict[str, Any],
+) -> dict[str, Any]:
+    """Run the query with the mechanism and scale a preview fixed and whose cost was reserved; refuse if the
+    cost changed."""
+    plan_doc = price["plan"]
+    plan, calibrated, described, tables = _prepared(spec, metadata, bounds, plan_doc["mechanism"],
+                                                    plan_doc["scale"], price["delta_target"])
+    if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
+        raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
+    if not os.path.exists(parquet_path):  # moved or deleted since the service checked: nothing was read
+        raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
+                                 "was released")
+    note_data_access()  # from here on, a failure can depend on the data: it will be charged
+    raw = calibrated.release(_scan(parquet_path))
+    result = plan.postprocess(raw, described, tables)
+    described = described | {"choice": price["plan"].get("choice")}
+    return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "plan": described,
+            "aggregates": described["aggregates"], **result}
