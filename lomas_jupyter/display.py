@@ -4,6 +4,7 @@ for metadata and archives (charts are in `charts`, number formats in `format`)."
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from .client import Release
@@ -48,6 +49,62 @@ class Table:
         return "\n".join(lines) if self.rows else (self.caption or "(none)")
 
 
+class Rich:
+    """Something a notebook shows as HTML and every plain-text front end (terminal IPython, nbconvert to
+    markdown, a saved notebook's text/plain) as readable text."""
+
+    def __init__(self, html_text: str, plain_text: str) -> None:
+        self.html, self.text = html_text, plain_text
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return {"text/html": self.html, "text/plain": self.text}
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _keys(release: Release) -> set[str]:
+    """Group-key columns: labels, shown as they are (2007, not 2,007)."""
+    aggregates = {a["name"] for a in release.aggregates}
+    return {c for c in release.columns if c not in aggregates}
+
+
+def _value_text(release: Release, row: dict[str, Any], interval: dict[str, Any], name: str,
+                ranks: dict[str, Any]) -> str:
+    if name in _keys(release):
+        return "NULL" if row[name] is None else plain(row[name])
+    text = fmt(row[name])
+    bounds = interval.get(name)
+    if bounds:
+        text += f" [{span(bounds)}]"
+    elif ranks.get(name) is not None:
+        text += f" (rank ±{fmt(round(ranks[name]))} rows)"
+    return text
+
+
+def release_text(release: Release, epsilon_note: str = "") -> str:
+    """The answer in plain text: a table of values with their 95% intervals, then the footer."""
+    ranks = {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
+    rows = [{name: _value_text(release, row, interval, name, ranks) for name in release.columns}
+            for row, interval in zip(release.rows, release.intervals)]
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in release.columns}
+    lines = ["DUMMY DATA: not the real dataset, free"] if release.dummy else []
+    lines.append("  ".join(c.ljust(widths[c]) for c in release.columns))
+    lines.append("  ".join("-" * widths[c] for c in release.columns))
+    lines.extend("  ".join(r[c].ljust(widths[c]) for c in release.columns) for r in rows)
+    footer = html.unescape(_strip_tags(_footer(release, epsilon_note)))
+    lines.append(footer)
+    for agg in release.aggregates:
+        if agg.get("covers"):
+            kind = "95% interval of" if agg["kind"] != "quantile" else "95% statement on"
+            lines.append(f"  {agg['name']}: {kind} {agg['covers']}")
+    return "\n".join(lines)
+
+
+def _strip_tags(text: str) -> str:
+    return re.sub(r"<[^>]+>", "", text)
+
+
 def _notes(release: Release) -> str:
     """What each column's interval covers: clipping, nulls, and the rank statement of quantiles."""
     items = []
@@ -69,6 +126,9 @@ def release_html(release: Release, epsilon_note: str = "") -> str:
     for row, interval in zip(release.rows, release.intervals):
         cells = []
         for name in release.columns:
+            if name in _keys(release):
+                cells.append(f"<td>{html.escape(_value_text(release, row, interval, name, ranks))}</td>")
+                continue
             text = _cell(row[name])
             bounds = interval.get(name)
             if bounds:
@@ -77,6 +137,16 @@ def release_html(release: Release, epsilon_note: str = "") -> str:
                 text += f' <small style="opacity:0.75">(rank ±{fmt(round(ranks[name]))} rows)</small>'
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
+    footer = _footer(release, epsilon_note)
+    label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
+    return (
+        '<div class="lomas-release">' + label + '<table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
+        + f'</tbody></table><div style="font-size:0.85em;opacity:0.85">{footer}{_notes(release)}</div></div>'
+    )
+
+
+def _footer(release: Release, epsilon_note: str = "") -> str:
+    """What was released and what it cost (HTML; release_text strips the tags)."""
     released = release.plan.get("statistics") or release.aggregates  # archived releases may predate plans
     mechanisms = list(dict.fromkeys(s["mechanism"] for s in released))
     budget = release.budget or {}
@@ -103,11 +173,7 @@ def release_html(release: Release, epsilon_note: str = "") -> str:
             "<b>DUMMY DATA</b>: computed on rows made from the public metadata only, not on "
             f"{html.escape(release.dataset)}. Nothing was charged; the real query would cost ε={fmt(would)}."
         )
-    label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
-    return (
-        '<div class="lomas-release">' + label + '<table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
-        + f'</tbody></table><div style="font-size:0.85em;opacity:0.85">{footer}{_notes(release)}</div></div>'
-    )
+    return footer
 
 
 def _choice(plan: dict[str, Any] | None) -> str:
@@ -150,14 +216,41 @@ def preview_html(preview: dict[str, Any]) -> str:
     )
 
 
+def preview_text(preview: dict[str, Any]) -> str:
+    """The preview in plain text: the cost, then each output with its 95% accuracy and what it covers."""
+    budget = preview.get("budget") or {}
+    cost = preview["cost"]
+    lines = [f"Preview (nothing spent): this query would cost ε={fmt(cost['epsilon'])}"
+             + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
+             + (f"; you have ε={fmt(budget['epsilon_remaining'])} left" if budget else "")]
+    for agg in preview["aggregates"]:
+        lines.append(f"  {agg['name']}: {_accuracy_words(agg)}; covers {agg.get('covers', '')}")
+    return "\n".join(lines)
+
+
+def _accuracy_words(agg: dict[str, Any]) -> str:
+    if agg.get("accuracy") is not None:
+        return f"±{fmt(agg['accuracy'])}"
+    if agg["kind"] == "avg":
+        return "interval per group (depends on its count)"
+    return f"rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows"
+
+
+TYPICAL_GROUP = 100  # rows: the group size an AVG's accuracy is stated for before any data is seen
+
+
 def accuracy_summary(preview: dict[str, Any]) -> str:
-    """One line: what each output would be worth at the previewed epsilon."""
+    """One line: what each output would be worth at the previewed epsilon (an AVG's, for a group of
+    TYPICAL_GROUP rows: its interval depends on the group's count)."""
+    statistics = {s["statistic"]: s for s in (preview.get("plan") or {}).get("statistics", [])}
     parts = []
     for agg in preview["aggregates"]:
         if agg.get("accuracy") is not None:
             parts.append(f"{agg['name']} ±{fmt(agg['accuracy'])}")
         elif agg["kind"] == "avg":
-            parts.append(f"{agg['name']} (interval per group)")
+            total = statistics.get((agg.get("statistics") or [""])[0], {}).get("accuracy")
+            parts.append(f"{agg['name']} about ±{fmt(total / TYPICAL_GROUP)} for a group of {TYPICAL_GROUP} rows"
+                         if total is not None else f"{agg['name']} (interval per group)")
         else:
             parts.append(f"{agg['name']} rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows")
     return ", ".join(parts)

@@ -14,7 +14,16 @@ from IPython.display import HTML, display
 
 from .charts import Chart, class_spending_spec, spending_spec
 from .client import Client, Release, on_release
-from .display import Table, accuracy_summary, plain, preview_html, release_html
+from .display import (
+    Rich,
+    Table,
+    accuracy_summary,
+    plain,
+    preview_html,
+    preview_text,
+    release_html,
+    release_text,
+)
 from .errors import LomasError
 from .format import fmt
 from .widget import BudgetPanel
@@ -108,7 +117,8 @@ class LomasMagics(Magics):
                 self._no_epsilon(args.dataset, cell, args.delta, args.dummy)
                 return None
             if args.preview:
-                display(HTML(preview_html(self.client.preview(args.dataset, cell, epsilon, args.delta))))
+                preview = self.client.preview(args.dataset, cell, epsilon, args.delta)
+                display(Rich(preview_html(preview), preview_text(preview)))
                 return None
             release = run_with_progress(
                 f"query on {args.dataset}",
@@ -120,7 +130,7 @@ class LomasMagics(Magics):
             return None
         if args.output:
             self.shell.user_ns[args.output] = release.df
-        display(HTML(release_html(release, note)))
+        display(Rich(release_html(release, note), release_text(release, note)))
         if args.plot and release.rows:
             display(release.plot())
         return None
@@ -131,10 +141,10 @@ class LomasMagics(Magics):
             _say_error(LomasError("give --epsilon (dummy runs are free, but show the accuracy of that ε)"))
             return
         preview = self.client.preview(dataset, sql, REFERENCE_EPSILON, delta)
-        _say_error(LomasError(
-            f"no ε given, so nothing was spent. At ε={fmt(REFERENCE_EPSILON)} this query would give "
-            f"{accuracy_summary(preview)}. Add --epsilon E, or set a default for this kernel with %lomas epsilon E"
-        ))
+        # not an error: a calm line on stdout
+        print(f"No ε given, so nothing was spent. At ε={fmt(REFERENCE_EPSILON)} this query would give "
+              f"{accuracy_summary(preview)}. To run it, add --epsilon {fmt(REFERENCE_EPSILON)} (or set a default "
+              "for this kernel with %lomas epsilon E).")
 
     @line_magic
     def lomas(self, line: str) -> Any:

@@ -135,8 +135,11 @@ def test_nothing_is_spent_without_a_chosen_epsilon(jupyter_server: dict[str, str
     with kernel(jupyter_server) as k:
         before = _budget(jupyter_server)
         refused = k.run("%%dpquery penguins\nSELECT COUNT(*) AS n, AVG(bill_length_mm) AS m FROM penguins")
-        assert refused["err"].count("\n") == 1 and "no ε given, so nothing was spent" in refused["err"]
-        assert "At ε=0.5 this query would give n ±" in refused["err"] and "%lomas epsilon E" in refused["err"]
+        # issue 24.3: not an error, one calm line on stdout, with what the AVG would actually be worth
+        assert refused["err"] == "" and refused["out"].count("\n") == 1
+        assert "No ε given, so nothing was spent" in refused["out"] and "LomasError" not in refused["out"]
+        assert re.search(r"At ε=0\.5 this query would give n ±\d+, m about ±[\d.]+ for a group of 100 rows",
+                         refused["out"]) and "--epsilon 0.5" in refused["out"]
         assert _budget(jupyter_server)["epsilon_spent"] == before["epsilon_spent"]
 
         assert "default ε for %%dpquery in this kernel: 0.2" in k.run("%lomas epsilon 0.2")["out"]
@@ -144,7 +147,7 @@ def test_nothing_is_spent_without_a_chosen_epsilon(jupyter_server: dict[str, str
         assert "charged ε=0.2" in used["html"] and "ε from your kernel default, %lomas epsilon" in used["html"]
         assert _budget(jupyter_server)["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + 0.2)
         assert "no default ε" in k.run("%lomas epsilon off")["out"]
-        assert "no ε given" in k.run("%%dpquery penguins\nSELECT COUNT(*) FROM penguins")["err"]
+        assert "No ε given" in k.run("%%dpquery penguins\nSELECT COUNT(*) FROM penguins")["out"]
         assert "not a number" in k.run("%lomas epsilon lots")["err"]
         usage = k.run("print(get_ipython().find_cell_magic('dpquery').__doc__)")["out"]
         assert "%%dpquery [--epsilon EPSILON]" in usage and "%%%" not in usage and "zCDP" in usage
@@ -210,3 +213,21 @@ def test_slow_work_shows_that_it_is_running(jupyter_server: dict[str, str]) -> N
 
 def test_the_embedded_server_takes_no_browser_quietly(jupyter_server: dict[str, str]) -> None:  # noqa: F811
     assert "not recognized by `LomasApp`" not in Path(jupyter_server["log"]).read_text()
+
+
+def test_plain_text_front_ends_read_every_answer(jupyter_server: dict[str, str]) -> None:  # noqa: F811
+    """Issue 24.1-2: a terminal or an exported notebook sees text/plain. Each answer, preview and dummy run has a
+    readable text form (values, intervals, cost, footer), and integer group keys are labels (2007, not 2,007)."""
+    with kernel(jupyter_server) as k:
+        answer = k.run("%%dpquery penguins --epsilon 0.3\nSELECT year, COUNT(*) AS n FROM penguins GROUP BY year")
+        text = answer["text"]
+        assert "<IPython" not in text and "year" in text and "n" in text
+        for year in ("2007", "2008", "2009"):
+            assert re.search(rf"^{year}\s+[\d,]+ \[[\d,]+ – [\d,]+\]", text, re.M), text
+        assert "2,007" not in text and "2,007" not in answer["html"] and ">2007<" in answer["html"]
+        assert "charged ε=0.3" in text and "95% interval of the number of rows" in text
+        preview = k.run("%%dpquery penguins --epsilon 0.3 --preview\nSELECT AVG(bill_depth_mm) AS d FROM penguins")
+        assert "Preview (nothing spent): this query would cost ε=0.3" in preview["text"]
+        assert "d: interval per group" in preview["text"]
+        dummy = k.run("%%dpquery penguins --epsilon 0.3 --dummy\nSELECT COUNT(*) AS n FROM penguins")
+        assert dummy["text"].startswith("DUMMY DATA") and "Nothing was charged" in dummy["text"]
