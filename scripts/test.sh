@@ -12,7 +12,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: Debian's chromium is missing; the browser test will be skipped (CI fails instead)"
   fi
 fi
-.venv/bin/ruff check .
+.venv/bin/ruff check server_ext lomas_jupyter tests benchmarks  # the project's own sources, never a user's notebook
 # the sidebar's data logic (vitest), with the jlpm that jupyterlab ships and the committed yarn.lock
 (cd labextension && PATH="$PWD/../.venv/bin:$PATH" jlpm install --immutable >/dev/null && PATH="$PWD/../.venv/bin:$PATH" jlpm test)
 .venv/bin/python -m pytest -q "$@"

@@ -234,6 +234,8 @@ def test_grouped_intervals_cover_at_their_stated_rate(tmp_path: Path, mechanism:
             for name in ("n", "cx", "sx", "ax", "ay"):
                 low, high = interval[name]
                 assert low <= row[name] <= high, (name, row, interval)  # never outside its own interval
+                if name in ("sx", "n", "cx"):  # issue 24.9: x >= 0, so its sum's interval never goes below 0
+                    assert low >= 0, (name, row, interval)
                 if name in truth[g]:
                     hits[name, g] = hits.get((name, g), 0) + (low <= truth[g][name] <= high)
             if g == "a":

@@ -102,7 +102,11 @@ def test_no_token_is_a_401_that_says_to_send_one(service: dict) -> None:
         for headers in ({}, {"Authorization": "token lomas_wrong"}, {"Authorization": "Basic Ym9zczpib3Nz"}):
             response = call(service, method, path, None, headers=headers, json={})
             assert response.status_code == 401, (method, path, headers)
-            assert "Authorization: token" in response.json()["message"]
+            message = response.json()["message"]
+            if "token" in headers.get("Authorization", ""):  # issue 24.5: a wrong token is named as such
+                assert "not valid" in message and "unknown, revoked" in message and "lomas_wrong" not in message
+            else:
+                assert "Authorization: token" in message
             assert response.headers["WWW-Authenticate"].startswith("token")
 
 

@@ -118,7 +118,13 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
             payload = exc.to_json()
         elif isinstance(exc, Unauthorized):
             mode = self.extensionapp.effective_identity_mode
-            if mode == "token":
+            sent = self.request.headers.get("Authorization", "").strip()
+            if sent.lower().startswith(("token ", "bearer ")) and len(sent.split(None, 1)) == 2:
+                how = ("the token sent is not valid here (unknown, revoked, or issued by another service); "
+                       "ask an admin for a new one")
+                if mode == "local":
+                    how += ", or log in to this Jupyter server"
+            elif mode == "token":
                 how = "send your lomas token in the header 'Authorization: token <token>'"
             elif mode == "hub":
                 how = "sign in to JupyterHub, or send a Hub API token in the header 'Authorization: token <token>'"

@@ -387,9 +387,16 @@ class Plan:
             if how == "centred_sum":
                 value += centre(col, self.bounds) * values[1]  # type: ignore[arg-type]
             acc = info["accuracy"]
+            low, high = value - acc, value + acc
             if is_int:  # the true sum is a whole number: round the interval inward, onto whole numbers
-                return value, [math.ceil(value - acc), math.floor(value + acc)]
-            return value, [value - acc, value + acc]
+                low, high = math.ceil(low), math.floor(high)
+            # What the bounds make possible (public): a sum of values clipped to [lo, hi] over at most max_rows
+            # rows lies in [min(lo, 0), max(hi, 0)] x max_rows. Clipping to it loses no coverage (the truth is
+            # inside), as counts are clipped at 0; the value stays inside its own interval.
+            lo, hi = self.bounds[agg.column]  # type: ignore[index]
+            floor, ceiling = min(lo, 0) * self.metadata.max_rows, max(hi, 0) * self.metadata.max_rows
+            value = min(max(value, floor), ceiling)
+            return value, [min(max(low, floor), value), max(min(high, ceiling), value)]
         # AVG
         total, count = values
         lo, hi = self.bounds[agg.column]  # type: ignore[index]
