@@ -59,10 +59,10 @@ def test_an_instructor_runs_a_course_from_the_command_line(tmp_path: Path) -> No
     lomas_admin(storage, "course", "create", "stats101", "--hub-group", "stats101-students")
     lomas_admin(storage, "course", "dataset", "stats101", "penguins", "--epsilon-per-student", "2",
                 "--epsilon-cap", "5")
-    course = json.loads(lomas_admin(storage, "course", "add", "stats101", "sam"))
+    course = json.loads(lomas_admin(storage, "--json", "course", "add", "stats101", "sam"))
     assert course["members"] == ["sam"] and course["datasets"][0]["epsilon_cap"] == 5.0
-    assert json.loads(lomas_admin(storage, "budget", "sam", "penguins"))["epsilon_total"] == 2.0
-    spending = json.loads(lomas_admin(storage, "course", "spending", "stats101", "penguins"))
+    assert json.loads(lomas_admin(storage, "--json", "budget", "sam", "penguins"))["epsilon_total"] == 2.0
+    spending = json.loads(lomas_admin(storage, "--json", "course", "spending", "stats101", "penguins"))
     assert spending["epsilon_spent"] == 0.0 and set(spending["per_student"]) == {"sam"}
 
 
@@ -76,7 +76,11 @@ def test_a_draft_is_printed_for_review_and_imports_once_saved(tmp_path: Path) ->
     assert out.stdout.startswith("# REVIEW privacy_unit:") and "# REVIEW species.categories:" in out.stdout
     (tmp_path / "penguins.yaml").write_text(out.stdout)
     lomas_admin(storage, "dataset", "import", "birds", str(penguins_csv()), "--metadata", str(tmp_path / "penguins.yaml"))
-    assert '"name": "birds"' in lomas_admin(storage, "dataset", "list")
+    assert '"name": "birds"' in lomas_admin(storage, "--json", "dataset", "list")
+    # issue 24.10: a table by default, one line a dataset, not its whole metadata
+    table = lomas_admin(storage, "dataset", "list").splitlines()
+    assert table[0].split()[:3] == ["name", "version", "columns"] and len(table) == 3  # header, rule, birds
+    assert any(line.startswith("birds ") for line in table) and "categories" not in "\n".join(table)
     bad = subprocess.run([str(BIN / "lomas-admin"), "dataset", "draft", str(tmp_path / "penguins.yaml")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: data must be CSV or Parquet (.csv or .parquet)"
@@ -92,3 +96,16 @@ def test_a_relative_storage_dir_stores_absolute_data_paths(tmp_path: Path) -> No
     assert record is not None
     path = Path(record.parquet_path)
     assert path.is_absolute() and path.is_file() and path.is_relative_to(tmp_path / "store")
+
+
+def test_the_cli_does_not_import_jupyter_server_or_the_engine_for_store_commands(tmp_path: Path) -> None:
+    """Issue 24.10: `lomas-admin user list` took 5 s, importing Jupyter Server, polars and OpenDP. The modules a
+    store command loads are checked, not its time."""
+    storage = tmp_path / "store"
+    lomas_admin(storage, "user", "add", "ann")
+    code = ("import sys\nfrom lomas_jupyter_server.cli import run\n"
+            f"run(['--storage-dir', {str(storage)!r}, 'user', 'list'])\n"
+            "print(sorted(m for m in ('jupyter_server', 'polars', 'opendp', 'tornado') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]", out
+    assert out.splitlines()[0].split() == ["username", "role", "created_at"] and "ann" in out

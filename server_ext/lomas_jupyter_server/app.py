@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
@@ -28,13 +27,10 @@ from .api.identity import LomasTokenIdentityProvider
 from .engine.sql import DEFAULT_MAX_GROUPS
 from .engine.workers import WorkerPool
 from .errors import Forbidden
+from .paths import default_storage_dir
 from .service import DPService, TimingPadding
 from .service.recovery import settle_abandoned, this_instance
 from .store import AdminStore, SQLiteStore, UserRecord
-
-
-def default_storage_dir() -> str:
-    return os.environ.get("LOMAS_STORAGE_DIR") or str(Path(jupyter_data_dir()) / "lomas")
 
 
 class NoSuchEndpointHandler(web.RequestHandler):

@@ -11,14 +11,51 @@ from typing import Any
 
 import yaml
 
-from .app import default_storage_dir
 from .errors import LomasError
-from .service.importing import import_dataset, propose_metadata
+from .paths import default_storage_dir
 from .store import SQLiteStore
 
+# Imported only by the commands that need them (polars, OpenDP): `lomas-admin user list` stays fast.
+AS_JSON = False  # --json: every answer as JSON, for scripts
 
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+
+def _print(obj: Any, columns: list[str] | None = None) -> None:
+    """A table for a list, `key: value` lines for one object; JSON with --json."""
+    if AS_JSON:
+        print(json.dumps(obj, indent=2))
+        return
+    if isinstance(obj, dict):
+        width = max((len(k) for k in obj), default=0)
+        for key, value in obj.items():
+            print(f"{key.ljust(width)}  {_cell(value)}")
+        return
+    rows = list(obj)
+    if not rows:
+        print("(none)")
+        return
+    columns = columns or list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"))
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+def _dataset_row(record: Any) -> dict[str, Any]:
+    meta = record.metadata
+    return {"name": record.name, "version": record.version, "columns": len(meta.get("columns", {})),
+            "max_rows": meta.get("max_rows"), "privacy_unit": meta.get("privacy_unit"),
+            "created_at": record.created_at, "description": record.description}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lomas-admin", description="Administer a lomas DP service (run it as the service's OS user).",
         epilog="The demo (./scripts/demo.sh) keeps its store in ./.lomas: use --storage-dir .lomas, or export "
         "LOMAS_STORAGE_DIR=$PWD/.lomas. Commands that only read refuse a folder that holds no store.")
+    parser.add_argument("--json", action="store_true", help="print answers as JSON (for scripts); default: tables")
     parser.add_argument("--storage-dir", default=None,
                         help="the service's storage folder (default: $LOMAS_STORAGE_DIR, else <jupyter data dir>/lomas)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +146,8 @@ READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger",
 
 
 def _print_draft(data: Path) -> int:
+    from .service.importing import propose_metadata
+
     try:
         draft = propose_metadata(data)
     except LomasError as err:
@@ -121,7 +161,9 @@ def _print_draft(data: Path) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
+    global AS_JSON
     args = build_parser().parse_args(argv)
+    AS_JSON = args.json
     if args.command == "dataset" and args.action == "draft":
         return _print_draft(args.data)
     storage = Path(args.storage_dir or default_storage_dir())
@@ -161,6 +203,8 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"revoked {store.revoke_tokens(args.username, actor)} token(s)")
         elif args.command == "dataset":
             if args.action == "import":
+                from .service.importing import import_dataset
+
                 doc = yaml.safe_load(args.metadata.read_text())
                 record = import_dataset(store, storage, args.name, args.data, doc, args.description, actor=actor,
                                         progress=lambda m: print(f"... {m}", file=sys.stderr))
@@ -170,7 +214,10 @@ def run(argv: list[str] | None = None) -> int:
                     print(f"warning: {warning}", file=sys.stderr)
                 _print(record.to_public_json())
             else:
-                _print([d.to_public_json() for d in store.list_datasets()])
+                if AS_JSON:
+                    _print([d.to_public_json() for d in store.list_datasets()])
+                else:  # the whole metadata is `lomas-admin --json dataset list` (or the sidebar's Datasets part)
+                    _print([_dataset_row(d) for d in store.list_datasets()])
         elif args.command == "grant":
             _print(store.set_grant(args.username, args.dataset, args.epsilon, args.delta, actor).to_json())
         elif args.command == "budget":
