@@ -393,3 +393,27 @@ async def test_path_imports_only_from_import_folders_and_never_the_store(api, lo
     (jp_root_dir / "p.csv").write_bytes(Path(penguins_csv()).read_bytes())
     status, draft = await api("admin/datasets/draft", "POST", {"path": "p.csv"})
     assert status == 200, draft
+
+
+async def test_a_lomas_token_works_on_the_embedded_api_as_its_own_user(api) -> None:
+    """Issue 24.4: a token issued in the sidebar or by lomas-admin was refused by the embedded service that
+    issued it. It is accepted on the lomas API, as its own user (never as the server's owner); a wrong one is
+    named as not valid."""
+    status, _ = await api("admin/users", "POST", {"username": "bob"})
+    assert status == 201
+    status, _ = await api("admin/grants", "PUT", {"username": "bob", "dataset": "penguins", "epsilon": 1.0})
+    status, issued = await api("admin/users/bob/tokens", "POST", {})
+    assert status == 201 and issued["token"].startswith("lomas_")
+    as_bob = {"Authorization": f"token {issued['token']}"}
+    status, me = await api("whoami", headers=as_bob)
+    assert (status, me["username"], me["role"]) == (200, "bob", "analyst")
+    status, answer = await api("query", "POST", {"dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins",
+                                                 "epsilon": 0.25}, headers=as_bob)
+    assert status == 201, answer
+    status, budget = await api("budget/penguins", headers=as_bob)
+    assert budget["username"] == "bob" and budget["epsilon_spent"] == answer["cost"]["epsilon"]
+    status, error = await api("admin/users", headers=as_bob)
+    assert status == 403  # an analyst's token is not the owner's admin role
+    assert await spent(api) == 0.0  # the owner was not charged
+    status, error = await api("whoami", headers={"Authorization": "token lomas_not-a-real-token"})
+    assert status == 401 and "not valid" in error["message"]

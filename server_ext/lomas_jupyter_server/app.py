@@ -366,7 +366,13 @@ class LomasApp(ExtensionApp):
         if self.effective_identity_mode == "hub":
             return current_user.lomas_record  # resolved, with the Hub's groups and scopes, by the identity provider
         if self.effective_identity_mode == "local":
-            return self.service.admin.ensure_user(self.local_username, "admin")
+            token_user = getattr(current_user, "lomas_username", "")
+            if not token_user:  # the server's owner
+                return self.service.admin.ensure_user(self.local_username, "admin")
+            record = self.service.store.get_user(token_user)  # a lomas token's own user, never the owner
+            if record is None:
+                raise Forbidden("unknown user")
+            return record
         record = self.service.store.get_user(current_user.username)
         if record is None:
             raise Forbidden("unknown user")

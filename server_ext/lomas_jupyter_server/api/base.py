@@ -15,6 +15,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from ..errors import BadRequest, LomasError
 from ..service import DPService
 from ..store import UserRecord
+from .identity import TokenOverlay
 
 MAX_BODY_BYTES = 200 * 1024 * 1024
 MAX_JSON_DEPTH = 16  # the deepest valid request (bounds: {col: [lo, hi]}) is 3
@@ -65,6 +66,14 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
     @property
     def service(self) -> DPService:
         return self.settings["lomas_service"]
+
+    @property
+    def identity_provider(self) -> Any:  # type: ignore[override]
+        """Embedded: the server's own provider, which also takes lomas tokens on this API (TokenOverlay)."""
+        base = super().identity_provider
+        if self.extensionapp.effective_identity_mode == "local":
+            return TokenOverlay(base)
+        return base
 
     @property
     def lomas_user(self) -> UserRecord:

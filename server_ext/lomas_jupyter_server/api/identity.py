@@ -22,6 +22,46 @@ def header_token(handler: web.RequestHandler) -> str | None:
     return match.group(1) if match else None
 
 
+class LomasTokenUser(User):
+    """A caller identified by a lomas token (standalone, or on an embedded server: see TokenOverlay)."""
+
+    lomas_username: str = ""
+
+
+def _token_user(handler: web.RequestHandler, token: str) -> User | None:
+    service = handler.settings.get("lomas_service")
+    record = service.store.user_for_token(token) if service is not None else None
+    if record is None:
+        return None
+    # A header token cannot be sent by a cross-site form, so XSRF checks do not apply.
+    handler._token_authenticated = True  # type: ignore[attr-defined]
+    user = LomasTokenUser(username=record.username, name=record.username, display_name=record.username)
+    user.lomas_username = record.username
+    return user
+
+
+class TokenOverlay:
+    """An embedded server's identity provider, which also accepts lomas tokens on the lomas API: a token issued
+    by `lomas-admin` or the sidebar then works where it was issued, as its own user (not as the server's
+    owner). Every other caller is left to the server's own provider."""
+
+    def __init__(self, base: IdentityProvider) -> None:
+        self._base = base
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._base, name)
+
+    async def get_user(self, handler: web.RequestHandler) -> User | None:
+        token = header_token(handler)
+        if token and token.startswith(TOKEN_PREFIX):
+            return _token_user(handler, token)
+        user = self._base.get_user(handler)
+        return await user if hasattr(user, "__await__") else user  # type: ignore[misc]
+
+
+TOKEN_PREFIX = "lomas_"  # every lomas token starts so (store.base.new_token); a Jupyter token never does
+
+
 class LomasTokenIdentityProvider(IdentityProvider):
     """Authenticates `Authorization: token <lomas token>` against the admin store, on every request.
 
@@ -39,15 +79,7 @@ class LomasTokenIdentityProvider(IdentityProvider):
 
     async def get_user(self, handler: web.RequestHandler) -> User | None:  # type: ignore[override]
         token = header_token(handler)
-        service = handler.settings.get("lomas_service")
-        if not token or service is None:
-            return None
-        record = service.store.user_for_token(token)
-        if record is None:
-            return None
-        # A header token cannot be sent by a cross-site form, so XSRF checks do not apply.
-        handler._token_authenticated = True  # type: ignore[attr-defined]
-        return User(username=record.username, name=record.username, display_name=record.username)
+        return _token_user(handler, token) if token else None
 
     def get_handlers(self) -> list[tuple[str, object]]:
         return []  # no /login, no /logout
