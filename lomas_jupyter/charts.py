@@ -43,6 +43,20 @@ def plot_spec(release: Any, column: str | None = None) -> dict[str, Any]:
     }
 
 
+def _time_format(moments: list[str]) -> str:
+    """A time axis that reads as clock time (never ".950" for releases seconds apart): with the date when the
+    releases span more than a day."""
+    from datetime import datetime
+
+    try:
+        times = [datetime.fromisoformat(m) for m in moments]
+    except ValueError:
+        return "%b %d %H:%M"
+    if times and (max(times) - min(times)).total_seconds() > 86_400:
+        return "%b %d %H:%M"
+    return "%H:%M:%S"
+
+
 def spending_spec(archive: list[dict[str, Any]], dataset: str | None = None) -> dict[str, Any]:
     """Cumulative epsilon spent over time, per dataset, from the archive of releases."""
     data = []
@@ -60,7 +74,8 @@ def spending_spec(archive: list[dict[str, Any]], dataset: str | None = None) -> 
         "height": 200,
         "mark": {"type": "line", "point": True, "interpolate": "step-after"},
         "encoding": {
-            "x": {"field": "when", "type": "temporal", "title": "time"},
+            "x": {"field": "when", "type": "temporal", "title": "time",
+                  "axis": {"format": _time_format([d["when"] for d in data]), "labelAngle": -30}},
             "y": {"field": "spent", "type": "quantitative", "title": "ε spent (cumulative)"},
             "color": {"field": "dataset", "type": "nominal"},
         },

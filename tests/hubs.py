@@ -155,9 +155,24 @@ class Hub:
         raise RuntimeError(f"{user}'s server did not start:\n" + self.log.read_text()[-3000:])
 
 
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, path: str, status: int) -> None:
+def _descendants(proc: subprocess.Popen, seen: dict[int, float]) -> None:
+    """Remember every process the Hub started (the proxy, the service, users' servers), with its start time, so
+    they can be stopped by PID even after the Hub itself is gone (a failed start reparents them)."""
+    import psutil
+
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            seen[child.pid] = child.create_time()
+    except psutil.Error:
+        pass
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, path: str, status: int,
+                   seen: dict[int, float] | None = None) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        if seen is not None:
+            _descendants(proc, seen)
         if proc.poll() is not None:
             raise RuntimeError("the Hub stopped:\n" + log.read_text()[-4000:])
         try:
@@ -202,23 +217,42 @@ def running_hub(users: list[str], instructor: str, group: str, service_args: tup
         with open(log, "w") as out:
             proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(state / "jupyterhub_config.py")],
                                     cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        cleanup.callback(_stop, proc)
+        started: dict[int, float] = {}
+        cleanup.callback(_stop, proc, started)
         hub = Hub(f"http://127.0.0.1:{port}/", storage, f"http://127.0.0.1:{service_port}/services/lomas/",
                   harness_token, proc, log)
         # the proxy answers before the Hub has added its routes: wait for the Hub's API and the service's 401
-        _wait_until_up(hub.url, proc, log, "hub/api/", 200)
-        _wait_until_up(hub.url, proc, log, "services/lomas/lomas/api/whoami", 401)
+        _wait_until_up(hub.url, proc, log, "hub/api/", 200, started)
+        _wait_until_up(hub.url, proc, log, "services/lomas/lomas/api/whoami", 401, started)
         yield hub
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM: the Hub stops the servers it spawned, the service and the proxy, then exits."""
+def _stop(proc: subprocess.Popen, started: dict[int, float]) -> None:
+    """SIGTERM: the Hub stops the servers it spawned, the service and the proxy, then exits. Whatever it
+    started and left running (a Hub that failed to start leaves its proxy and service behind) is stopped by
+    PID, checked against its start time so that a reused PID is never touched."""
+    import psutil
+
+    _descendants(proc, started)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    left = []
+    for pid, created in started.items():
+        try:
+            child = psutil.Process(pid)
+            if child.create_time() == created:
+                left.append(child)
+        except psutil.Error:
+            continue
+    for child in left:
+        child.terminate()
+    _, alive = psutil.wait_procs(left, timeout=30)
+    for child in alive:
+        child.kill()
 
 
 async def _execute(server_url: str, token: str, codes: list[str], timeout: float) -> list[str]:

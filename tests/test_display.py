@@ -23,3 +23,15 @@ def test_intervals_years_and_tables() -> None:
     table = Table([{"column": "species", "GROUP BY keys": "Adelie, Chinstrap, Gentoo"}])
     assert "Adelie, Chinstrap, Gentoo" in repr(table) and "Adelie, Chinstrap, Gentoo" in table._repr_html_()
     assert repr(Table([], ["a"])) == "(none)"
+
+
+def test_the_spending_plots_time_axis_reads_as_clock_time() -> None:
+    """Issue 24.12: releases seconds apart labelled the axis '.950', '.250'."""
+    from lomas_jupyter.charts import spending_spec
+
+    archive = [{"id": i, "dataset": "penguins", "epsilon": 0.1, "created_at": f"2026-12-01T10:00:0{i}.950+00:00"}
+               for i in range(3)]
+    axis = spending_spec(archive)["encoding"]["x"]["axis"]
+    assert axis["format"] == "%H:%M:%S"
+    archive.append({"id": 9, "dataset": "penguins", "epsilon": 0.1, "created_at": "2026-12-04T10:00:00+00:00"})
+    assert spending_spec(archive)["encoding"]["x"]["axis"]["format"] == "%b %d %H:%M"

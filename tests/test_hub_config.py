@@ -61,3 +61,20 @@ def test_hub_groups_are_reused_only_for_groups_max_age() -> None:
     assert asyncio.run(reused._fresh_groups({"name": "ann"})) == ["group-3"]
     assert asyncio.run(reused._fresh_groups({"name": "bob"})) == ["group-4"]
     assert lookups == ["ann", "ann", "ann", "bob"]
+
+
+def test_the_example_hub_config_loads_and_adds_the_service(tmp_path) -> None:
+    """Issue 24.12: the README's complete example jupyterhub_config.py is a real config (loaded here as the Hub
+    loads it, with its folders redirected)."""
+    from pathlib import Path
+
+    from traitlets.config import PyFileConfigLoader
+
+    source = (Path(__file__).resolve().parents[1] / "deploy" / "hub" / "jupyterhub_config.py").read_text()
+    copy = tmp_path / "jupyterhub_config.py"
+    copy.write_text(source.replace("/srv/jupyterhub", str(tmp_path / "hub")))
+    c = PyFileConfigLoader(copy.name, str(tmp_path)).load_config()
+    assert c.JupyterHub.authenticator_class == "dummy" and c.JupyterHub.spawner_class == "localprocess"
+    (service,) = [s for s in c.JupyterHub.services if s["name"] == "lomas"]
+    assert service["user"] == "lomas" and "--storage-dir=/srv/lomas" in service["command"]
+    assert c.ConfigurableHTTPProxy.command[0].endswith("node_modules/.bin/configurable-http-proxy")

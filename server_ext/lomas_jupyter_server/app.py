@@ -391,9 +391,24 @@ class LomasApp(ExtensionApp):
 main = launch_new_instance = LomasApp.launch_instance
 
 
+def _stop_with_the_hub() -> None:
+    """The Hub started this process: if the Hub dies (a failed start, a kill -9), the service must not live on
+    without it. Linux's parent-death signal asks for SIGTERM then (a clean stop: reservations refunded)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the Hub died before the signal was set: this process was handed to init
+        sys.exit(0)
+
+
 def hub_service() -> None:
     """`lomas-hub-service`: the command a Hub runs. The Hub's environment says where to listen."""
     os.umask(0o077)  # the store, the parquet copies and the logs are the service user's alone
+    _stop_with_the_hub()
     url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
     argv = [
         f"--ServerApp.ip={url.hostname}",
