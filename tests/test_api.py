@@ -417,3 +417,16 @@ async def test_a_lomas_token_works_on_the_embedded_api_as_its_own_user(api) -> N
     assert await spent(api) == 0.0  # the owner was not charged
     status, error = await api("whoami", headers={"Authorization": "token lomas_not-a-real-token"})
     assert status == 401 and "not valid" in error["message"]
+
+
+async def test_an_admin_without_a_grant_is_told_to_grant_themselves(api) -> None:
+    """Issue 24.11: an admin who imports a dataset has no grant on it, and was told to 'ask an admin'."""
+    status, _ = await api("admin/datasets", "POST", {"name": "mine", "metadata": penguins_metadata(),
+                                                     "data_base64": base64.b64encode(
+                                                         Path(penguins_csv()).read_bytes()).decode(),
+                                                     "format": "csv"})
+    assert status == 201
+    status, error = await api("query", "POST", {"dataset": "mine", "sql": "SELECT COUNT(*) FROM mine",
+                                                "epsilon": 0.1})
+    assert status == 403 and "as an admin, grant yourself one" in error["message"]
+    assert "ask an admin" not in error["message"]

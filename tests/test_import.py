@@ -161,3 +161,11 @@ def test_a_draft_of_many_distinct_strings_lists_no_categories(tmp_path: Path) ->
     notes = {(n["column"], n["field"]): n["note"] for n in draft["review"]}
     assert "cannot group by" in notes[("name", "categories")] and "text" in notes[("born", "type")]
     assert all("person1" not in n["note"] and "1990" not in n["note"] for n in draft["review"])
+
+
+def test_a_drafts_row_bound_never_equals_the_files_row_count(tmp_path: Path) -> None:
+    """Issue 24.11: a 500-row file proposed max_rows 500, publishing its size; the bound is strictly above."""
+    for rows, bound in ((500, 1000), (344, 500), (1, 2), (999, 1000)):
+        path = tmp_path / f"r{rows}.csv"
+        path.write_text("x\n" + "".join(f"{i % 7}\n" for i in range(rows)))
+        assert propose_metadata(path)["metadata"]["max_rows"] == bound, rows

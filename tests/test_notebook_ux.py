@@ -231,3 +231,27 @@ def test_plain_text_front_ends_read_every_answer(jupyter_server: dict[str, str])
         assert "d: interval per group" in preview["text"]
         dummy = k.run("%%dpquery penguins --epsilon 0.3 --dummy\nSELECT COUNT(*) AS n FROM penguins")
         assert dummy["text"].startswith("DUMMY DATA") and "Nothing was charged" in dummy["text"]
+
+
+def test_tokens_from_the_sidebar_work_in_a_kernel_and_a_wrong_one_is_named(jupyter_server: dict[str, str]  # noqa: F811
+                                                                            ) -> None:
+    """Issue 24.4-5, 9 as a notebook user meets them: a token issued on this (embedded) server connects from a
+    kernel as its own user; a wrong token is 'not valid', not 'send your token'; a SUM of values >= 0 never
+    shows an interval below 0."""
+    owner = {"Authorization": f"token {jupyter_server['token']}"}
+    api = jupyter_server["url"] + "lomas/api/"
+    requests.post(api + "admin/users", json={"username": "tess"}, headers=owner, timeout=30)
+    requests.put(api + "admin/grants", json={"username": "tess", "dataset": "penguins", "epsilon": 1.0},
+                 headers=owner, timeout=30)
+    token = requests.post(api + "admin/users/tess/tokens", json={}, headers=owner, timeout=30).json()["token"]
+    with kernel(jupyter_server) as k:
+        wrong = k.run(f"%lomas connect {jupyter_server['url']} lomas_wrongtoken")
+        assert wrong["err"].count("\n") == 1 and "not valid" in wrong["err"] and "send your" not in wrong["err"]
+        connected = k.run(f"%lomas connect {jupyter_server['url']} {token}")
+        assert "tess" in connected["out"], connected
+        sums = k.run("%%dpquery penguins --epsilon 0.05\nSELECT sex, SUM(body_mass_g) AS mass FROM penguins "
+                     "GROUP BY sex")
+        for low in re.findall(r"\[(-?[\d,.]+) – ", sums["text"]):
+            assert float(low.replace(",", "")) >= 0, sums["text"]
+        assert requests.get(api + "budget/penguins", headers={"Authorization": f"token {token}"},
+                            timeout=30).json()["epsilon_spent"] > 0

@@ -169,6 +169,8 @@ def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(t
         issued = value.input_value()
         assert issued.startswith("lomas_")
         assert page.get_by_role("button", name="Copy the token of ann").is_visible()
+        page.get_by_role("button", name="Copy the token of ann").click()
+        assert "shown once" in page.locator(".lomas-sb-token").inner_text()  # kept until the next action
         r = requests.get(f"{url}lomas/api/admin/users", headers=headers, timeout=30)
         assert "ann" in {u["username"] for u in r.json()}
 
@@ -181,6 +183,7 @@ def test_the_admin_view_adds_a_user_issues_a_token_grants_and_follows_spending(t
                                timeout=30_000)
         grants = requests.get(f"{url}lomas/api/admin/grants?username=ann", headers=headers, timeout=30).json()
         assert [(g["dataset"], g["epsilon"]) for g in grants] == [("penguins", 1.5)]
+        assert page.locator(".lomas-sb-token").inner_text() == ""  # issue 24.11: copied, then gone
         # the view re-reads what it changed: the grants table shows it, the part stays open
         page.locator("[data-part=grants] tr:has(td:text-is('ann')) td:text-is('1.5')").wait_for(timeout=30_000)
         # a failed grant is one line and changes nothing
@@ -290,8 +293,9 @@ def test_the_admin_registers_datasets_with_a_reviewed_draft_and_progress(tmp_pat
         page.get_by_role("button", name="Propose a draft of the metadata from the uploaded data").click()
         _status_says(page, "proposed metadata for 2 columns")
         assert page.get_by_label("Upper bound of minutes (from the data: review)").input_value() == "200"
-        # every row arrived once (the file was read from the server in ranges): the row bound is the count itself
-        assert page.get_by_label("max rows (from the data: review)").input_value() == str(rows)
+        # every row arrived once (the file was read from the server in ranges): the row bound is the next round
+        # number strictly above the count (issue 24.11: never the count itself, which would publish it)
+        assert page.get_by_label("max rows (from the data: review)").input_value() == "500000"
         assert "clinic0, clinic1" in page.get_by_label("Categories of clinic (from the data: review)").input_value()
         assert "rare value" in page.locator(".lomas-sb-review").inner_text()
         ARTIFACTS.mkdir(exist_ok=True)
@@ -301,12 +305,19 @@ def test_the_admin_registers_datasets_with_a_reviewed_draft_and_progress(tmp_pat
         page.get_by_role("button", name="Import the dataset with this metadata").click()
         _status_says(page, "tick")
         assert "visits" not in stored()
+        # issue 24.11: the reason stands beside the button, in view, not only at the panel's top
+        beside = page.locator(".lomas-sb-import-status")
+        assert "tick" in beside.inner_text() and beside.is_visible()
+        assert page.evaluate("() => { const r = document.querySelector('.lomas-sb-import-status')"
+                             ".getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight; }")
+        # a description typed in the form is in the YAML view too
+        page.get_by_label("Dataset description (public)").fill("Visits to five clinics")
 
         # a mismatch by column name, written in YAML, is refused and changes nothing
         page.get_by_role("button", name="Switch the metadata editor between the form and YAML").click()
         yaml_box = page.get_by_label("Metadata as YAML")
         text = yaml_box.input_value()
-        assert text.startswith("# REVIEW ") and "clinic:" in text
+        assert text.startswith("# REVIEW ") and "clinic:" in text and "Visits to five clinics" in text
         yaml_box.fill(text.replace("clinic:", "site:"))
         page.locator(".lomas-sb-register .lomas-sb-check input[aria-describedby]").check()
         page.get_by_role("button", name="Import the dataset with this metadata").click()

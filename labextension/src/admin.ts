@@ -62,6 +62,7 @@ export class AdminView {
   readonly node = el('section', { class: 'lomas-sb-admin', 'aria-label': 'Administration' });
   /** kept across reloads: a token is shown once and must stay until copied */
   private tokenBox = el('div', { class: 'lomas-sb-token', 'aria-live': 'polite' });
+  private tokenCopied = false;
   private content = el('div');
   private filter = { user: '', dataset: '', since: '' };
   /** which parts are open, kept across reloads */
@@ -75,8 +76,16 @@ export class AdminView {
     private say: Say,
     pickFromBrowser: PickFromBrowser | null = null
   ) {
+    // a copied token's box goes away with the next action: only an uncopied one stays (it is shown once)
+    this.say = (message: string, ok?: boolean) => {
+      if (this.tokenCopied && message !== 'token copied') {
+        this.tokenBox.replaceChildren();
+        this.tokenCopied = false;
+      }
+      say(message, ok);
+    };
     this.node.append(el('h3', {}, 'Administration'), this.tokenBox, this.content);
-    this.datasets = new DatasetsPart(api, say, pickFromBrowser, () => this.load(true));
+    this.datasets = new DatasetsPart(api, this.say, pickFromBrowser, () => this.load(true));
   }
 
   /** Open the Datasets part and start registering this file (the file browser's context menu). */
@@ -205,10 +214,12 @@ export class AdminView {
         button('Copy', `Copy the token of ${username}`, () => {
           field.select();
           void navigator.clipboard?.writeText(out.token).catch(() => document.execCommand('copy'));
+          this.tokenCopied = true;
           this.say('token copied', true);
         }),
         button('Done', 'Hide the token', () => box.replaceChildren())
       );
+      this.tokenCopied = false;
       this.say(`issued a token for ${username}`, true);
     } catch (err) {
       this.say(err instanceof ApiError ? err.message : String(err));

@@ -15,6 +15,7 @@ import {
   editColumn,
   formProblems,
   formatOf,
+  formatSize,
   fromYaml,
   progressOf,
   toYaml
@@ -111,6 +112,8 @@ export class DatasetsPart {
   private reviewed = el('input', { type: 'checkbox', 'aria-describedby': 'lomas-sb-review-help' });
   private modeButton: HTMLButtonElement;
   private yamlText: HTMLTextAreaElement | null = null;
+  /** why Import did nothing, beside the button (the panel's message line may be scrolled out of sight) */
+  private importStatus = el('p', { class: 'lomas-sb-who lomas-sb-import-status', role: 'status' });
   private upload: Upload | null = null;
   private doc: MetadataDoc | null = null;
   private review: ReviewNote[] = [];
@@ -171,7 +174,8 @@ export class DatasetsPart {
         { class: 'lomas-sb-who', id: 'lomas-sb-review-help' },
         'Metadata is public: analysts see it. Nothing is saved until you import.'
       ),
-      button('Import', 'Import the dataset with this metadata', () => void this.importNow())
+      button('Import', 'Import the dataset with this metadata', () => void this.importNow()),
+      this.importStatus
     );
     this.renderEditor();
   }
@@ -218,7 +222,7 @@ export class DatasetsPart {
     this.busy = true;
     try {
       await this.discard();
-      this.source.textContent = `${file.name} (${(file.size / 1e6).toFixed(1)} MB): uploading…`;
+      this.source.textContent = `${file.name} (${formatSize(file.size)}): uploading…`;
       if (!this.name.value) {
         this.name.value = datasetNameOf(file.name);
       }
@@ -233,7 +237,7 @@ export class DatasetsPart {
         this.show(state, false);
       }
       this.upload = upload;
-      this.source.textContent = `${file.name} (${(file.size / 1e6).toFixed(1)} MB), uploaded; not imported yet.`;
+      this.source.textContent = `${file.name} (${formatSize(file.size)}), uploaded; not imported yet.`;
       this.say(`uploaded ${file.name}: propose metadata from it, or write it`, true);
     } catch (err) {
       this.source.textContent = `${file.name}: the upload failed.`;
@@ -305,7 +309,13 @@ export class DatasetsPart {
       if (this.yamlText) {
         this.doc = fromYaml(this.yamlText.value);
         this.yamlText = null;
+        if (this.doc.description) {
+          this.description.value = this.doc.description; // the YAML's description is the form's too
+        }
       } else {
+        if (this.doc && this.description.value.trim()) {
+          this.doc = { ...this.doc, description: this.description.value.trim() }; // typed in the form: kept
+        }
         this.yamlText = el('textarea', {
           class: 'lomas-sb-input lomas-sb-yaml',
           rows: '14',
@@ -403,6 +413,13 @@ export class DatasetsPart {
     return wrap;
   }
 
+  /** A reason Import did nothing: in the message line and beside the button, scrolled into view. */
+  private refuse(message: string): void {
+    this.importStatus.textContent = message;
+    this.importStatus.scrollIntoView?.({ block: 'nearest' });
+    this.say(message);
+  }
+
   private async importNow(): Promise<void> {
     if (this.busy) {
       this.say('an upload or import is still running');
@@ -421,14 +438,15 @@ export class DatasetsPart {
     }
     const problems = formProblems(metadata);
     if (problems.length) {
-      this.say(problems[0]);
+      this.refuse(problems[0]);
       return;
     }
     if (!this.reviewed.checked) {
-      this.say('review the metadata and tick “I reviewed this metadata” first: it becomes public');
+      this.refuse('review the metadata and tick “I reviewed this metadata” first: it becomes public');
       this.reviewed.focus();
       return;
     }
+    this.importStatus.textContent = '';
     const upload = this.upload;
     const body: Record<string, unknown> = { name: this.name.value.trim(), metadata, upload: upload.upload };
     if (this.description.value.trim()) {

@@ -9,6 +9,7 @@ import {
   editColumn,
   formProblems,
   formatOf,
+  formatSize,
   fromYaml,
   parseCategories,
   progressOf,
@@ -113,5 +114,14 @@ describe('uploads', () => {
     expect(formatOf('a.parquet')).toBe('parquet');
     expect(formatOf('a.xlsx')).toBeNull();
     expect(datasetNameOf('data/2024 visits-v2.csv')).toBe('_2024_visits_v2');
+  });
+});
+
+describe('formatSize', () => {
+  it('reads well at every scale, and a small file is never 0.0 MB', () => {
+    expect(formatSize(512)).toBe('512 B');
+    expect(formatSize(8600)).toBe('8.6 KB');
+    expect(formatSize(12_345_678)).toBe('12 MB');
+    expect(formatSize(1_500_000_000)).toBe('1.5 GB');
   });
 });

@@ -169,6 +169,18 @@ export function describeColumn(spec: ColumnSpec): string {
 }
 
 /** The byte ranges an upload sends, in order. */
+/** A file size people read: 512 B, 8.6 KB, 12.3 MB, 1.5 GB (never "0.0 MB" for a small file). */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
 export function chunkRanges(size: number, chunk: number): [number, number][] {
   const ranges: [number, number][] = [];
   for (let start = 0; start < size; start += chunk) {

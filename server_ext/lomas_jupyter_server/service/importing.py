@@ -61,11 +61,12 @@ DRAFT_MAX_INT_CATEGORIES = 20
 
 
 def _nice_ceiling(value: int) -> int:
-    """The smallest 1, 2 or 5 times a power of ten at or above value: a public-looking row bound."""
+    """The smallest 1, 2 or 5 times a power of ten above value (strictly: a file of 500 rows must not propose
+    500, which would publish its size): a public-looking row bound."""
     magnitude = 1
     while True:
         for factor in (1, 2, 5):
-            if factor * magnitude >= value:
+            if factor * magnitude > value:
                 return factor * magnitude
         magnitude *= 10
 

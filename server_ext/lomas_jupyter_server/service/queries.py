@@ -88,6 +88,13 @@ class TimingPadding:
             await asyncio.sleep(delay)
 
 
+def _no_budget(user: UserRecord, dataset: str) -> str:
+    if user.role == "admin":  # an admin who just imported a dataset has no grant on it either
+        return (f"you have no budget on dataset '{dataset}' yet; as an admin, grant yourself one (the sidebar's "
+                f"Grants part, PUT admin/grants, or lomas-admin grant {user.username} {dataset} --epsilon E)")
+    return f"you have no budget on dataset '{dataset}'; ask an admin for a grant"
+
+
 class QueryService:
     """The analyst's side of the service: one instance per service process, shared by all requests."""
 
@@ -157,7 +164,7 @@ class QueryService:
         self._dataset(dataset)
         budget = self.store.budget(user.username, dataset)
         if budget is None:
-            raise NotFound(f"you have no budget on dataset '{dataset}'; ask an admin for a grant")
+            raise NotFound(_no_budget(user, dataset))
         return budget.to_json()
 
     def archive(self, user: UserRecord, dataset: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
@@ -182,7 +189,7 @@ class QueryService:
 
     def _require_grant(self, user: UserRecord, record: DatasetRecord) -> None:
         if self.store.get_grant(user.username, record.name) is None:
-            raise Forbidden(f"you have no budget on dataset '{record.name}'; ask an admin for a grant")
+            raise Forbidden(_no_budget(user, record.name))
 
     async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
         """Noise scale, exact cost and accuracy, computed by a worker from metadata only (and remembered: the
