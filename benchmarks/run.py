@@ -108,8 +108,10 @@ def opendp_exec_only(path: Path, rows: int) -> Callable[[], Any]:
 
     meta = parse_metadata(metadata(rows))
     plan = engine.Plan(compile_sql(SQL.format(rows=rows), dataset_name(rows), meta), meta, engine.effective_bounds(meta, None))
-    measurement, _, _ = plan.calibrate(EPSILON)
-    return lambda: measurement(pl.scan_parquet(path)).collect()
+    calibrated = plan.calibrate(EPSILON)
+    # OpenDP's own collect (the floor): the service collects the same plan with common-subexpression
+    # elimination off (engine.collect_release), so that every noise is its own draw
+    return lambda: calibrated.measurement(pl.scan_parquet(path)).collect()
 
 
 def opendp_naive(path: Path, rows: int) -> Callable[[], Any]:

@@ -21,3 +21,20 @@ def test_the_trust_boundary_benchmark_runs_every_experiment(tmp_path: Path) -> N
         assert experiment in text, text
     # the attacker's free requests were answered (a grant was needed and given), not refused
     assert "preview 200" in text and "dummy 200" in text
+
+
+def test_the_engine_benchmark_runs_every_configuration() -> None:
+    """benchmarks/run.py had rotted (it unpacked what calibrate used to return) without anyone noticing."""
+    results = ROOT / "benchmarks" / "results"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "20000", "--repeats", "2",
+                        "--naive-repeats", "1", "--clients", "2", "--load-seconds", "2", "--results", "ci-tiny"],
+                       check=True, capture_output=True, text=True, timeout=900)
+        text = (results / "ci-tiny.md").read_text()
+        for configuration in ("1 plain polars", "2 OpenDP exec only", "3 OpenDP naive", "4a service: warm query",
+                              "4b service: preview", "4c service: replay"):
+            assert configuration in text, text
+        assert (results / "ci-tiny.png").stat().st_size > 0
+    finally:
+        for leftover in (results / "ci-tiny.md", results / "ci-tiny.png"):
+            leftover.unlink(missing_ok=True)

@@ -78,3 +78,28 @@ def test_the_example_hub_config_loads_and_adds_the_service(tmp_path) -> None:
     (service,) = [s for s in c.JupyterHub.services if s["name"] == "lomas"]
     assert service["user"] == "lomas" and "--storage-dir=/srv/lomas" in service["command"]
     assert c.ConfigurableHTTPProxy.command[0].endswith("node_modules/.bin/configurable-http-proxy")
+
+
+def test_the_hub_service_does_not_outlive_its_hub(tmp_path) -> None:
+    """Issue 24.6: after a failed Hub start the service kept running for an hour. lomas-hub-service asks Linux
+    for SIGTERM when its parent (the Hub) dies: here a stand-in Hub starts it and is killed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    service = ("from lomas_jupyter_server.app import _stop_with_the_hub\n_stop_with_the_hub()\n"
+               "import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+    hub = ("import subprocess, sys, os\n"
+           f"p = subprocess.Popen([sys.executable, '-c', {service!r}], stdout=subprocess.PIPE, text=True)\n"
+           "assert p.stdout.readline().strip() == 'up'\nprint(p.pid, flush=True)\nos._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", hub], capture_output=True, text=True, check=True, timeout=120)
+    pid = int(out.stdout.strip())
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError("the service outlived its Hub")
