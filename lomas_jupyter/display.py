@@ -173,6 +173,9 @@ def _footer(release: Release, epsilon_note: str = "") -> str:
             "<b>DUMMY DATA</b>: computed on rows made from the public metadata only, not on "
             f"{html.escape(release.dataset)}. Nothing was charged; the real query would cost ε={fmt(would)}."
         )
+    post = release.raw.get("post_processing")
+    if post:
+        footer += f" · {html.escape(post['note'])}"
     return footer
 
 
@@ -225,6 +228,8 @@ def preview_text(preview: dict[str, Any]) -> str:
              + (f"; you have ε={fmt(budget['epsilon_remaining'])} left" if budget else "")]
     for agg in preview["aggregates"]:
         lines.append(f"  {agg['name']}: {_accuracy_words(agg)}; covers {agg.get('covers', '')}")
+    if preview.get("post_processing"):
+        lines.append(preview["post_processing"]["note"])
     return "\n".join(lines)
 
 

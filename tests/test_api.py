@@ -430,3 +430,26 @@ async def test_an_admin_without_a_grant_is_told_to_grant_themselves(api) -> None
                                                 "epsilon": 0.1})
     assert status == 403 and "as an admin, grant yourself one" in error["message"]
     assert "ask an admin" not in error["message"]
+
+
+async def test_having_order_by_and_limit_are_applied_to_the_release_for_free(api) -> None:
+    """Issue 21.1: post-processing runs on the released values, never on the data. The whole release is
+    archived, so another HAVING / ORDER BY / LIMIT of the same query is a free replay of it."""
+    base = "SELECT island, COUNT(*) AS n, AVG(body_mass_g) AS mass FROM penguins GROUP BY island"
+    status, full = await api("query", "POST", {"dataset": "penguins", "sql": base, "epsilon": 0.5})
+    assert status == 201 and len(full["rows"]) == 3 and "post_processing" not in full
+    charged = await spent(api)
+    sql = base + " HAVING n > 60 ORDER BY mass DESC LIMIT 2"
+    status, post = await api("query", "POST", {"dataset": "penguins", "sql": sql, "epsilon": 0.5})
+    assert status == 201, post
+    assert post["replay"] is True and post["cost"]["epsilon"] == 0 and await spent(api) == charged
+    expected = sorted((r for r in full["rows"] if r["n"] > 60), key=lambda r: -r["mass"])[:2]
+    assert post["rows"] == expected and post["sql"] == sql
+    by_island = {r["island"]: i for r, i in zip(full["rows"], full["intervals"])}
+    assert post["intervals"] == [by_island[r["island"]] for r in expected]  # each row keeps its intervals
+    assert post["post_processing"]["applied"] == ["having", "order", "limit"]
+    assert "noisy values" in post["post_processing"]["note"]
+    status, preview = await api("preview", "POST", {"dataset": "penguins", "sql": sql, "epsilon": 0.5})
+    assert status == 200 and "post_processing" in preview
+    status, archive = await api("archive")
+    assert len(archive) == 1 and len(archive[0]["result"]["rows"]) == 3  # the archive keeps the whole release

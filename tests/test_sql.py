@@ -56,9 +56,14 @@ REFUSED = [
     ("SELECT species FROM penguins", "not aggregated"),
     ("SELECT bill_length_mm, COUNT(*) FROM penguins GROUP BY bill_length_mm", "no public category list"),
     ("SELECT COUNT(*) FROM penguins p JOIN penguins q ON p.year = q.year", "JOIN"),
-    ("SELECT COUNT(*) FROM penguins ORDER BY 1", "ORDER BY"),
-    ("SELECT COUNT(*) FROM penguins LIMIT 3", "LIMIT"),
-    ("SELECT species, COUNT(*) FROM penguins GROUP BY species HAVING COUNT(*) > 3", "HAVING"),
+    ("SELECT COUNT(*) FROM penguins ORDER BY 5", "there are 1 output columns"),
+    ("SELECT COUNT(*) FROM penguins LIMIT 3 OFFSET 1", "OFFSET"),
+    ("SELECT COUNT(*) FROM penguins LIMIT 'x'", "whole number"),
+    ("SELECT species, COUNT(*) FROM penguins GROUP BY species HAVING AVG(bill_length_mm) > 3", "not selected"),
+    ("SELECT species, COUNT(*) FROM penguins GROUP BY species HAVING island > 3", "not a selected column"),
+    ("SELECT species, COUNT(*) AS n FROM penguins GROUP BY species HAVING n > species", "with a number"),
+    ("SELECT species, COUNT(*) FROM penguins GROUP BY species ORDER BY 3", "there are 2 output columns"),
+    ("SELECT species, COUNT(*) FROM penguins GROUP BY species ORDER BY body_mass_g", "not a selected column"),
     ("WITH t AS (SELECT * FROM penguins) SELECT COUNT(*) FROM t", "WITH"),
     ("SELECT COUNT(*) FROM (SELECT * FROM penguins) s", "FROM must name"),
     ("SELECT COUNT(*) FROM read_csv('/etc/os-release')", "FROM must name"),
@@ -104,3 +109,21 @@ def test_group_by_needs_public_categories_even_with_metadata_from_yaml() -> None
     with pytest.raises(QueryRejected, match="no public bounds"):
         compile_sql("SELECT SUM(x) FROM t", "t", parse_metadata(
             yaml.safe_load("privacy_unit: 1\nmax_rows: 10\ncolumns:\n  x: {type: int}")))
+
+
+def test_having_order_by_and_limit_are_post_processing_of_the_outputs() -> None:
+    """Issue 21.1: they name the query's outputs (by alias, by the selected aggregate, by position) and never
+    change what is released: the canonical query (the replay key) is the same without them."""
+    base = "SELECT species, COUNT(*) AS n, AVG(bill_length_mm) AS m FROM penguins GROUP BY species"
+    spec = compile_sql(base + " HAVING COUNT(*) > 50 AND NOT m < 40 ORDER BY 2 DESC, species LIMIT 2", "penguins",
+                       META)
+    assert spec.post == {
+        "having": {"op": "and", "args": [{"op": "cmp", "cmp": ">", "output": "n", "value": 50.0},
+                                         {"op": "not", "arg": {"op": "cmp", "cmp": "<", "output": "m", "value": 40.0}}]},
+        "order": [{"output": "n", "desc": True}, {"output": "species", "desc": False}],
+        "limit": 2,
+    }
+    assert spec.canonical() == compile_sql(base, "penguins", META).canonical()
+    assert compile_sql(base, "penguins", META).post is None
+    flipped = compile_sql(base + " HAVING 50 < n", "penguins", META).post
+    assert flipped == {"having": {"op": "cmp", "cmp": ">", "output": "n", "value": 50.0}}

@@ -31,7 +31,8 @@ SUPPORTED = (
     "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), MEDIAN(col), "
     "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
-    "GROUP BY on columns with public categories."
+    "GROUP BY on columns with public categories; HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
+    "the released values, free)."
 )
 
 _CLAUSE_NAMES = {
@@ -59,7 +60,8 @@ _CLAUSE_NAMES = {
     "sort": "SORT BY",
     "match": "MATCH_RECOGNIZE",
 }
-_ALLOWED_ARGS = {"expressions", "from_", "from", "where", "group"}
+_ALLOWED_ARGS = {"expressions", "from_", "from", "where", "group", "having", "order", "limit"}
+MAX_LIMIT = 1_000_000
 
 AGG_KINDS = ("count_star", "count", "sum", "avg", "quantile")
 
@@ -86,13 +88,18 @@ class QuerySpec:
     aggregates: tuple[Aggregate, ...]
     outputs: tuple[OutputColumn, ...]
     where: dict[str, Any] | None = None
+    # HAVING / ORDER BY / LIMIT: applied to the released values, never to the data (engine.post)
+    post: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def canonical(self) -> str:
-        """A canonical text of the query: equal for SQL that differs only in spelling."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """A canonical text of what the query releases: equal for SQL that differs only in spelling or in its
+        post-processing (HAVING, ORDER BY, LIMIT), which is computed from the same release for free."""
+        doc = self.to_json()
+        doc.pop("post", None)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> QuerySpec:
@@ -102,6 +109,7 @@ class QuerySpec:
             aggregates=tuple(Aggregate(**a) for a in doc["aggregates"]),
             outputs=tuple(OutputColumn(**o) for o in doc["outputs"]),
             where=doc.get("where"),
+            post=doc.get("post"),
         )
 
 
@@ -412,4 +420,81 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
 
     where = select.args.get("where")
     predicate = compiler.predicate(where.this) if where is not None else None
-    return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate)
+    post = _post_processing(select, compiler, outputs, aggregates)
+    return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate, post)
+
+
+def _post_processing(select: exp.Select, compiler: _Compiler, outputs: list[OutputColumn],
+                     aggregates: list[Aggregate]) -> dict[str, Any] | None:
+    """HAVING, ORDER BY and LIMIT as operations on the released table (by output name); None if absent."""
+
+    def output_of(node: exp.Expression, clause: str) -> str:
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Column) and not node.table:
+            for output in outputs:
+                if node.name in (output.name, output.key):
+                    return output.name
+            raise QueryRejected(f"{clause} '{node.name}': not a selected column or alias; {clause} works on the "
+                                "query's outputs")
+        try:
+            kind, column, quantile = compiler.aggregate(node)
+        except QueryRejected:
+            raise _reject(f"{clause} may use the selected columns and aggregates only, not '{_short(node)}'") from None
+        for i, agg in enumerate(aggregates):
+            if (agg.kind, agg.column, agg.quantile) == (kind, column, quantile):
+                return next(o.name for o in outputs if o.aggregate == i)
+        raise QueryRejected(f"{clause} {_short(node)}: it is not selected, and only what the query releases can be "
+                            "used after release; add it to SELECT")
+
+    def condition(node: exp.Expression, depth: int = 0) -> dict[str, Any]:
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if depth > MAX_NESTING:
+            raise QueryRejected(f"HAVING nests more than {MAX_NESTING} levels deep")
+        if isinstance(node, (exp.And, exp.Or)):
+            return {"op": "and" if isinstance(node, exp.And) else "or",
+                    "args": [condition(node.left, depth + 1), condition(node.right, depth + 1)]}
+        if isinstance(node, exp.Not):
+            return {"op": "not", "arg": condition(node.this, depth + 1)}
+        comparisons = {exp.EQ: "==", exp.NEQ: "!=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
+        flipped = {"==": "==", "!=": "!=", ">": "<", ">=": "<=", "<": ">", "<=": ">="}
+        for cls, op in comparisons.items():
+            if isinstance(node, cls):
+                left, right = node.left, node.right
+                if isinstance(left, (exp.Literal, exp.Neg)) and not isinstance(right, (exp.Literal, exp.Neg)):
+                    left, right, op = right, left, flipped[op]
+                negative = isinstance(right, exp.Neg)
+                literal = right.this if negative else right
+                if not isinstance(literal, exp.Literal) or literal.is_string:
+                    raise _reject(f"HAVING compares an output with a number, not '{_short(node)}'")
+                value = float(literal.this) * (-1 if negative else 1)
+                return {"op": "cmp", "cmp": op, "output": output_of(left, "HAVING"), "value": value}
+        raise _reject(f"unsupported condition in HAVING: '{_short(node)}'")
+
+    post: dict[str, Any] = {}
+    having = select.args.get("having")
+    if having is not None:
+        post["having"] = condition(having.this)
+    order = select.args.get("order")
+    if order is not None:
+        post["order"] = []
+        for item in order.expressions:
+            node = item.this
+            if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
+                position = int(node.this)
+                if not 1 <= position <= len(outputs):
+                    raise QueryRejected(f"ORDER BY {position}: there are {len(outputs)} output columns")
+                name = outputs[position - 1].name
+            else:
+                name = output_of(node, "ORDER BY")
+            post["order"].append({"output": name, "desc": bool(item.args.get("desc"))})
+    limit = select.args.get("limit")
+    if limit is not None:
+        count = limit.expression
+        if not isinstance(count, exp.Literal) or count.is_string or not count.this.isdigit():
+            raise _reject("LIMIT takes a whole number")
+        if int(count.this) > MAX_LIMIT:
+            raise QueryRejected(f"LIMIT is at most {MAX_LIMIT:,}")
+        post["limit"] = int(count.this)
+    return post or None

@@ -15,6 +15,8 @@ from typing import Any
 
 from .. import engine
 from ..engine.metadata import parse_metadata
+from ..engine.post import NOTE as POST_NOTE
+from ..engine.post import apply_post
 from ..engine.sql import DEFAULT_MAX_GROUPS, compile_sql
 from ..engine.workers import WorkerPool
 from ..errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
@@ -222,6 +224,7 @@ class QueryService:
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
             "aggregates": preview["plan"]["aggregates"],
             "plan": preview["plan"],
+            **({"post_processing": {"applied": list(spec.post), "note": POST_NOTE}} if spec.post else {}),
             "budget": budget.to_json() if budget else None,
             "affordable": bool(
                 budget
@@ -262,7 +265,7 @@ class QueryService:
                 return {
                     "release_id": earlier.id,
                     "created_at": earlier.created_at,
-                    **earlier.result,
+                    **apply_post(earlier.result, spec.post),  # another HAVING/ORDER BY/LIMIT: still free
                     "sql": request.sql,
                     "cost": {"epsilon": 0.0, "delta": 0.0},
                     "replay": True,
@@ -309,7 +312,7 @@ class QueryService:
         return {
             "release_id": archived.id,
             "created_at": archived.created_at,
-            **result,
+            **apply_post(result, spec.post),  # the archive keeps the whole release: later post-processing is free
             "budget": budget.to_json() if budget else None,
             "replay": False,
         }
@@ -326,7 +329,7 @@ class QueryService:
         budget = self.store.budget(user.username, record.name)
         return {
             "dummy": True,
-            **answer,
+            **apply_post(answer, spec.post),
             "cost": {"epsilon": 0.0, "delta": 0.0},
             "would_cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
             "budget": budget.to_json() if budget else None,
