@@ -127,3 +127,8 @@ def test_having_order_by_and_limit_are_post_processing_of_the_outputs() -> None:
     assert compile_sql(base, "penguins", META).post is None
     flipped = compile_sql(base + " HAVING 50 < n", "penguins", META).post
     assert flipped == {"having": {"op": "cmp", "cmp": ">", "output": "n", "value": 50.0}}
+
+
+def test_a_parenthesised_aggregate_is_the_aggregate() -> None:
+    plain = compile_sql("SELECT SUM(body_mass_g) AS s FROM penguins", "penguins", META)
+    assert compile_sql("SELECT (SUM(body_mass_g)) AS s FROM penguins", "penguins", META) == plain

@@ -393,6 +393,8 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
     for item in select.expressions:
         alias = item.alias if isinstance(item, exp.Alias) else None
         node = item.this if isinstance(item, exp.Alias) else item
+        while isinstance(node, exp.Paren):  # (SUM(age)) is SUM(age)
+            node = node.this
         if isinstance(node, exp.Star):
             raise _reject("SELECT * would release rows; select aggregates instead")
         if isinstance(node, exp.Column):
