@@ -15,9 +15,13 @@ MARK_COLOR = "#2a9d8f"  # at least 3:1 against both JupyterLab themes' backgroun
 def plot_spec(release: Any, column: str | None = None) -> dict[str, Any]:
     """A Vega-Lite chart (JupyterLab renders it natively, in both themes): each DP estimate as a point with its
     95% interval as an error bar, one per group."""
-    aggregates = [a["name"] for a in release.aggregates if a["name"] in release.columns]
+    if release.raw.get("keys") is not None:
+        keys = list(release.raw["keys"])
+        aggregates = [c for c in release.columns if c not in keys]
+    else:  # releases archived before answers named their keys
+        aggregates = [a["name"] for a in release.aggregates if a["name"] in release.columns]
+        keys = [c for c in release.columns if c not in aggregates]
     value = column or next((a for a in aggregates if any(i.get(a) for i in release.intervals)), aggregates[0])
-    keys = [c for c in release.columns if c not in aggregates]
     data = []
     for row, interval in zip(release.rows, release.intervals):
         label = " · ".join("NULL" if row[k] is None else str(row[k]) for k in keys) or value

@@ -65,8 +65,21 @@ class Rich:
 
 def _keys(release: Release) -> set[str]:
     """Group-key columns: labels, shown as they are (2007, not 2,007)."""
-    aggregates = {a["name"] for a in release.aggregates}
+    if release.raw.get("keys") is not None:
+        return set(release.raw["keys"])
+    aggregates = {a["name"] for a in release.aggregates}  # releases archived before answers named their keys
     return {c for c in release.columns if c not in aggregates}
+
+
+def _coverage_notes(release: Release) -> list[tuple[str, str]]:
+    """(column, what its interval or value means), for the columns shown."""
+    notes = []
+    for agg in release.aggregates:
+        if agg.get("covers") and agg["name"] in release.columns:
+            kind = "95% interval of" if agg["kind"] != "quantile" else "95% statement on"
+            notes.append((agg["name"], f"{kind} {agg['covers']}"))
+    notes.extend((release.raw.get("derived") or {}).items())
+    return notes
 
 
 def _value_text(release: Release, row: dict[str, Any], interval: dict[str, Any], name: str,
@@ -94,10 +107,7 @@ def release_text(release: Release, epsilon_note: str = "") -> str:
     lines.extend("  ".join(r[c].ljust(widths[c]) for c in release.columns) for r in rows)
     footer = html.unescape(_strip_tags(_footer(release, epsilon_note)))
     lines.append(footer)
-    for agg in release.aggregates:
-        if agg.get("covers"):
-            kind = "95% interval of" if agg["kind"] != "quantile" else "95% statement on"
-            lines.append(f"  {agg['name']}: {kind} {agg['covers']}")
+    lines.extend(f"  {name}: {note}" for name, note in _coverage_notes(release))
     return "\n".join(lines)
 
 
@@ -107,11 +117,7 @@ def _strip_tags(text: str) -> str:
 
 def _notes(release: Release) -> str:
     """What each column's interval covers: clipping, nulls, and the rank statement of quantiles."""
-    items = []
-    for agg in release.aggregates:
-        if agg.get("covers"):
-            kind = "95% interval of" if agg["kind"] != "quantile" else "95% statement on"
-            items.append(f"<li><b>{html.escape(agg['name'])}</b>: {kind} {html.escape(agg['covers'])}</li>")
+    items = [f"<li><b>{html.escape(name)}</b>: {html.escape(note)}</li>" for name, note in _coverage_notes(release)]
     return f'<ul style="margin:0.2em 0;padding-left:1.2em">{"".join(items)}</ul>' if items else ""
 
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import HTML, display
+from IPython.display import display
 
 from .charts import Chart, class_spending_spec, spending_spec
 from .client import Client, Release, on_release
@@ -56,14 +56,15 @@ def run_with_progress(label: str, work: Callable[[], T]) -> T:
     thread.join(PROGRESS_AFTER)
     handle = None
     while thread.is_alive():
-        text = HTML(f"<i>{label}: running for {time.monotonic() - started:.0f} s …</i>")
+        seconds = f"{time.monotonic() - started:.0f}"
+        text = Rich(f"<i>{label}: running for {seconds} s …</i>", f"{label}: running for {seconds} s …")
         if handle is None:
             handle = display(text, display_id=True)
         else:
             handle.update(text)
         thread.join(0.5)
     if handle is not None:
-        handle.update(HTML(""))
+        handle.update(Rich("", ""))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

@@ -448,3 +448,30 @@ def test_a_where_is_a_mask_with_sqls_semantics(tmp_path: Path) -> None:
                 half = max((high - low) / 2, 1)
                 assert abs(expected[name] - row[name]) <= 5 * half, (where, row["g"], name, expected[name], interval)
         assert sum(r["n"] for r in out["rows"]) == pytest.approx(len(kept), abs=60)
+
+
+def test_arithmetic_on_released_aggregates_is_free_and_honest_about_intervals(tmp_path: Path) -> None:
+    """Issue 21.1: AVG(x) * 10 + 1 carries AVG's interval exactly (and covers at its rate); SUM(x) / COUNT(*) is
+    computed from the released values with no interval; an aggregate used only in an expression is released
+    once, like any other, and the charge is the same as selecting it directly."""
+    frame = _known_table(tmp_path / "t.parquet")
+    lf = pl.scan_parquet(tmp_path / "t.parquet")
+    sql = "SELECT g, AVG(x) * 10 + 1 AS a10, SUM(x) / COUNT(*) AS ratio, COUNT(*) AS n FROM t GROUP BY g"
+    plan = _plan(sql, KNOWN_META, "t")
+    direct = _plan("SELECT g, AVG(x), SUM(x), COUNT(*) FROM t GROUP BY g", KNOWN_META, "t")
+    assert len(plan.statistics) == len(direct.statistics)
+    assert plan.calibrate(1.0).epsilon == direct.calibrate(1.0).epsilon
+    calibrated = plan.calibrate(1.0)
+    described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
+    truth = frame.filter(pl.col("g") == "a").select(pl.col("x").clip(0.0, 10.0).mean()).item() * 10 + 1
+    hits, releases = 0, 300
+    for _ in range(releases):
+        out = plan.postprocess(calibrated.release(lf), described, tables)
+        assert out["keys"] == ["g"] and out["columns"] == ["g", "a10", "ratio", "n"]
+        row, interval = out["rows"][0], out["intervals"][0]
+        assert row["g"] == "a" and interval["ratio"] is None
+        low, high = interval["a10"]
+        assert low <= row["a10"] <= high and 1 <= low and high <= 101  # within 10 x bounds + 1
+        hits += low <= truth <= high
+    assert hits >= releases * 0.95 - 5.3 * math.sqrt(releases * 0.95 * 0.05)
+    assert "follows the arithmetic exactly" in out["derived"]["a10"] and "no 95% interval" in out["derived"]["ratio"]

@@ -231,6 +231,13 @@ def test_plain_text_front_ends_read_every_answer(jupyter_server: dict[str, str])
         assert "d: interval per group" in preview["text"]
         dummy = k.run("%%dpquery penguins --epsilon 0.3 --dummy\nSELECT COUNT(*) AS n FROM penguins")
         assert dummy["text"].startswith("DUMMY DATA") and "Nothing was charged" in dummy["text"]
+        # issue 21.1: arithmetic on released aggregates, and post-processing, as the notebook shows them
+        derived = k.run("%%dpquery penguins --epsilon 0.3 -o d\nSELECT species, AVG(bill_length_mm) * 10 AS a, "
+                        "SUM(body_mass_g) / COUNT(*) AS r FROM penguins GROUP BY species ORDER BY a DESC LIMIT 2")
+        text = derived["text"]
+        assert re.search(r"^(Adelie|Chinstrap|Gentoo)\s+[\d,.]+ \[[\d,.]+ – [\d,.]+\]\s+[\d,.]+\s*$", text, re.M), text
+        assert "no 95% interval" in text and "follows the arithmetic exactly" in text and "noisy values" in text
+        assert k.run("print(d.shape, d.columns)")["out"].strip() == "(2, 3) ['species', 'a', 'r']"
 
 
 def test_tokens_from_the_sidebar_work_in_a_kernel_and_a_wrong_one_is_named(jupyter_server: dict[str, str]  # noqa: F811

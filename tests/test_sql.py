@@ -75,6 +75,8 @@ REFUSED = [
     ("SELECT DISTINCT species FROM penguins", "DISTINCT"),
     ("SELECT SUM(species) FROM penguins", "not numeric"),
     ("SELECT SUM(body_mass_g * 2) FROM penguins", "plain column"),
+    ("SELECT body_mass_g / 2 FROM penguins", "arithmetic is on aggregates after release"),
+    ("SELECT 2 + 3 FROM penguins", "computes no aggregate"),
     ("SELECT COUNT(*) FROM penguins WHERE species > 3", "quoted string"),
     ("SELECT COUNT(*) FROM penguins WHERE year = 'x'", "compare it with a number"),
     ("SELECT COUNT(*) FROM penguins WHERE secret = 1", "unknown column 'secret'"),

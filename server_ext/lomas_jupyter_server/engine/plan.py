@@ -357,18 +357,29 @@ class Plan:
         for record in records:
             row: dict[str, Any] = {}
             interval: dict[str, Any] = {}
+            computed: dict[int, tuple[Any, Any]] = {}
+
+            def aggregate(i: int, record: dict[str, Any] = record,
+                          computed: dict[int, tuple[Any, Any]] = computed) -> tuple[Any, Any]:
+                if i not in computed:
+                    values = [record[statistic_name(j)] for j in self.recipes[i].uses]
+                    computed[i] = self._value(i, values, described["aggregates"][i], tables[i])
+                return computed[i]
+
             for output in self.spec.outputs:
                 if output.key is not None:
                     row[output.name] = record[output.key]
-                    continue
-                i = output.aggregate
-                assert i is not None
-                values = [record[statistic_name(j)] for j in self.recipes[i].uses]
-                row[output.name], interval[output.name] = self._value(i, values, described["aggregates"][i],
-                                                                      tables[i])
+                elif output.expression is not None:
+                    row[output.name], interval[output.name] = derived_value(output.expression, aggregate)
+                else:
+                    assert output.aggregate is not None
+                    row[output.name], interval[output.name] = aggregate(output.aggregate)
             rows.append(row)
             intervals.append(interval)
-        return {"columns": [o.name for o in self.spec.outputs], "rows": rows, "intervals": intervals}
+        derived = {o.name: derived_note(o.expression, self.spec) for o in self.spec.outputs if o.expression}
+        return {"columns": [o.name for o in self.spec.outputs], "rows": rows, "intervals": intervals,
+                "keys": [o.name for o in self.spec.outputs if o.key is not None],
+                **({"derived": derived} if derived else {})}
 
     def _value(self, i: int, values: list[Any], info: dict[str, Any], table: Any) -> tuple[Any, Any]:
         """(value, [low, high]): the value always lies inside its own interval."""
@@ -409,6 +420,74 @@ class Plan:
         low, high = (plausible[0] * unit - slack, plausible[1] * unit + slack) if plausible else (offset, offset)
         low, high = max(min(low, offset), lo - middle), min(max(high, offset), hi - middle)
         return middle + offset, [middle + low, middle + high]
+
+
+def _evaluate(tree: dict[str, Any], value_of: Any) -> Any:
+    if "const" in tree:
+        return tree["const"]
+    if "agg" in tree:
+        return value_of(tree["agg"])
+    left, right = (_evaluate(a, value_of) for a in tree["args"])
+    if left is None or right is None:
+        return None
+    if tree["op"] == "/":
+        return None if right == 0 else left / right
+    return {"+": left + right, "-": left - right, "*": left * right}[tree["op"]]
+
+
+def _affine(tree: dict[str, Any]) -> tuple[int, float, float] | None:
+    """(i, a, b) when the expression is a * aggregate_i + b (one aggregate, constants otherwise), else None."""
+    if "agg" in tree:
+        return tree["agg"], 1.0, 0.0
+    if "const" in tree:
+        return None
+    left, right = tree["args"]
+    op = tree["op"]
+    if "const" in right:
+        inner, c = _affine(left), right["const"]
+        if inner is None:
+            return None
+        i, a, b = inner
+        if op == "/":
+            return (i, a / c, b / c) if c != 0 else None
+        return {"+": (i, a, b + c), "-": (i, a, b - c), "*": (i, a * c, b * c)}[op]
+    if "const" in left:
+        inner, c = _affine(right), left["const"]
+        if inner is None or op == "/":  # c / aggregate is not affine
+            return None
+        i, a, b = inner
+        return {"+": (i, a, c + b), "-": (i, -a, c - b), "*": (i, a * c, b * c)}[op]
+    return None
+
+
+def derived_value(tree: dict[str, Any], aggregate: Any) -> tuple[Any, Any]:
+    """(value, interval) of arithmetic on released aggregates: an affine function of one aggregate carries its
+    interval exactly (a monotone map of an interval that covers at 95% still covers at 95%); anything else
+    (a ratio of two noisy values, say) has no interval of its own."""
+    value = _evaluate(tree, lambda i: aggregate(i)[0])
+    affine = _affine(tree)
+    if affine is None or value is None:
+        return value, None
+    i, a, b = affine
+    bounds = aggregate(i)[1]
+    if not bounds:
+        return value, None
+    ends = sorted((a * bounds[0] + b, a * bounds[1] + b))
+    return value, [min(ends[0], value), max(ends[1], value)]
+
+
+def derived_note(tree: dict[str, Any], spec: QuerySpec) -> str:
+    used = sorted({spec.aggregates[i].alias.lstrip("_") for i in _aggregates_in(tree)})
+    if _affine(tree) is not None:
+        return f"computed from the released {used[0]}; its 95% interval follows the arithmetic exactly"
+    return (f"computed from the released {', '.join(used)} after release (free); no 95% interval: one cannot be "
+            "derived honestly from several noisy values this way")
+
+
+def _aggregates_in(tree: dict[str, Any]) -> set[int]:
+    if "agg" in tree:
+        return {tree["agg"]}
+    return set().union(*(_aggregates_in(a) for a in tree.get("args", [])))
 
 
 def _noise(row: dict[str, Any]) -> Noise | None:

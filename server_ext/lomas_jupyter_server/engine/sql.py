@@ -79,6 +79,9 @@ class OutputColumn:
     name: str
     key: str | None = None  # a group-by column
     aggregate: int | None = None  # index into QuerySpec.aggregates
+    # arithmetic on released aggregates, computed after release: {"op": + - * /, "args": [...]}, leaves
+    # {"agg": index} or {"const": number}
+    expression: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,11 @@ class QuerySpec:
     post: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        for output in doc["outputs"]:  # absent unless used: the canonical text of older queries is unchanged
+            if output.get("expression") is None:
+                output.pop("expression", None)
+        return doc
 
     def canonical(self) -> str:
         """A canonical text of what the query releases: equal for SQL that differs only in spelling or in its
@@ -406,6 +413,11 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
                     "if it has public categories."
                 )
             output = OutputColumn(alias or col.name, key=col.name)
+        elif isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Neg)):
+            expression = _arithmetic(node, compiler, aggregates, 0)
+            if not _uses_aggregate(expression):
+                raise _reject(f"'{_short(node)}' computes no aggregate")
+            output = OutputColumn(alias or _short(node), expression=expression)
         else:
             kind, column, quantile = compiler.aggregate(node)
             name = alias or _default_alias(kind, column, quantile)
@@ -424,6 +436,41 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
     predicate = compiler.predicate(where.this) if where is not None else None
     post = _post_processing(select, compiler, outputs, aggregates)
     return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate, post)
+
+
+def _arithmetic(node: exp.Expression, compiler: _Compiler, aggregates: list[Aggregate], depth: int) -> dict[str, Any]:
+    """+ - * / between aggregates and numbers, computed from the released values (free post-processing). Each
+    aggregate used is released once (shared with an identical select item); one used only here is released
+    under an internal name."""
+    if depth > MAX_NESTING:
+        raise QueryRejected(f"an expression in SELECT nests more than {MAX_NESTING} levels deep")
+    while isinstance(node, exp.Paren):
+        node = node.this
+    ops = {exp.Add: "+", exp.Sub: "-", exp.Mul: "*", exp.Div: "/"}
+    for cls, op in ops.items():
+        if isinstance(node, cls):
+            return {"op": op, "args": [_arithmetic(node.left, compiler, aggregates, depth + 1),
+                                       _arithmetic(node.right, compiler, aggregates, depth + 1)]}
+    if isinstance(node, exp.Neg):
+        return {"op": "*", "args": [{"const": -1.0}, _arithmetic(node.this, compiler, aggregates, depth + 1)]}
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            return {"const": float(node.this)}
+        except ValueError:
+            raise _reject(f"'{node.this}' is not a number") from None
+    if isinstance(node, exp.Column):
+        raise QueryRejected(f"'{node.name}' in an expression: arithmetic is on aggregates after release (e.g. "
+                            f"SUM({node.name}) / COUNT(*)); arithmetic inside an aggregate is not supported yet")
+    kind, column, quantile = compiler.aggregate(node)
+    for i, agg in enumerate(aggregates):
+        if (agg.kind, agg.column, agg.quantile) == (kind, column, quantile):
+            return {"agg": i}
+    aggregates.append(Aggregate(kind, column, f"__{_default_alias(kind, column, quantile)}", quantile))
+    return {"agg": len(aggregates) - 1}
+
+
+def _uses_aggregate(tree: dict[str, Any]) -> bool:
+    return "agg" in tree or any(_uses_aggregate(a) for a in tree.get("args", []))
 
 
 def _post_processing(select: exp.Select, compiler: _Compiler, outputs: list[OutputColumn],
@@ -445,7 +492,9 @@ def _post_processing(select: exp.Select, compiler: _Compiler, outputs: list[Outp
             raise _reject(f"{clause} may use the selected columns and aggregates only, not '{_short(node)}'") from None
         for i, agg in enumerate(aggregates):
             if (agg.kind, agg.column, agg.quantile) == (kind, column, quantile):
-                return next(o.name for o in outputs if o.aggregate == i)
+                named = [o.name for o in outputs if o.aggregate == i]
+                if named:
+                    return named[0]
         raise QueryRejected(f"{clause} {_short(node)}: it is not selected, and only what the query releases can be "
                             "used after release; add it to SELECT")
 

@@ -247,6 +247,8 @@ class QueryService:
             "columns": released["columns"],
             "rows": released["rows"],
             "intervals": released["intervals"],
+            "keys": released["keys"],
+            **({"derived": released["derived"]} if "derived" in released else {}),
             "aggregates": released["aggregates"],
             "plan": released["plan"],
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
