@@ -475,3 +475,35 @@ def test_arithmetic_on_released_aggregates_is_free_and_honest_about_intervals(tm
         hits += low <= truth <= high
     assert hits >= releases * 0.95 - 5.3 * math.sqrt(releases * 0.95 * 0.05)
     assert "follows the arithmetic exactly" in out["derived"]["a10"] and "no 95% interval" in out["derived"]["ratio"]
+
+
+@pytest.mark.parametrize("mechanism", [engine.LAPLACE, engine.GAUSSIAN])
+def test_variance_and_stddev_share_statistics_and_cover_conservatively(tmp_path: Path, mechanism: str) -> None:
+    """Issue 21.3: VAR/STDDEV (sample and population) from COUNT, the centred sum and the centred sum of squares,
+    each released once (shared with AVG); their intervals come from a union bound over the three noises, so
+    they cover at least 95% (here on 2,000 rows, 300 releases); the value lies inside its interval and within
+    what the bounds allow."""
+    frame = _known_table(tmp_path / "t.parquet")
+    lf = pl.scan_parquet(tmp_path / "t.parquet")
+    sql = ("SELECT g, VARIANCE(x) AS v, VAR_POP(x) AS vp, STDDEV(x) AS s, STDDEV_POP(x) AS sp, AVG(x) AS a "
+           "FROM t GROUP BY g")
+    plan = _plan(sql, KNOWN_META, "t")
+    assert sorted(s.kind for s in plan.statistics) == ["centred_sum", "centred_sumsq", "count"]
+    calibrated = plan.calibrate_mechanism(mechanism, 2.0, 1e-6 if mechanism == engine.GAUSSIAN else 0.0)
+    described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
+    clipped = frame.filter(pl.col("g") == "a")["x"].drop_nulls().clip(0.0, 10.0)
+    truth = {"v": clipped.var(ddof=1), "vp": clipped.var(ddof=0), "s": clipped.std(ddof=1), "sp": clipped.std(ddof=0)}
+    hits = dict.fromkeys(truth, 0)
+    releases = 300
+    for _ in range(releases):
+        out = plan.postprocess(calibrated.release(lf), described, tables)
+        row, interval = out["rows"][0], out["intervals"][0]
+        assert row["g"] == "a"
+        for name in truth:
+            low, high = interval[name]
+            assert 0 <= low <= row[name] <= high <= (50 if name in ("v", "vp") else math.sqrt(50)), (name, interval)
+            hits[name] += low <= truth[name] <= high
+    for name, hit in hits.items():
+        assert hit >= releases * 0.95 - 5.3 * math.sqrt(releases * 0.95 * 0.05), (name, hit)
+    info = {a["name"]: a for a in described["aggregates"]}
+    assert "sample variance" in info["v"]["covers"] and "population standard deviation" in info["sp"]["covers"]

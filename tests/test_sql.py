@@ -134,3 +134,9 @@ def test_having_order_by_and_limit_are_post_processing_of_the_outputs() -> None:
 def test_a_parenthesised_aggregate_is_the_aggregate() -> None:
     plain = compile_sql("SELECT SUM(body_mass_g) AS s FROM penguins", "penguins", META)
     assert compile_sql("SELECT (SUM(body_mass_g)) AS s FROM penguins", "penguins", META) == plain
+
+
+def test_variance_and_stddev_compile_with_their_kinds() -> None:
+    spec = compile_sql("SELECT VARIANCE(bill_length_mm), VAR_POP(bill_length_mm), STDDEV(bill_length_mm), "
+                       "STDDEV_SAMP(bill_length_mm) AS s2, STDDEV_POP(bill_length_mm) FROM penguins", "penguins", META)
+    assert [a.kind for a in spec.aggregates] == ["var_samp", "var_pop", "stddev_samp", "stddev_samp", "stddev_pop"]

@@ -280,6 +280,9 @@ class Plan:
         if stat.kind == "centred_sum":
             col = self.metadata.column(stat.column)  # type: ignore[arg-type]
             return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]{rounded}"  # type: ignore[arg-type]
+        if stat.kind == "centred_sumsq":
+            col = self.metadata.column(stat.column)  # type: ignore[arg-type]
+            return f"SUM(({stat.column} - {centre(col, self.bounds):g})^2), {stat.column} clipped to [{lo:g}, {hi:g}]"  # type: ignore[arg-type]
         return f"PERCENTILE({stat.quantile:g}) of {stat.column}"
 
     def _describe_aggregate(self, agg: Aggregate, recipe: Recipe, released: list[dict[str, Any]],
@@ -289,12 +292,12 @@ class Plan:
             info["quantile"] = agg.quantile
         parts = [released[j] for j in recipe.uses]
         info["statistics"] = [p["statistic"] for p in parts]
-        info["derived"] = recipe.how in ("centred_sum", "avg")
+        info["derived"] = recipe.how in ("centred_sum", "avg", "var")
         info["mechanism"] = ", ".join(dict.fromkeys(p["mechanism"] for p in parts))
-        info["scale"] = parts[0]["scale"] if len(parts) == 1 else {"sum": parts[0]["scale"],
-                                                                    "count": parts[1]["scale"]}
+        scales = [p["scale"] for p in parts]
+        info["scale"] = scales[0] if len(parts) == 1 else dict(zip(("sum", "count", "sum_of_squares"), scales))
         bounds = self.bounds.get(agg.column) if agg.column else None  # type: ignore[arg-type]
-        info["bounds"] = list(bounds) if bounds and agg.kind in ("sum", "avg", "quantile") else None
+        info["bounds"] = list(bounds) if bounds and agg.kind not in ("count", "count_star") else None
         clipped = f", each value clipped to [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
         step = self.steps[recipe.uses[0]]
         if step:
@@ -317,6 +320,15 @@ class Plan:
         elif recipe.how == "avg":
             info["accuracy"] = None  # it depends on the group's count: each interval is computed per group
             info["covers"] = f"the mean of non-null {agg.column}{clipped}"
+        elif recipe.how == "var":
+            info["accuracy"] = None  # per group, from its count
+            # a union bound: each of the three noisy statistics within its 1 - alpha/3 half-width
+            info["part_accuracy"] = [_noise(summary[statistic_name(j)]).half_width(ALPHA / 3) * self._unit(j)  # type: ignore[union-attr]
+                                     + self._rounding(j) for j in recipe.uses]
+            what = ("variance" if agg.kind.startswith("var") else "standard deviation")
+            sample = "sample" if agg.kind.endswith("samp") else "population"
+            info["covers"] = (f"the {sample} {what} of non-null {agg.column}{clipped}; a conservative interval "
+                              "(each of its three noisy statistics within its 98.3% range)")
         else:
             col = self.metadata.column(agg.column)  # type: ignore[arg-type]
             candidates = quantile_candidates(col, self.bounds)  # type: ignore[arg-type]
@@ -331,6 +343,29 @@ class Plan:
                 f"candidates over [{candidates[0]:g}, {candidates[-1]:g}]"
             )
         return info
+
+    def _spread(self, i: int, values: list[Any], info: dict[str, Any]) -> tuple[Any, Any]:
+        """VAR/STDDEV from (S1, C, S2), clamped to what the bounds allow, with a conservative interval."""
+        agg = self.spec.aggregates[i]
+        uses = self.recipes[i].uses
+        s1, count, s2 = self._in_units(values[0], uses[0]), values[1], self._in_units(values[2], uses[2])
+        lo, hi = self.bounds[agg.column]  # type: ignore[index]
+        sample = agg.kind.endswith("samp")
+        largest = ((hi - lo) / 2) ** 2 * (2 if sample else 1)  # n/(n-1) <= 2 for n >= 2
+        if count >= (2 if sample else 1):
+            variance = s2 / count - (s1 / count) ** 2
+            if sample:
+                variance *= count / (count - 1)
+        else:
+            variance = largest / 2  # too few values to say: the middle of what is possible
+        variance = min(max(variance, 0.0), largest)
+        a1, ac, a2 = info["part_accuracy"]
+        box = _spread_range((s1 - a1, s1 + a1), (max(count - ac, 0), count + ac), (s2 - a2, s2 + a2), sample)
+        low, high = (0.0, largest) if box is None else (max(box[0], 0.0), min(box[1], largest))
+        low, high = min(low, variance), max(high, variance)
+        if agg.kind.startswith("stddev"):
+            return math.sqrt(variance), [math.sqrt(low), math.sqrt(high)]
+        return variance, [low, high]
 
     def interval_tables(self, calibrated: Calibrated) -> list[Any]:
         """Per aggregate, the data-free part of its interval (a pivot grid for AVG), computed once per plan."""
@@ -390,6 +425,8 @@ class Plan:
             return max(noisy, 0), [max(noisy - acc, 0), max(noisy + acc, 0)]
         if how == "quantile":
             return values[0], None
+        if how == "var":
+            return self._spread(i, values, info)
         col = self.metadata.column(agg.column)  # type: ignore[arg-type]
         is_int = col.type == "int"  # type: ignore[union-attr]
         first = self.recipes[i].uses[0]
@@ -420,6 +457,23 @@ class Plan:
         low, high = (plausible[0] * unit - slack, plausible[1] * unit + slack) if plausible else (offset, offset)
         low, high = max(min(low, offset), lo - middle), min(max(high, offset), hi - middle)
         return middle + offset, [middle + low, middle + high]
+
+
+def _spread_range(s1: tuple[float, float], count: tuple[float, float], s2: tuple[float, float],
+                  sample: bool) -> tuple[float, float] | None:
+    """The range of the variance S2/C - (S1/C)^2 (times C/(C-1) for the sample variance) over a box of
+    plausible (S1, C, S2), by interval arithmetic; None when the box allows fewer than two values."""
+    c_low, c_high = count
+    if c_low < (2 if sample else 1):
+        return None
+    means = [a / b for a in s1 for b in count]
+    mean_sq_low = 0.0 if min(means) <= 0 <= max(means) else min(m * m for m in means)
+    mean_sq_high = max(m * m for m in means)
+    low = max(s2[0], 0.0) / c_high - mean_sq_high
+    high = s2[1] / c_low - mean_sq_low
+    if sample:
+        low, high = low * c_high / (c_high - 1), high * c_low / (c_low - 1)
+    return low, high
 
 
 def _evaluate(tree: dict[str, Any], value_of: Any) -> Any:

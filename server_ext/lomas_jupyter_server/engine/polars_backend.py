@@ -101,6 +101,11 @@ def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str
         lo, hi = (number(b) for b in bounds[col.name])
         middle = number(centre(col, bounds))
         return masked((c - middle).fill_null(number(0))).dp.sum((lo - middle, hi - middle))
+    if stat.kind == "centred_sumsq":  # clipped first, then squared: each term lies in [0, sum_range's top]
+        lo, hi = (number(b) for b in bounds[col.name])
+        middle = number(centre(col, bounds))
+        offset = c.clip(lo, hi) - middle
+        return masked((offset * offset).fill_null(number(0))).dp.sum(tuple(number(v) for v in sum_range(stat, col, bounds)))
     if stat.kind == "quantile":
         # OpenDP 0.16 has no conditional expression, so a quantile's WHERE is an expression-level filter: its
         # scoring work follows the rows matched (the README says what that means for timing)

@@ -28,7 +28,8 @@ MAX_NESTING = 12  # levels of AND/OR/NOT inside one another (a chain of ORs is o
 DEFAULT_MAX_GROUPS = 10_000
 
 SUPPORTED = (
-    "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), MEDIAN(col), "
+    "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE/VAR_POP/STDDEV/STDDEV_POP(col), "
+    "MEDIAN(col), "
     "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories; HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
@@ -63,7 +64,8 @@ _CLAUSE_NAMES = {
 _ALLOWED_ARGS = {"expressions", "from_", "from", "where", "group", "having", "order", "limit"}
 MAX_LIMIT = 1_000_000
 
-AGG_KINDS = ("count_star", "count", "sum", "avg", "quantile")
+AGG_KINDS = ("count_star", "count", "sum", "avg", "quantile", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
+SPREAD_KINDS = ("var_samp", "var_pop", "stddev_samp", "stddev_pop")
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,15 @@ class _Compiler:
             return "sum", self.numeric_column(node.this, "SUM").name, None
         if isinstance(node, exp.Avg):
             return "avg", self.numeric_column(node.this, "AVG").name, None
+        spreads = ((exp.VariancePop, "var_pop", "VAR_POP"), (exp.Variance, "var_samp", "VARIANCE"),
+                   (exp.StddevPop, "stddev_pop", "STDDEV_POP"), (exp.StddevSamp, "stddev_samp", "STDDEV_SAMP"),
+                   (exp.Stddev, "stddev_samp", "STDDEV"))
+        for cls, kind, fn in spreads:
+            if isinstance(node, cls):
+                col = self.numeric_column(node.this, fn)
+                if col.bounds is None:
+                    raise QueryRejected(f"{fn}({col.name}): column '{col.name}' has no public bounds")
+                return kind, col.name, None
         if isinstance(node, exp.Median):
             return "quantile", self.numeric_column(node.this, "MEDIAN").name, 0.5
         if isinstance(node, exp.Quantile):

@@ -14,7 +14,7 @@ import polars as pl
 
 from ..errors import BadRequest, QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
-from .sql import QuerySpec
+from .sql import SPREAD_KINDS, QuerySpec
 
 dp.enable_features("contrib")
 
@@ -75,7 +75,7 @@ class Statistic:
     """One noisy number per group that a plan releases. Aggregates are computed from these, so a statistic two
     aggregates need (the count behind COUNT(x) and AVG(x), say) is released, and paid for, once."""
 
-    kind: str  # rows | count | sum | centred_sum | quantile
+    kind: str  # rows | count | sum | centred_sum | centred_sumsq | quantile
     column: str | None = None
     quantile: float | None = None
 
@@ -84,7 +84,7 @@ class Statistic:
 class Recipe:
     """How one output aggregate is computed from released statistics (indices into Plan.statistics)."""
 
-    how: str  # count | sum | centred_sum | avg | quantile
+    how: str  # count | sum | centred_sum | avg | quantile | var (VAR/STDDEV, sample or population)
     uses: tuple[int, ...]
 
 
@@ -114,7 +114,8 @@ def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[St
         assert col is not None
         return Statistic("count", column) if col.nullable else Statistic("rows")
 
-    counted = {count_of(a.column) for a in spec.aggregates if a.kind in ("count", "avg") and a.column}
+    counted = {count_of(a.column) for a in spec.aggregates
+               if a.kind in ("count", "avg", *SPREAD_KINDS) and a.column}
     if any(a.kind == "count_star" for a in spec.aggregates):
         counted.add(Statistic("rows"))
     recipes = []
@@ -125,6 +126,11 @@ def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[St
         assert agg.column is not None
         if agg.kind == "count":
             recipes.append(Recipe("count", (use(count_of(agg.column)),)))
+        elif agg.kind in SPREAD_KINDS:
+            # C, S1 = sum(x - c), S2 = sum((x - c)^2): var = S2/C - (S1/C)^2, shared with AVG's S1 and C
+            parts = (use(Statistic("centred_sum", agg.column)), use(count_of(agg.column)),
+                     use(Statistic("centred_sumsq", agg.column)))
+            recipes.append(Recipe("var", parts))
         elif agg.kind == "avg" or (agg.kind == "sum" and count_of(agg.column) in counted):
             parts = (use(Statistic("centred_sum", agg.column)), use(count_of(agg.column)))
             recipes.append(Recipe("avg" if agg.kind == "avg" else "centred_sum", parts))
@@ -163,6 +169,9 @@ def sum_range(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[floa
     if stat.kind == "centred_sum":
         middle = centre(col, bounds)
         return lo - middle, hi - middle
+    if stat.kind == "centred_sumsq":
+        middle = centre(col, bounds)
+        return 0, max(abs(lo - middle), abs(hi - middle)) ** 2
     return min(lo, 0), max(hi, 0)
 
 
