@@ -203,7 +203,7 @@ def preview_html(preview: dict[str, Any]) -> str:
     for agg in preview["aggregates"]:
         if agg.get("accuracy") is not None:
             acc = f"± {fmt(agg['accuracy'])}"
-        elif agg["kind"] == "avg":
+        elif agg["kind"] != "quantile":
             acc = "per group (depends on its count)"
         else:
             acc = f"rank ± {fmt(round(agg.get('rank_error_rows', 0)))} rows"
@@ -242,7 +242,7 @@ def preview_text(preview: dict[str, Any]) -> str:
 def _accuracy_words(agg: dict[str, Any]) -> str:
     if agg.get("accuracy") is not None:
         return f"±{fmt(agg['accuracy'])}"
-    if agg["kind"] == "avg":
+    if agg["kind"] != "quantile":  # AVG, VARIANCE, STDDEV: the interval depends on the group's count
         return "interval per group (depends on its count)"
     return f"rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows"
 
@@ -262,6 +262,8 @@ def accuracy_summary(preview: dict[str, Any]) -> str:
             total = statistics.get((agg.get("statistics") or [""])[0], {}).get("accuracy")
             parts.append(f"{agg['name']} about ±{fmt(total / TYPICAL_GROUP)} for a group of {TYPICAL_GROUP} rows"
                          if total is not None else f"{agg['name']} (interval per group)")
+        elif agg["kind"] != "quantile":
+            parts.append(f"{agg['name']} (interval per group)")
         else:
             parts.append(f"{agg['name']} rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows")
     return ", ".join(parts)

@@ -35,3 +35,12 @@ def test_the_spending_plots_time_axis_reads_as_clock_time() -> None:
     assert axis["format"] == "%H:%M:%S"
     archive.append({"id": 9, "dataset": "penguins", "epsilon": 0.1, "created_at": "2026-12-04T10:00:00+00:00"})
     assert spending_spec(archive)["encoding"]["x"]["axis"]["format"] == "%b %d %H:%M"
+
+
+def test_a_variances_accuracy_is_per_group_not_a_rank() -> None:
+    from lomas_jupyter.display import accuracy_summary, preview_text
+
+    preview = {"cost": {"epsilon": 0.5}, "plan": {"statistics": []},
+               "aggregates": [{"name": "v", "kind": "var_samp", "accuracy": None, "covers": "the sample variance"}]}
+    assert accuracy_summary(preview) == "v (interval per group)"
+    assert "v: interval per group" in preview_text(preview) and "rank" not in preview_text(preview)
