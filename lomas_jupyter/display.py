@@ -82,31 +82,36 @@ def _coverage_notes(release: Release) -> list[tuple[str, str]]:
     return notes
 
 
-def _value_text(release: Release, row: dict[str, Any], interval: dict[str, Any], name: str,
-                ranks: dict[str, Any]) -> str:
-    if name in _keys(release):
-        return "NULL" if row[name] is None else plain(row[name])
-    text = fmt(row[name])
-    bounds = interval.get(name)
-    if bounds:
-        text += f" [{span(bounds)}]"
-    elif ranks.get(name) is not None:
-        text += f" (rank ±{fmt(round(ranks[name]))} rows)"
-    return text
+def _ranks(release: Release) -> dict[str, Any]:
+    return {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
+
+
+def _cells(release: Release) -> list[list[tuple[str, str]]]:
+    """Per row, per column: (value, qualifier) as text; the qualifier is its 95% interval or rank statement
+    ("" for group keys, which are labels: 2007, not 2,007). HTML and plain text both show these."""
+    keys, ranks = _keys(release), _ranks(release)
+    out = []
+    for row, interval in zip(release.rows, release.intervals):
+        cells = []
+        for name in release.columns:
+            if name in keys:
+                cells.append(("NULL" if row[name] is None else plain(row[name]), ""))
+                continue
+            bounds = interval.get(name)
+            qualifier = (f"[{span(bounds)}]" if bounds
+                         else f"(rank ±{fmt(round(ranks[name]))} rows)" if ranks.get(name) is not None else "")
+            cells.append((fmt(row[name]), qualifier))
+        out.append(cells)
+    return out
 
 
 def release_text(release: Release, epsilon_note: str = "") -> str:
     """The answer in plain text: a table of values with their 95% intervals, then the footer."""
-    ranks = {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
-    rows = [{name: _value_text(release, row, interval, name, ranks) for name in release.columns}
-            for row, interval in zip(release.rows, release.intervals)]
-    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in release.columns}
+    rows = [{name: f"{value} {qualifier}".rstrip() for name, (value, qualifier) in zip(release.columns, cells)}
+            for cells in _cells(release)]
     lines = ["DUMMY DATA: not the real dataset, free"] if release.dummy else []
-    lines.append("  ".join(c.ljust(widths[c]) for c in release.columns))
-    lines.append("  ".join("-" * widths[c] for c in release.columns))
-    lines.extend("  ".join(r[c].ljust(widths[c]) for c in release.columns) for r in rows)
-    footer = html.unescape(_strip_tags(_footer(release, epsilon_note)))
-    lines.append(footer)
+    lines.append(repr(Table(rows, release.columns)) if rows else "  ".join(release.columns))
+    lines.append(html.unescape(_strip_tags(_footer(release, epsilon_note))))
     lines.extend(f"  {name}: {note}" for name, note in _coverage_notes(release))
     return "\n".join(lines)
 
@@ -127,22 +132,14 @@ def _budget_text(budget: dict[str, Any]) -> str:
 
 def release_html(release: Release, epsilon_note: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in release.columns)
-    ranks = {a["name"]: a.get("rank_error_rows") for a in release.aggregates if a["kind"] == "quantile"}
-    body = []
-    for row, interval in zip(release.rows, release.intervals):
-        cells = []
-        for name in release.columns:
-            if name in _keys(release):
-                cells.append(f"<td>{html.escape(_value_text(release, row, interval, name, ranks))}</td>")
-                continue
-            text = _cell(row[name])
-            bounds = interval.get(name)
-            if bounds:
-                text += f' <small style="opacity:0.75">[{span(bounds)}]</small>'
-            elif ranks.get(name) is not None:
-                text += f' <small style="opacity:0.75">(rank ±{fmt(round(ranks[name]))} rows)</small>'
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    body = [
+        "<tr>" + "".join(
+            f"<td>{html.escape(value)}"
+            + (f' <small style="opacity:0.75">{html.escape(qualifier)}</small>' if qualifier else "") + "</td>"
+            for value, qualifier in cells
+        ) + "</tr>"
+        for cells in _cells(release)
+    ]
     footer = _footer(release, epsilon_note)
     label = '<div class="lomas-dummy-label"><b>DUMMY DATA: not the real dataset, free</b></div>' if release.dummy else ""
     return (

@@ -258,7 +258,9 @@ def test_tokens_from_the_sidebar_work_in_a_kernel_and_a_wrong_one_is_named(jupyt
         assert "tess" in connected["out"], connected
         sums = k.run("%%dpquery penguins --epsilon 0.05\nSELECT sex, SUM(body_mass_g) AS mass FROM penguins "
                      "GROUP BY sex")
-        for low in re.findall(r"\[(-?[\d,.]+) – ", sums["text"]):
+        lows = re.findall(r"\[(-?[\d,.]+) – ", sums["text"])
+        assert len(lows) == 3, sums["text"]  # female, male, NULL: each with its interval
+        for low in lows:
             assert float(low.replace(",", "")) >= 0, sums["text"]
         assert requests.get(api + "budget/penguins", headers={"Authorization": f"token {token}"},
                             timeout=30).json()["epsilon_spent"] > 0

@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .api import API_PREFIX, ROUTES
 from .api.forward import ForwardToHubServiceHandler
 from .api.identity import LomasTokenIdentityProvider
 from .engine.sql import DEFAULT_MAX_GROUPS
-from .engine.workers import WorkerPool
+from .engine.workers import WorkerPool, die_with_parent
 from .errors import Forbidden
 from .paths import default_storage_dir
 from .service import DPService, TimingPadding
@@ -393,16 +394,8 @@ main = launch_new_instance = LomasApp.launch_instance
 
 def _stop_with_the_hub() -> None:
     """The Hub started this process: if the Hub dies (a failed start, a kill -9), the service must not live on
-    without it. Linux's parent-death signal asks for SIGTERM then (a clean stop: reservations refunded)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the Hub died before the signal was set: this process was handed to init
-        sys.exit(0)
+    without it. SIGTERM then: a clean stop, reservations refunded."""
+    die_with_parent(signal.SIGTERM)
 
 
 def hub_service() -> None:

@@ -392,23 +392,17 @@ class Plan:
         for record in records:
             row: dict[str, Any] = {}
             interval: dict[str, Any] = {}
-            computed: dict[int, tuple[Any, Any]] = {}
-
-            def aggregate(i: int, record: dict[str, Any] = record,
-                          computed: dict[int, tuple[Any, Any]] = computed) -> tuple[Any, Any]:
-                if i not in computed:
-                    values = [record[statistic_name(j)] for j in self.recipes[i].uses]
-                    computed[i] = self._value(i, values, described["aggregates"][i], tables[i])
-                return computed[i]
-
+            # every aggregate is used by an output or an expression: each is computed once
+            computed = [self._value(i, [record[statistic_name(j)] for j in recipe.uses], described["aggregates"][i],
+                                    tables[i]) for i, recipe in enumerate(self.recipes)]
             for output in self.spec.outputs:
                 if output.key is not None:
                     row[output.name] = record[output.key]
                 elif output.expression is not None:
-                    row[output.name], interval[output.name] = derived_value(output.expression, aggregate)
+                    row[output.name], interval[output.name] = derived_value(output.expression, computed)
                 else:
                     assert output.aggregate is not None
-                    row[output.name], interval[output.name] = aggregate(output.aggregate)
+                    row[output.name], interval[output.name] = computed[output.aggregate]
             rows.append(row)
             intervals.append(interval)
         derived = {o.name: derived_note(o.expression, self.spec) for o in self.spec.outputs if o.expression}
@@ -476,12 +470,12 @@ def _spread_range(s1: tuple[float, float], count: tuple[float, float], s2: tuple
     return low, high
 
 
-def _evaluate(tree: dict[str, Any], value_of: Any) -> Any:
+def _evaluate(tree: dict[str, Any], values: list[Any]) -> Any:
     if "const" in tree:
         return tree["const"]
     if "agg" in tree:
-        return value_of(tree["agg"])
-    left, right = (_evaluate(a, value_of) for a in tree["args"])
+        return values[tree["agg"]]
+    left, right = (_evaluate(a, values) for a in tree["args"])
     if left is None or right is None:
         return None
     if tree["op"] == "/":
@@ -514,16 +508,16 @@ def _affine(tree: dict[str, Any]) -> tuple[int, float, float] | None:
     return None
 
 
-def derived_value(tree: dict[str, Any], aggregate: Any) -> tuple[Any, Any]:
+def derived_value(tree: dict[str, Any], computed: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     """(value, interval) of arithmetic on released aggregates: an affine function of one aggregate carries its
     interval exactly (a monotone map of an interval that covers at 95% still covers at 95%); anything else
     (a ratio of two noisy values, say) has no interval of its own."""
-    value = _evaluate(tree, lambda i: aggregate(i)[0])
+    value = _evaluate(tree, [value for value, _ in computed])
     affine = _affine(tree)
     if affine is None or value is None:
         return value, None
     i, a, b = affine
-    bounds = aggregate(i)[1]
+    bounds = computed[i][1]
     if not bounds:
         return value, None
     ends = sorted((a * bounds[0] + b, a * bounds[1] + b))

@@ -49,13 +49,17 @@ def note_data_access() -> None:
         _task_conn.send(("data_access", None))
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when the service dies (a `kill -9` of the service leaves no orphans)."""
+def die_with_parent(sig: int, parent_pid: int | None = None) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (a `kill -9` of the service leaves no
+    orphan worker; a dead Hub leaves no service), and exit now if the parent died before the signal was set
+    (it would then never fire): the parent is no longer `parent_pid`, or, unknown, the process went to init."""
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    orphaned = os.getppid() != parent_pid if parent_pid is not None else os.getppid() == 1
+    if orphaned:
+        os._exit(0)
 
 
 def _setup_worker_log(log_path: str | None) -> None:
@@ -74,9 +78,8 @@ def _setup_worker_log(log_path: str | None) -> None:
 
 def _serve(conn: Connection, log_path: str | None, parent_pid: int, preload: tuple[str, ...] = ()) -> None:
     global _task_conn
-    _die_with_parent()  # the first thing a spawned worker runs (after Python re-imported the parent's main)
-    if os.getppid() != parent_pid:  # the service died before the signal was set: it never fires
-        os._exit(0)
+    die_with_parent(signal.SIGKILL, parent_pid)  # the first thing a spawned worker runs (after Python
+    # re-imported the parent's main)
     _setup_worker_log(log_path)
     for module in preload:  # e.g. the engine's tasks: OpenDP and polars imported once, before the first task
         importlib.import_module(module)

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -788,9 +788,8 @@ class SQLiteStore(AdminStore):
              _params_key(release.params), release.epsilon, release.delta, json.dumps(release.result),
              reservation_id, now),
         )
-        return ReleaseRecord(int(cur.lastrowid or 0), release.username, release.dataset, release.dataset_version,
-                             release.sql, release.canonical, release.params, release.epsilon, release.delta,
-                             release.result, now)
+        fields_of = {f.name: getattr(release, f.name) for f in fields(release)}  # no deep copy of the result
+        return ReleaseRecord(id=int(cur.lastrowid or 0), created_at=now, **fields_of)
 
     def list_releases(
         self, username: str | None = None, dataset: str | None = None, limit: int = 200
