@@ -29,7 +29,8 @@ META_DOC: dict[str, Any] = {
 META = parse_metadata(META_DOC)
 RELEASES = 300
 GROUPED = ("SELECT g, COUNT(*) AS n, COUNT(x1) AS c1, COUNT(x2) AS c2, SUM(x1) AS s1, SUM(x2) AS s2, "
-           "AVG(x1) AS a1, AVG(x2) AS a2, AVG(f) AS af FROM t {where} GROUP BY g")
+           "AVG(x1) AS a1, AVG(x2) AS a2, AVG(f) AS af, VARIANCE(x1) AS v1, STDDEV_POP(f) AS sf "
+           "FROM t {where} GROUP BY g")
 UNGROUPED = "SELECT COUNT(*) AS n, COUNT(x1) AS c1, SUM(x1) AS s1, SUM(x2) AS s2, AVG(x1) AS a1 FROM t {where}"
 MECHANISMS = [(engine.LAPLACE, 0.0), (engine.GAUSSIAN, 1e-6)]
 
