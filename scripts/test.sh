@@ -12,6 +12,19 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: Debian's chromium is missing; the browser test will be skipped (CI fails instead)"
   fi
 fi
+# The store suite runs on PostgreSQL too: a throwaway cluster of Debian's server, started by the tests.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "installing Debian's PostgreSQL server for the store tests..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    # the package starts a cluster of its own; the tests use theirs, so stop the package's
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+      for cluster in $(pg_lsclusters -h 2>/dev/null | awk '{print $1"/"$2}'); do pg_ctlcluster ${cluster/\// } stop || true; done
+    fi
+  else
+    echo "note: PostgreSQL's server is missing; the PostgreSQL tests will be skipped (CI fails instead)"
+  fi
+fi
 .venv/bin/ruff check server_ext lomas_jupyter tests benchmarks  # the project's own sources, never a user's notebook
 # the sidebar's data logic (vitest), with the jlpm that jupyterlab ships and the committed yarn.lock
 (cd labextension && PATH="$PWD/../.venv/bin:$PATH" jlpm install --immutable >/dev/null && PATH="$PWD/../.venv/bin:$PATH" jlpm test)

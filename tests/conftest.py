@@ -63,3 +63,27 @@ def api(jp_fetch: Any) -> Api:
         return response.code, json.loads(response.body or b"null")
 
     return call
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """One throwaway PostgreSQL cluster for the session (started on first use); each test takes a new database."""
+    import os
+
+    from .postgres import PostgresCluster, server_bin
+
+    if server_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL's server is missing: scripts/test.sh installs it from the Debian packages")
+        pytest.skip("PostgreSQL's server is not installed (scripts/test.sh installs it)")
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store's database, once on a SQLite file and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.sqlite3")
+    return request.getfixturevalue("postgres").new_database()

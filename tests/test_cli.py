@@ -88,11 +88,11 @@ def test_a_draft_is_printed_for_review_and_imports_once_saved(tmp_path: Path) ->
 
 def test_a_relative_storage_dir_stores_absolute_data_paths(tmp_path: Path) -> None:
     """Issue 17.10: `lomas-admin --storage-dir store ...` from one folder, the service from another."""
-    from lomas_jupyter_server.store import SQLiteStore
+    from lomas_jupyter_server.store import SQLStore
 
     subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", "store", "demo", "--user", "boss"], cwd=tmp_path,
                    capture_output=True, text=True, check=True)
-    record = SQLiteStore(tmp_path / "store" / "lomas.sqlite3").get_dataset("penguins")
+    record = SQLStore(tmp_path / "store" / "lomas.sqlite3").get_dataset("penguins")
     assert record is not None
     path = Path(record.parquet_path)
     assert path.is_absolute() and path.is_file() and path.is_relative_to(tmp_path / "store")

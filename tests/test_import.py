@@ -13,15 +13,15 @@ from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
 from lomas_jupyter_server.engine.metadata import parse_metadata
 from lomas_jupyter_server.errors import BadRequest, LomasError, MetadataError
 from lomas_jupyter_server.service.importing import import_dataset, propose_metadata
-from lomas_jupyter_server.store import SQLiteStore
+from lomas_jupyter_server.store import SQLStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    return SQLiteStore(tmp_path / "s.sqlite3")
+def store(tmp_path: Path) -> SQLStore:
+    return SQLStore(tmp_path / "s.sqlite3")
 
 
-def test_demo_import_writes_typed_parquet(store: SQLiteStore, tmp_path: Path) -> None:
+def test_demo_import_writes_typed_parquet(store: SQLStore, tmp_path: Path) -> None:
     steps: list[str] = []
     record = import_dataset(store, tmp_path, "penguins", penguins_csv(), penguins_metadata(), progress=steps.append)
     assert record.version == 1 and len(steps) >= 3
@@ -54,7 +54,7 @@ MISMATCHES = [
 
 
 @pytest.mark.parametrize(("metadata", "column", "expected"), MISMATCHES)
-def test_mismatch_is_refused_by_name(store: SQLiteStore, tmp_path: Path, metadata: dict, column: str,
+def test_mismatch_is_refused_by_name(store: SQLStore, tmp_path: Path, metadata: dict, column: str,
                                      expected: str) -> None:
     with pytest.raises(MetadataError) as info:
         import_dataset(store, tmp_path, "penguins", penguins_csv(), metadata)
@@ -65,7 +65,7 @@ def test_mismatch_is_refused_by_name(store: SQLiteStore, tmp_path: Path, metadat
     assert store.get_dataset("penguins") is None
 
 
-def test_row_bound_is_checked(store: SQLiteStore, tmp_path: Path) -> None:
+def test_row_bound_is_checked(store: SQLStore, tmp_path: Path) -> None:
     meta = penguins_metadata() | {"max_rows": 100}
     with pytest.raises(MetadataError, match="max_rows"):
         import_dataset(store, tmp_path, "penguins", penguins_csv(), meta)
@@ -83,12 +83,12 @@ def test_row_bound_is_checked(store: SQLiteStore, tmp_path: Path) -> None:
         ("not a mapping", "must be a mapping"),
     ],
 )
-def test_bad_metadata_documents(store: SQLiteStore, tmp_path: Path, doc: object, expected: str) -> None:
+def test_bad_metadata_documents(store: SQLStore, tmp_path: Path, doc: object, expected: str) -> None:
     with pytest.raises(MetadataError, match=expected):
         import_dataset(store, tmp_path, "t", penguins_csv(), doc)
 
 
-def test_bad_sources(store: SQLiteStore, tmp_path: Path) -> None:
+def test_bad_sources(store: SQLStore, tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="does not exist"):
         import_dataset(store, tmp_path, "t", tmp_path / "nope.csv", penguins_metadata())
     with pytest.raises(BadRequest, match="CSV or Parquet"):
@@ -124,7 +124,7 @@ def test_import_warns_when_max_rows_costs_accuracy(tmp_path: Path) -> None:
     assert "warning" not in run(1000)
 
 
-def test_a_draft_is_valid_marks_what_came_from_the_data_and_is_never_stored(store: SQLiteStore,
+def test_a_draft_is_valid_marks_what_came_from_the_data_and_is_never_stored(store: SQLStore,
                                                                            tmp_path: Path) -> None:
     raw = pl.read_csv(penguins_csv(), null_values=["NA"])
     draft = propose_metadata(penguins_csv())

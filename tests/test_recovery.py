@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from lomas_jupyter_server.store import SQLiteStore
+from lomas_jupyter_server.store import SQLStore
 
 from .servers import add_analyst, lomas_admin, running_server
 
@@ -75,7 +75,7 @@ def test_kill_9_with_queries_in_flight_then_restart(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "orphaned workers"
         time.sleep(0.2)
 
-    store = SQLiteStore(storage / "lomas.sqlite3")
+    store = SQLStore(storage / "lomas.sqlite3")
     assert store.budget("alice", "big").pending >= 4  # left unsettled by the dead service
     store.close()
 
@@ -83,7 +83,7 @@ def test_kill_9_with_queries_in_flight_then_restart(tmp_path: Path) -> None:
         budget = requests.get(url + "lomas/api/budget/big", headers=headers, timeout=30).json()
         assert budget["pending"] == 0 and budget["epsilon_pending"] == 0
 
-    store = SQLiteStore(storage / "lomas.sqlite3")
+    store = SQLStore(storage / "lomas.sqlite3")
     ledger = store.ledger("alice", limit=1000)
     store.close()
     reserved = {r["reservation_id"] for r in ledger if r["kind"] == "reserve"}

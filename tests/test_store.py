@@ -1,57 +1,67 @@
-"""The SQLite admin store: migrations, an append-only ledger, atomic reservations, hashed tokens."""
+"""The admin store, on SQLite and on PostgreSQL: migrations, an append-only ledger, atomic reservations (across
+threads and processes), hashed tokens, class pools."""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
 import os
-import sqlite3
+import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from lomas_jupyter_server.demo import setup_demo
 from lomas_jupyter_server.errors import Conflict, Forbidden, InsufficientBudget
 from lomas_jupyter_server.service.recovery import process_start, settle_abandoned, this_instance
-from lomas_jupyter_server.store import InstanceRecord, SQLiteStore
-from lomas_jupyter_server.store.sqlite import MIGRATIONS
+from lomas_jupyter_server.store import InstanceRecord, SQLStore, StoreNeedsUpgrade, migrate, schema
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    s = SQLiteStore(tmp_path / "store.sqlite3")
+def store(db_url: str, tmp_path: Path) -> Iterator[SQLStore]:
+    s = SQLStore(db_url)
     setup_demo(s, tmp_path, "alice", epsilon=10.0, role="analyst")
-    return s
+    yield s
+    s.close()
 
 
-def test_migrations_are_versioned_and_idempotent(tmp_path: Path) -> None:
-    path = tmp_path / "m.sqlite3"
-    first = SQLiteStore(path)
-    assert first.schema_version == len(MIGRATIONS) >= 1
+def _url(store: SQLStore) -> str:
+    """The store's URL for another process (with any password: these are throwaway test databases)."""
+    return store.url.render_as_string(hide_password=False)
+
+
+def test_a_new_store_is_at_the_head_revision_and_reopening_changes_nothing(db_url: str) -> None:
+    first = SQLStore(db_url)
+    assert first.schema_revision == migrate.head_revision()
     first.create_user("bob", "analyst", "test")
     first.close()
-    again = SQLiteStore(path)  # re-opening applies nothing twice and keeps data
-    assert again.schema_version == len(MIGRATIONS)
-    assert again.get_user("bob") is not None
+    again = SQLStore(db_url)  # re-opening applies nothing twice and keeps data
+    assert again.schema_revision == migrate.head_revision() and again.get_user("bob") is not None
+    with again.engine.connect() as conn:  # the migrations build exactly the tables that store.schema defines
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert diff == []
+    again.close()
 
 
-def test_ledger_is_append_only(store: SQLiteStore) -> None:
+def test_ledger_is_append_only(store: SQLStore) -> None:
     rid = store.reserve("alice", "penguins", 0.5, 0.0)
     store.commit(rid)
-    raw = sqlite3.connect(store.path)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        raw.execute("UPDATE ledger SET epsilon = 0")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        raw.execute("DELETE FROM ledger")
+    for statement in ("UPDATE ledger SET epsilon = 0", "DELETE FROM ledger"):
+        with store.engine.connect() as conn, pytest.raises(sa.exc.DatabaseError, match="append-only"):
+            conn.execute(sa.text(statement))
     kinds = [row["kind"] for row in store.ledger("alice")]
     assert kinds == ["commit", "reserve"]
 
 
-def test_reserve_commit_refund(store: SQLiteStore) -> None:
+def test_reserve_commit_refund(store: SQLStore) -> None:
     a = store.reserve("alice", "penguins", 3.0, 0.0)
     b = store.reserve("alice", "penguins", 2.0, 0.0)
     store.commit(a)
@@ -65,7 +75,7 @@ def test_reserve_commit_refund(store: SQLiteStore) -> None:
         store.commit(b)
 
 
-def test_insufficient_budget_names_cost_and_remaining_and_charges_nothing(store: SQLiteStore) -> None:
+def test_insufficient_budget_names_cost_and_remaining_and_charges_nothing(store: SQLStore) -> None:
     store.commit(store.reserve("alice", "penguins", 9.5, 0.0))
     before = store.ledger("alice")
     with pytest.raises(InsufficientBudget) as info:
@@ -75,7 +85,7 @@ def test_insufficient_budget_names_cost_and_remaining_and_charges_nothing(store:
     assert store.ledger("alice") == before
 
 
-def test_threads_never_overspend(store: SQLiteStore) -> None:
+def test_threads_never_overspend(store: SQLStore) -> None:
     ok: list[str] = []
     refused: list[Exception] = []
 
@@ -97,7 +107,7 @@ def test_threads_never_overspend(store: SQLiteStore) -> None:
 
 
 def _reserve_many(path: str, count: int, results: multiprocessing.Queue) -> None:
-    s = SQLiteStore(path)
+    s = SQLStore(path)
     granted = 0
     for _ in range(count):
         try:
@@ -108,10 +118,10 @@ def _reserve_many(path: str, count: int, results: multiprocessing.Queue) -> None
     results.put(granted)
 
 
-def test_processes_sharing_the_file_never_overspend(store: SQLiteStore) -> None:
+def test_processes_sharing_the_database_never_overspend(store: SQLStore) -> None:
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_reserve_many, args=(store.path, 30, results)) for _ in range(3)]
+    procs = [ctx.Process(target=_reserve_many, args=(_url(store), 30, results)) for _ in range(3)]
     for p in procs:
         p.start()
     granted = sum(results.get(timeout=60) for _ in procs)
@@ -122,47 +132,40 @@ def test_processes_sharing_the_file_never_overspend(store: SQLiteStore) -> None:
     assert budget is not None and budget.epsilon_spent == pytest.approx(10.0) and budget.epsilon_spent <= 10.0
 
 
-def test_tokens_are_stored_hashed(store: SQLiteStore) -> None:
+def test_tokens_are_stored_hashed(store: SQLStore) -> None:
     token = store.issue_token("alice", "laptop", "test")
     assert store.user_for_token(token).username == "alice"  # type: ignore[union-attr]
     assert store.user_for_token(token + "x") is None
-    assert token.encode() not in Path(store.path).read_bytes()
+    with store.engine.connect() as conn:
+        stored = [str(value) for row in conn.execute(sa.text("SELECT * FROM tokens")) for value in row]
+    assert stored and not any(token in value for value in stored)
+    if store.dialect == "sqlite":
+        assert token.encode() not in Path(store.path).read_bytes()
     store.revoke_tokens("alice", "test")
     assert store.user_for_token(token) is None
 
 
-def test_admin_actions_are_audited(store: SQLiteStore) -> None:
+def test_admin_actions_are_audited(store: SQLStore) -> None:
     store.set_grant("alice", "penguins", 2.0, 0.0, actor="carol")
     entry = store.audit()[0]
     assert entry.actor == "carol" and entry.action == "set_grant" and entry.detail["epsilon"] == 2.0
 
 
-def _ledger_sum(store: SQLiteStore, username: str) -> float:
+def _ledger_sum(store: SQLStore, username: str) -> float:
     rows = store.ledger(username, 100_000)
     return math.fsum(r["epsilon"] * {"reserve": 1, "refund": -1, "commit": 0}[r["kind"]] for r in rows)
 
 
-def test_running_totals_match_the_ledger_and_are_rebuilt_by_the_migration(store: SQLiteStore) -> None:
+def test_running_totals_match_the_ledger(store: SQLStore) -> None:
     for i in range(30):
         rid = store.reserve("alice", "penguins", 0.1 + i * 1e-3, 0.0)
         (store.refund if i % 3 == 0 else store.commit)(rid)
     budget = store.budget("alice", "penguins")
     assert budget is not None
     assert budget.epsilon_spent == _ledger_sum(store, "alice") and budget.releases == 20
-    # an older store (schema version 2, no totals table) gets its totals rebuilt from the ledger
-    raw = sqlite3.connect(store.path)
-    raw.execute("DROP TABLE budget_totals")
-    raw.execute("PRAGMA user_version = 2")
-    raw.commit()
-    raw.close()
-    store.close()
-    reopened = SQLiteStore(store.path)
-    assert reopened.schema_version == len(MIGRATIONS)
-    again = reopened.budget("alice", "penguins")
-    assert again == budget
 
 
-def test_a_replica_settles_only_what_a_dead_owner_left(store: SQLiteStore) -> None:
+def test_a_replica_settles_only_what_a_dead_owner_left(store: SQLStore) -> None:
     """Replicas share one store: a live owner's reservations are left alone, a dead one's are refunded once."""
     me = this_instance()
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -194,7 +197,7 @@ def test_a_replica_settles_only_what_a_dead_owner_left(store: SQLiteStore) -> No
 # --- courses: per-student grants and a class-wide cap, checked in one step ---------------------------------
 
 
-def _class(store: SQLiteStore, students: list[str], per_student: float, cap: float) -> None:
+def _class(store: SQLStore, students: list[str], per_student: float, cap: float) -> None:
     store.create_course("stats101", "stats101-students", "prof")
     store.set_course_dataset("stats101", "penguins", per_student, 0.0, cap, 0.0, "prof")
     for name in students:
@@ -204,7 +207,7 @@ def _class(store: SQLiteStore, students: list[str], per_student: float, cap: flo
 
 def _reserve_as_students(path: str, students: list[str], tries: int, cost: float,
                          results: multiprocessing.Queue) -> None:
-    s = SQLiteStore(path)
+    s = SQLStore(path)
     granted = 0
     for i in range(tries):
         try:
@@ -215,14 +218,14 @@ def _reserve_as_students(path: str, students: list[str], tries: int, cost: float
     results.put(granted)
 
 
-def test_students_get_their_grant_and_concurrent_students_stop_exactly_at_the_class_cap(store: SQLiteStore) -> None:
+def test_students_get_their_grant_and_concurrent_students_stop_exactly_at_the_class_cap(store: SQLStore) -> None:
     students = [f"s{i}" for i in range(6)]
     _class(store, students, per_student=1.0, cap=2.5)
     assert all(store.get_grant(s, "penguins").epsilon == 1.0 for s in students)  # type: ignore[union-attr]
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = ctx.Queue()
     # three processes, each cycling through all six students: 60 attempts at 0.25 for a class cap of 2.5
-    procs = [ctx.Process(target=_reserve_as_students, args=(store.path, students, 20, 0.25, results))
+    procs = [ctx.Process(target=_reserve_as_students, args=(_url(store), students, 20, 0.25, results))
              for _ in range(3)]
     for p in procs:
         p.start()
@@ -238,7 +241,7 @@ def test_students_get_their_grant_and_concurrent_students_stop_exactly_at_the_cl
         store.reserve("s0", "penguins", 0.01, 0.0)
 
 
-def test_a_refund_gives_back_to_the_pool_and_a_top_up_raises_cap_and_grants(store: SQLiteStore) -> None:
+def test_a_refund_gives_back_to_the_pool_and_a_top_up_raises_cap_and_grants(store: SQLStore) -> None:
     _class(store, ["ann", "ben"], per_student=1.0, cap=1.0)
     first = store.reserve("ann", "penguins", 0.75, 0.0)
     with pytest.raises(InsufficientBudget, match="cap"):
@@ -254,7 +257,7 @@ def test_a_refund_gives_back_to_the_pool_and_a_top_up_raises_cap_and_grants(stor
     assert [row["pools"] for row in store.ledger("ann")][:2] == [[], ["stats101"]]  # commit row, reserve row
 
 
-def test_a_student_who_leaves_loses_access_and_their_spending_stays_in_the_pool(store: SQLiteStore) -> None:
+def test_a_student_who_leaves_loses_access_and_their_spending_stays_in_the_pool(store: SQLStore) -> None:
     _class(store, ["ann", "ben"], per_student=1.0, cap=1.5)
     store.commit(store.reserve("ann", "penguins", 0.75, 0.0))
     course = store.remove_course_member("stats101", "ann", "hub")
@@ -268,7 +271,7 @@ def test_a_student_who_leaves_loses_access_and_their_spending_stays_in_the_pool(
     store.commit(store.reserve("ben", "penguins", 0.75, 0.0))
 
 
-def test_hub_groups_are_course_rosters(store: SQLiteStore) -> None:
+def test_hub_groups_are_course_rosters(store: SQLStore) -> None:
     _class(store, [], per_student=1.0, cap=3.0)
     store.create_course("stats102", "stats102-group", "prof")
     store.create_user("cat", "analyst", "hub")
@@ -284,7 +287,7 @@ def test_hub_groups_are_course_rosters(store: SQLiteStore) -> None:
     assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.25)
 
 
-def test_first_use_creation_does_not_undo_an_admins_removal(store: SQLiteStore) -> None:
+def test_first_use_creation_does_not_undo_an_admins_removal(store: SQLStore) -> None:
     store.create_user("dan", "analyst", "hub", revive=False)
     store.remove_user("dan", "prof")
     with pytest.raises(Forbidden, match="removed by an admin"):
@@ -293,7 +296,7 @@ def test_first_use_creation_does_not_undo_an_admins_removal(store: SQLiteStore) 
     assert store.create_user("dan", "analyst", "prof").username == "dan"  # an admin may bring them back
 
 
-def test_a_refund_after_leaving_a_class_does_not_leave_spendable_budget_outside_its_cap(store: SQLiteStore) -> None:
+def test_a_refund_after_leaving_a_class_does_not_leave_spendable_budget_outside_its_cap(store: SQLStore) -> None:
     """Issue 17.7: a student with a running query is removed (grant cut to spent + pending), the running query
     is refunded (a service killed mid-query, say); the refunded amount came from the class and goes back to
     it, so the student cannot spend it any more, charged to no pool."""
@@ -313,7 +316,7 @@ def test_a_refund_after_leaving_a_class_does_not_leave_spendable_budget_outside_
     assert store.get_grant("ben", "penguins").epsilon == 1.0  # type: ignore[union-attr]
 
 
-def test_commit_and_archive_are_one_transaction(store: SQLiteStore) -> None:
+def test_commit_and_archive_are_one_transaction(store: SQLStore) -> None:
     """Issue 17.4: if the release cannot be archived, the charge is not committed either (the reservation stays
     pending, and the service refunds it)."""
     from lomas_jupyter_server.store import ReleaseDraft
@@ -334,3 +337,113 @@ def test_commit_and_archive_are_one_transaction(store: SQLiteStore) -> None:
     archived = store.commit_release(ok, draft({"rows": [1]}))
     assert [r.id for r in store.list_releases("alice")] == [archived.id]
     assert [r["kind"] for r in store.ledger("alice")][0] == "commit"
+
+
+def test_commit_and_refund_are_idempotent_and_a_reservation_is_settled_once(store: SQLStore) -> None:
+    from lomas_jupyter_server.store import ReleaseDraft
+
+    rid = store.reserve("alice", "penguins", 0.5, 0.0)
+    draft = ReleaseDraft("alice", "penguins", 1, "SELECT COUNT(*) FROM penguins", "c", {}, 0.5, 0.0, {"rows": [1]})
+    first = store.commit_release(rid, draft)
+    assert store.commit_release(rid, draft) == first  # a retry returns the same release, charged once
+    store.commit(rid)
+    with pytest.raises(Conflict):
+        store.refund(rid)
+    other = store.reserve("alice", "penguins", 0.25, 0.0)
+    store.refund(other)
+    store.refund(other)
+    budget = store.budget("alice", "penguins")
+    assert budget.epsilon_spent == pytest.approx(0.5) and budget.releases == 1 and budget.pending == 0
+    assert len(store.list_releases("alice")) == 1
+    # racing settlements of one reservation: exactly one lands, whatever the interleaving
+    racing = [store.reserve("alice", "penguins", 0.01, 0.0) for _ in range(10)]
+    outcomes: list[str] = []
+
+    def settle(rid: str, how: str) -> None:
+        try:
+            getattr(store, how)(rid)
+            outcomes.append(how)
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=settle, args=(rid, how)) for rid in racing for how in ("commit", "refund")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("conflict") == 10
+    settlements = [r for r in store.ledger("alice") if r["reservation_id"] in racing and r["kind"] != "reserve"]
+    assert sorted(r["reservation_id"] for r in settlements) == sorted(racing)
+    assert store.budget("alice", "penguins").pending == 0
+    assert store.budget("alice", "penguins").epsilon_spent == pytest.approx(_ledger_sum(store, "alice"))
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store-0.1.0.sqlite3"
+
+
+def test_a_store_made_by_0_1_0_upgrades_in_place_with_nothing_lost(tmp_path: Path) -> None:
+    """tests/fixtures/store-0.1.0.sqlite3 was written by lomas-jupyter 0.1.0's SQLiteStore (its hand-written
+    migrations, schema 5): users (one removed), tokens (one revoked), two dataset versions, grants, a release, a
+    refund, a reservation left pending by a dead instance, a course with a charged class pool."""
+    path = tmp_path / "lomas.sqlite3"
+    shutil.copy(FIXTURE, path)
+    tokens = dict(line.split() for line in (FIXTURE.parent / "store-0.1.0.tokens.txt").read_text().splitlines())
+    store = SQLStore(path)
+    assert store.schema_revision == migrate.head_revision()
+    assert len(list(tmp_path.glob("lomas.sqlite3.0001-*.bak"))) == 1  # a copy of the old file, kept aside
+    assert [u.username for u in store.list_users()] == ["admin", "alice", "bob"]
+    assert store.user_for_token(tokens["admin"]).username == "admin"  # type: ignore[union-attr]
+    assert store.user_for_token(tokens["carol"]) is None
+    dataset = store.get_dataset("penguins")
+    assert dataset is not None and dataset.version == 2 and dataset.description == "Palmer penguins v2"
+    alice, bob = store.budget("alice", "penguins"), store.budget("bob", "penguins")
+    assert (alice.epsilon_spent, alice.releases, alice.pending) == (0.5, 1, 0)
+    assert (bob.epsilon_spent, bob.pending, bob.delta_pending) == (pytest.approx(0.3), 1, 1e-7)
+    (release,) = store.list_releases("alice")
+    assert release.result == {"columns": ["n"], "rows": [[345]]}
+    assert store.find_release("alice", "penguins", 2, release.canonical, release.params) == release
+    assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.2)
+    assert len(store.ledger()) == 7 and len(store.audit(1000)) >= 15
+    # what 0.1.0 left pending is settled the same way as before, exactly once
+    assert store.retire_instance("deadbeef", "refunded: test") == 1
+    assert store.retire_instance("deadbeef", "refunded: test") == 0
+    assert store.budget("bob", "penguins").epsilon_spent == pytest.approx(0.2)
+    # and the upgraded store takes new work, the settle-once rule included
+    rid = store.reserve("alice", "penguins", 1.0, 0.0)
+    store.commit(rid)
+    with pytest.raises(Conflict):
+        store.refund(rid)
+    store.close()
+    SQLStore(path).close()
+    assert len(list(tmp_path.glob("lomas.sqlite3.*.bak"))) == 1  # nothing to upgrade the second time
+
+
+def test_lomas_admin_db_upgrade_and_a_postgresql_store_behind_is_refused_until_upgraded(
+        postgres: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from alembic import command
+
+    from lomas_jupyter_server import cli
+
+    legacy = tmp_path / "legacy.sqlite3"
+    shutil.copy(FIXTURE, legacy)
+    assert cli.run(["--db-url", str(legacy), "db", "revision"]) == 0
+    assert "0001" in capsys.readouterr().out
+    assert cli.run(["--db-url", str(legacy), "db", "upgrade"]) == 0
+    assert f"at revision {migrate.head_revision()} (upgraded from 0001)" in capsys.readouterr().out
+
+    url = postgres.new_database()  # type: ignore[attr-defined]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a PostgreSQL store at the baseline, as 0.1.0's schema
+        config = migrate._config(conn)
+        command.upgrade(config, "0001")
+    engine.dispose()
+    with pytest.raises(StoreNeedsUpgrade, match="lomas-admin db upgrade"):
+        SQLStore(url)
+    assert cli.run(["--db-url", url, "db", "upgrade"]) == 0
+    assert "(upgraded from 0001)" in capsys.readouterr().out
+    store = SQLStore(url)
+    assert store.schema_revision == migrate.head_revision()
+    store.close()
+    assert cli.run(["--db-url", "postgresql://nobody@127.0.0.1:1/none", "db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the store's database" in err and "127.0.0.1" not in err and "nobody" not in err

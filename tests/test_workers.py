@@ -19,7 +19,7 @@ from lomas_jupyter_server.engine.sql import compile_sql
 from lomas_jupyter_server.engine.workers import WorkerPool, note_data_access
 from lomas_jupyter_server.errors import ChargedFailure, EngineFailure, QueryRejected
 from lomas_jupyter_server.service import DPService, TimingPadding
-from lomas_jupyter_server.store import SQLiteStore
+from lomas_jupyter_server.store import SQLStore
 
 META = parse_metadata(penguins_metadata())
 SPEC = compile_sql("SELECT COUNT(*) FROM penguins", "penguins", META).to_json()
@@ -102,8 +102,8 @@ async def test_domain_errors_cross_the_process_boundary_as_themselves() -> None:
         pool.close()
 
 
-def _service_with_demo(tmp_path: Path, timeout: float = 60) -> tuple[DPService, SQLiteStore]:
-    store = SQLiteStore(tmp_path / "s.sqlite3")
+def _service_with_demo(tmp_path: Path, timeout: float = 60) -> tuple[DPService, SQLStore]:
+    store = SQLStore(tmp_path / "s.sqlite3")
     setup_demo(store, tmp_path, "alice", epsilon=5.0, role="analyst")
     return DPService(store, tmp_path, WorkerPool(1, timeout=timeout), pricing_pool=WorkerPool(1, timeout=60)), store
 
@@ -248,7 +248,7 @@ async def test_free_requests_need_a_grant_and_their_work_is_bounded_at_any_epsil
     from lomas_jupyter_server.errors import Forbidden
     from lomas_jupyter_server.service.importing import import_dataset
 
-    store = SQLiteStore(tmp_path / "s.sqlite3")
+    store = SQLStore(tmp_path / "s.sqlite3")
     setup_demo(store, tmp_path, "alice", epsilon=5.0, role="analyst")
     loose = penguins_metadata() | {"max_rows": 10**9}
     import_dataset(store, tmp_path, "loose", penguins_csv(), loose)

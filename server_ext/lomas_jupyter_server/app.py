@@ -31,7 +31,7 @@ from .errors import Forbidden
 from .paths import default_storage_dir
 from .service import DPService, TimingPadding
 from .service.recovery import settle_abandoned, this_instance
-from .store import AdminStore, SQLiteStore, UserRecord
+from .store import AdminStore, SQLStore, UserRecord
 
 
 class NoSuchEndpointHandler(web.RequestHandler):
@@ -156,6 +156,7 @@ class LomasApp(ExtensionApp):
     aliases = {
         **ExtensionApp.aliases,
         "storage-dir": "LomasApp.storage_dir",
+        "db-url": "LomasApp.db_url",
         "workers": "LomasApp.workers",
         "query-timeout": "LomasApp.query_timeout",
         "max-epsilon-per-query": "LomasApp.max_epsilon_per_query",
@@ -179,8 +180,17 @@ class LomasApp(ExtensionApp):
     storage_dir = Unicode(help="Folder for the admin store and the service's parquet copies of datasets").tag(
         config=True
     )
-    store_class = Type(SQLiteStore, klass=AdminStore, help="AdminStore implementation").tag(config=True)
-    store_url = Unicode(help="Where the store lives (a SQLite file path by default)").tag(config=True)
+    store_class = Type(SQLStore, klass=AdminStore, help="AdminStore implementation").tag(config=True)
+    db_url = Unicode(
+        help="The store's database: a SQLite file (default: lomas.sqlite3 in storage_dir, or $LOMAS_DB_URL) or "
+        "postgresql+psycopg://user@host/lomas, which several replicas of the service may share. Put a password in "
+        "~/.pgpass or PGPASSWORD rather than here: it is never logged, but config files are often readable",
+    ).tag(config=True)
+    upgrade_db = Bool(
+        False,
+        help="Upgrade an older PostgreSQL schema at start (back it up first; `lomas-admin db upgrade` does the "
+        "same by hand). A SQLite store is always upgraded, after a copy is kept beside it",
+    ).tag(config=True)
     workers = Integer(help="Worker processes that run OpenDP").tag(config=True)
     query_timeout = Float(
         120.0,
@@ -260,9 +270,9 @@ class LomasApp(ExtensionApp):
     def _default_storage_dir(self) -> str:
         return default_storage_dir()
 
-    @default("store_url")
-    def _default_store_url(self) -> str:
-        return str(Path(self.storage_dir) / "lomas.sqlite3")
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return os.environ.get("LOMAS_DB_URL") or str(Path(self.storage_dir) / "lomas.sqlite3")
 
     @default("workers")
     def _default_workers(self) -> int:
@@ -294,7 +304,7 @@ class LomasApp(ExtensionApp):
         if self.disabled_under_hub:
             self.log.info("lomas: not started in this JupyterHub server; kernels and the sidebar use the Hub service")
             return
-        store = self.store_class(self.store_url)
+        store = self.store_class(self.db_url, upgrade=self.upgrade_db or None)
         worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
         pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb, worker_log)
         pricing_pool = WorkerPool(self.pricing_workers, self.query_timeout, self.pricing_memory_mb, worker_log)

@@ -13,7 +13,7 @@ import yaml
 
 from .errors import LomasError
 from .paths import default_storage_dir
-from .store import SQLiteStore
+from .store import SQLStore, database_url
 
 # Imported only by the commands that need them (polars, OpenDP): `lomas-admin user list` stays fast.
 AS_JSON = False  # --json: every answer as JSON, for scripts
@@ -66,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print answers as JSON (for scripts); default: tables")
     parser.add_argument("--storage-dir", default=None,
                         help="the service's storage folder (default: $LOMAS_STORAGE_DIR, else <jupyter data dir>/lomas)")
+    parser.add_argument("--db-url", default=None,
+                        help="the store's database, as the service's LomasApp.db_url (default: $LOMAS_DB_URL, else "
+                        "lomas.sqlite3 in the storage folder); e.g. postgresql+psycopg://lomas@dbhost/lomas")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="the store's schema").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="upgrade the store's schema to this release (back the database up first; a "
+                  "SQLite file is copied aside automatically)")
+    db.add_parser("revision", help="print the store's schema revision and the one this release needs")
 
     demo = sub.add_parser("demo", help="load the penguins demo dataset and grant a user a budget")
     demo.add_argument("--user", default=None, help="user to grant (default: your OS user, as admin)")
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-READ_ONLY = {("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None), ("course", "list"),
+READ_ONLY = {("db", "revision"), ("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None), ("course", "list"),
              ("course", "spending")}
 
 
@@ -167,14 +175,25 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "dataset" and args.action == "draft":
         return _print_draft(args.data)
     storage = Path(args.storage_dir or default_storage_dir())
-    database = storage / "lomas.sqlite3"
-    if not database.exists():
+    db_url = args.db_url or os.environ.get("LOMAS_DB_URL") or str(storage / "lomas.sqlite3")
+    try:
+        url = database_url(db_url)
+    except LomasError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         if (args.command, getattr(args, "action", None)) in READ_ONLY:
             print(f"error: no lomas store in {storage}. Point --storage-dir (or LOMAS_STORAGE_DIR) at the "
                   "service's storage folder; the demo's is ./.lomas", file=sys.stderr)
             return 2
         print(f"... creating a new lomas store in {storage}", file=sys.stderr)
-    store = SQLiteStore(database)
+    if args.command == "db":
+        return _db_command(url, args.action)
+    try:
+        store = SQLStore(url)
+    except LomasError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
     actor = "cli"
     try:
         if args.command == "demo":
@@ -242,7 +261,32 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _course_command(store: SQLiteStore, args: argparse.Namespace, actor: str) -> Any:
+def _db_command(url: Any, action: str) -> int:
+    import sqlalchemy as sa
+
+    from .store import migrate
+    from .store.sql import make_engine
+
+    engine = make_engine(url)
+    try:
+        if action == "revision":
+            with engine.connect() as conn:
+                _print({"revision": migrate.current_revision(conn), "head": migrate.head_revision()})
+            return 0
+        found, head = migrate.upgrade(engine, allow=True)
+        print(f"the store is at revision {head}" + ("" if found == head else f" (upgraded from {found or 'empty'})"))
+        return 0
+    except LomasError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except sa.exc.OperationalError as err:
+        print(f"error: cannot reach the store's database ({err.orig.__class__.__name__})", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+
+
+def _course_command(store: SQLStore, args: argparse.Namespace, actor: str) -> Any:
     if args.action == "create":
         return store.create_course(args.name, args.hub_group, actor).to_json()
     if args.action == "list":

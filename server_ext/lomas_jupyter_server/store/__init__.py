@@ -1,5 +1,6 @@
 """The store room: users, tokens, datasets, grants, the append-only ledger and the release archive, behind one
-interface (`base.AdminStore`) with its SQLite implementation.
+interface (`base.AdminStore`), implemented once on SQLAlchemy (`sql.SQLStore`) for SQLite and PostgreSQL, with
+the tables in `schema` and their versions in Alembic migrations (`migrate`, `alembic/`).
 
 May import: `errors` only (never `api`, `service`, `hub` or `engine`)."""
 
@@ -17,7 +18,8 @@ from .base import (
     ReleaseRecord,
     UserRecord,
 )
-from .sqlite import SQLiteStore
+from .migrate import StoreNeedsUpgrade
+from .sql import SQLStore, database_url
 
 __all__ = [
     "AdminStore",
@@ -31,6 +33,8 @@ __all__ = [
     "InstanceRecord",
     "ReleaseDraft",
     "ReleaseRecord",
-    "SQLiteStore",
+    "SQLStore",
+    "StoreNeedsUpgrade",
     "UserRecord",
+    "database_url",
 ]

@@ -1,0 +1,776 @@
+"""The admin store on SQLAlchemy Core: one implementation for SQLite (the embedded default) and PostgreSQL
+(several replicas on one ledger).
+
+Every change is one transaction. Concurrent reservations are serialised by locking the rows they change: the
+(user, dataset) running totals, then each class pool in course order (`SELECT ... FOR UPDATE` on PostgreSQL;
+SQLite's `BEGIN IMMEDIATE` takes the one write lock instead). The same order everywhere means no deadlock, and
+the database itself refuses a second settlement of a reservation (a partial unique index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..errors import BadRequest, Conflict, Forbidden, InsufficientBudget, NotFound
+from . import migrate
+from .base import (
+    ROLES,
+    AdminStore,
+    AuditEntry,
+    Budget,
+    ClassSpending,
+    CourseDataset,
+    CourseRecord,
+    DatasetRecord,
+    GrantRecord,
+    InstanceRecord,
+    ReleaseDraft,
+    ReleaseRecord,
+    UserRecord,
+    hash_token,
+    new_token,
+    utcnow,
+)
+from .schema import (
+    audit,
+    budget_totals,
+    course_datasets,
+    course_members,
+    courses,
+    datasets,
+    grants,
+    instances,
+    ledger,
+    pool_totals,
+    releases,
+    tokens,
+    users,
+)
+
+Row = sa.RowMapping
+
+
+def database_url(db_url: str | Path | sa.URL) -> sa.URL:
+    """A URL from `db_url`; a plain path is a SQLite file. `postgresql://` means the psycopg (3) driver."""
+    if isinstance(db_url, sa.URL):
+        return db_url
+    text = str(db_url)
+    if "://" not in text:
+        Path(text).parent.mkdir(parents=True, exist_ok=True)
+        return sa.URL.create("sqlite", database=str(Path(text).resolve()))
+    url = sa.make_url(text)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise BadRequest("db_url must be a SQLite path or URL, or a postgresql+psycopg:// URL")
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def make_engine(url: sa.URL) -> sa.Engine:
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                                  pool_size=8, max_overflow=8)
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we say when a transaction begins, and how
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
+                dbapi_connection.execute(f"PRAGMA {pragma}")
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(connection: sa.Connection) -> None:
+            writing = connection.get_execution_options().get("lomas_write", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+        return engine
+    # pre-ping: a replica outlives a database restart; the pool keeps store calls off the connection handshake
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+
+
+class SQLStore(AdminStore):
+    """`db_url`: a SQLite file path or URL, or `postgresql+psycopg://user@host/db`. `upgrade`: migrate an older
+    schema on open (default: yes for SQLite, which is backed up first; no for PostgreSQL, where
+    `lomas-admin db upgrade` does it once for all replicas)."""
+
+    def __init__(self, db_url: str | Path | sa.URL, upgrade: bool | None = None) -> None:
+        self.url = database_url(db_url)
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        self.on_network = self.dialect != "sqlite"  # its calls may wait on the network: keep them off the loop
+        # in-process writers queue here instead of in SQLite's busy handler, which sleeps in steps
+        self._write_lock: Any = threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        migrate.upgrade(self.engine, allow=(self.dialect == "sqlite") if upgrade is None else upgrade)
+
+    @property
+    def path(self) -> str:
+        """The SQLite file (for tools that open it directly)."""
+        return self.url.database or ""
+
+    @property
+    def schema_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return migrate.current_revision(conn)
+
+    # --- plumbing -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        with self._write_lock, self.engine.connect() as conn:
+            conn.execution_options(lomas_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _rows(self, statement: sa.Executable) -> list[Row]:
+        with self._reading() as conn:
+            return list(conn.execute(statement).mappings())
+
+    def _insert(self, table: sa.Table) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def _greatest(self, a: Any, b: Any) -> Any:
+        return sa.func.greatest(a, b) if self.dialect == "postgresql" else sa.func.max(a, b)
+
+    def _audit(self, conn: sa.Connection, actor: str, action: str, **detail: Any) -> None:
+        conn.execute(sa.insert(audit).values(actor=actor, action=action, detail_json=json.dumps(detail),
+                                             created_at=utcnow()))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- users and tokens ---------------------------------------------------------------------------------
+
+    def create_user(self, username: str, role: str, actor: str, revive: bool = True) -> UserRecord:
+        _check_username(username)
+        _check_role(role)
+        with self._tx() as conn:
+            row = conn.execute(sa.select(users.c.removed_at, users.c.created_at)
+                               .where(users.c.username == username).with_for_update()).mappings().first()
+            now = utcnow()
+            if row is not None and row["removed_at"] is None:
+                raise Conflict(f"user '{username}' already exists")
+            if row is not None and not revive:
+                raise Forbidden("your access to the DP service was removed by an admin")
+            if row is not None:  # a removed user comes back with their history (their privacy loss is theirs)
+                conn.execute(sa.update(users).where(users.c.username == username).values(role=role, removed_at=None))
+                now = row["created_at"]
+            elif not conn.execute(self._insert(users).values(username=username, role=role, created_at=now)
+                                  .on_conflict_do_nothing()).rowcount:
+                raise Conflict(f"user '{username}' already exists")  # created by another replica just now
+            self._audit(conn, actor, "create_user", username=username, role=role)
+        return UserRecord(username, role, now)
+
+    _USER = sa.select(users.c.username, users.c.role, users.c.created_at)
+
+    def get_user(self, username: str) -> UserRecord | None:
+        rows = self._rows(self._USER.where(users.c.username == username, users.c.removed_at.is_(None)))
+        return UserRecord(**rows[0]) if rows else None
+
+    def list_users(self) -> list[UserRecord]:
+        return [UserRecord(**r) for r in self._rows(self._USER.where(users.c.removed_at.is_(None))
+                                                    .order_by(users.c.username))]
+
+    def _check_admin_access_kept(self, conn: sa.Connection, what: str) -> None:
+        """Inside a change's transaction: refuse it if no admin could use the API afterwards."""
+        found = conn.execute(
+            sa.select(sa.literal(1)).select_from(users.join(tokens, tokens.c.username == users.c.username))
+            .where(users.c.role == "admin", users.c.removed_at.is_(None), tokens.c.revoked == 0).limit(1)
+        ).first()
+        if found is None:
+            raise Conflict(f"refused: {what} would leave no admin with a valid token. Give another admin a token "
+                           "first (an admin on the service's machine can always use `lomas-admin`).")
+
+    def set_role(self, username: str, role: str, actor: str, keep_admin_access: bool = False) -> UserRecord:
+        _check_role(role)
+        with self._tx() as conn:
+            updated = conn.execute(sa.update(users).where(users.c.username == username, users.c.removed_at.is_(None))
+                                   .values(role=role)).rowcount
+            if updated == 0:
+                raise NotFound(f"no user '{username}'")
+            if keep_admin_access:
+                self._check_admin_access_kept(conn, f"making '{username}' an {role}")
+            self._audit(conn, actor, "set_role", username=username, role=role)
+        user = self.get_user(username)
+        assert user is not None
+        return user
+
+    def remove_user(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
+        with self._tx() as conn:
+            removed = conn.execute(sa.update(users).where(users.c.username == username, users.c.removed_at.is_(None))
+                                   .values(removed_at=utcnow())).rowcount
+            if removed == 0:
+                raise NotFound(f"no user '{username}'")
+            revoked = self._revoke(conn, username)
+            if keep_admin_access:
+                self._check_admin_access_kept(conn, f"removing '{username}'")
+            self._audit(conn, actor, "remove_user", username=username, tokens_revoked=revoked)
+        return revoked
+
+    def _revoke(self, conn: sa.Connection, username: str) -> int:
+        return conn.execute(sa.update(tokens).where(tokens.c.username == username, tokens.c.revoked == 0)
+                            .values(revoked=1)).rowcount
+
+    def issue_token(self, username: str, label: str, actor: str) -> str:
+        token = new_token()
+        with self._tx() as conn:
+            if conn.execute(sa.select(users.c.username).where(users.c.username == username,
+                                                              users.c.removed_at.is_(None))).first() is None:
+                raise NotFound(f"no user '{username}'")
+            conn.execute(sa.insert(tokens).values(username=username, token_hash=hash_token(token), label=label,
+                                                  created_at=utcnow()))
+            self._audit(conn, actor, "issue_token", username=username, label=label)
+        return token
+
+    def user_for_token(self, token: str) -> UserRecord | None:
+        rows = self._rows(self._USER.select_from(tokens.join(users, users.c.username == tokens.c.username))
+                          .where(tokens.c.token_hash == hash_token(token), tokens.c.revoked == 0,
+                                 users.c.removed_at.is_(None)))
+        return UserRecord(**rows[0]) if rows else None
+
+    def revoke_tokens(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
+        with self._tx() as conn:
+            count = self._revoke(conn, username)
+            if keep_admin_access and count:
+                self._check_admin_access_kept(conn, f"revoking the tokens of '{username}'")
+            self._audit(conn, actor, "revoke_tokens", username=username, count=count)
+        return count
+
+    # --- datasets -----------------------------------------------------------------------------------------
+
+    def put_dataset(
+        self, name: str, description: str, metadata: dict[str, Any], parquet_path: str, actor: str
+    ) -> DatasetRecord:
+        now = utcnow()
+        with self._tx() as conn:
+            version = conn.execute(sa.select(datasets.c.version).where(datasets.c.name == name)
+                                   .with_for_update()).scalar()
+            version = (version or 0) + 1
+            values = {"description": description, "metadata_json": json.dumps(metadata),
+                      "parquet_path": parquet_path, "version": version, "created_at": now}
+            conn.execute(self._insert(datasets).values(name=name, **values)
+                         .on_conflict_do_update(index_elements=[datasets.c.name], set_=values))
+            self._audit(conn, actor, "put_dataset", dataset=name, version=version)
+        return DatasetRecord(name, description, metadata, parquet_path, version, now)
+
+    def get_dataset(self, name: str) -> DatasetRecord | None:
+        rows = self._rows(sa.select(datasets).where(datasets.c.name == name))
+        return _dataset(rows[0]) if rows else None
+
+    def list_datasets(self) -> list[DatasetRecord]:
+        return [_dataset(r) for r in self._rows(sa.select(datasets).order_by(datasets.c.name))]
+
+    # --- grants and ledger --------------------------------------------------------------------------------
+
+    def set_grant(self, username: str, dataset: str, epsilon: float, delta: float, actor: str) -> GrantRecord:
+        return self.set_grants([username], dataset, epsilon, delta, actor)[0]
+
+    def set_grants(self, usernames: list[str], dataset: str, epsilon: float, delta: float,
+                   actor: str) -> list[GrantRecord]:
+        _check_amount(epsilon, "epsilon")
+        _check_amount(delta, "delta")
+        if delta >= 1:
+            raise BadRequest("delta must be below 1")
+        if not usernames:
+            raise BadRequest("name at least one user")
+        now = utcnow()
+        with self._tx() as conn:  # all or nothing: one unknown user changes no grant
+            if conn.execute(sa.select(datasets.c.name).where(datasets.c.name == dataset)).first() is None:
+                raise NotFound(f"no dataset '{dataset}'")
+            for username in usernames:
+                if conn.execute(sa.select(users.c.username).where(users.c.username == username)).first() is None:
+                    raise NotFound(f"no user '{username}'")
+                values = {"epsilon": float(epsilon), "delta": float(delta), "updated_at": now}
+                conn.execute(self._insert(grants).values(username=username, dataset=dataset, **values)
+                             .on_conflict_do_update(index_elements=[grants.c.username, grants.c.dataset],
+                                                    set_=values))
+                self._audit(conn, actor, "set_grant", username=username, dataset=dataset, epsilon=epsilon,
+                            delta=delta)
+        return [GrantRecord(u, dataset, float(epsilon), float(delta), now) for u in usernames]
+
+    def get_grant(self, username: str, dataset: str) -> GrantRecord | None:
+        rows = self._rows(sa.select(grants).where(grants.c.username == username, grants.c.dataset == dataset))
+        return GrantRecord(**rows[0]) if rows else None
+
+    def list_grants(self, username: str | None = None) -> list[GrantRecord]:
+        query = sa.select(grants).order_by(grants.c.username, grants.c.dataset)
+        if username is not None:
+            query = query.where(grants.c.username == username)
+        return [GrantRecord(**r) for r in self._rows(query)]
+
+    def _totals(self, conn: sa.Connection, username: str, dataset: str, lock: bool = False) -> _Totals:
+        """One (user, dataset)'s running totals; with `lock`, the row is created if missing and locked until the
+        transaction ends (every change to a user's spending on a dataset takes this lock first)."""
+        where = (budget_totals.c.username == username, budget_totals.c.dataset == dataset)
+        if lock:
+            conn.execute(self._insert(budget_totals).values(
+                username=username, dataset=dataset, epsilon_spent="0", delta_spent="0", releases=0,
+                epsilon_pending="0", delta_pending="0", pending=0).on_conflict_do_nothing())
+        query = sa.select(budget_totals).where(*where)
+        row = conn.execute(query.with_for_update() if lock else query).mappings().first()
+        if row is None:
+            return _Totals()
+        return _Totals(Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"],
+                       row["last_cost"], Fraction(row["epsilon_pending"]), Fraction(row["delta_pending"]),
+                       row["pending"])
+
+    def _write_totals(self, conn: sa.Connection, username: str, dataset: str, totals: _Totals) -> None:
+        conn.execute(sa.update(budget_totals)
+                     .where(budget_totals.c.username == username, budget_totals.c.dataset == dataset)
+                     .values(epsilon_spent=str(totals.epsilon), delta_spent=str(totals.delta),
+                             releases=totals.releases, last_cost=totals.last_cost,
+                             epsilon_pending=str(totals.epsilon_pending), delta_pending=str(totals.delta_pending),
+                             pending=totals.pending))
+
+    def budget(self, username: str, dataset: str) -> Budget | None:
+        with self._reading() as conn:
+            grant = conn.execute(sa.select(grants.c.epsilon, grants.c.delta)
+                                 .where(grants.c.username == username, grants.c.dataset == dataset)).first()
+            if grant is None:
+                return None
+            t = self._totals(conn, username, dataset)
+        return Budget(username, dataset, grant.epsilon, grant.delta, float(t.epsilon), float(t.delta), t.releases,
+                      t.last_cost, float(t.epsilon_pending), float(t.delta_pending), t.pending)
+
+    def reserve(self, username: str, dataset: str, epsilon: float, delta: float, owner: str | None = None) -> str:
+        _check_amount(epsilon, "epsilon")
+        _check_amount(delta, "delta")
+        reservation_id = uuid.uuid4().hex
+        with self._tx() as conn:
+            grant = conn.execute(sa.select(grants.c.epsilon, grants.c.delta)
+                                 .where(grants.c.username == username, grants.c.dataset == dataset)).first()
+            if grant is None:
+                raise InsufficientBudget(
+                    f"you have no budget on dataset '{dataset}'; ask an admin for a grant",
+                    cost={"epsilon": epsilon, "delta": delta},
+                    remaining={"epsilon": 0.0, "delta": 0.0},
+                )
+            totals = self._totals(conn, username, dataset, lock=True)
+            # compare the correctly rounded exact sums: float noise in 0.1 + 0.2 never decides a refusal
+            if (float(totals.epsilon + Fraction(epsilon)) > grant.epsilon
+                    or float(totals.delta + Fraction(delta)) > grant.delta):
+                remaining = {
+                    "epsilon": max(grant.epsilon - float(totals.epsilon), 0.0),
+                    "delta": max(grant.delta - float(totals.delta), 0.0),
+                }
+                raise InsufficientBudget(
+                    f"not enough budget on '{dataset}': this query costs epsilon={epsilon:.6g}"
+                    + (f", delta={delta:.3g}" if delta else "")
+                    + f"; remaining epsilon={remaining['epsilon']:.6g}"
+                    + (f", delta={remaining['delta']:.3g}" if grant.delta else "")
+                    + (f" ({totals.pending} of your queries are still running)" if totals.pending else "")
+                    + ". Nothing was charged.",
+                    cost={"epsilon": epsilon, "delta": delta},
+                    remaining=remaining,
+                )
+            pools = self._charge_pools(conn, username, dataset, Fraction(epsilon), Fraction(delta))
+            conn.execute(sa.insert(ledger).values(
+                reservation_id=reservation_id, username=username, dataset=dataset, kind="reserve",
+                epsilon=float(epsilon), delta=float(delta), created_at=utcnow(), instance_id=owner,
+                pools=json.dumps(pools)))
+            totals.epsilon += Fraction(epsilon)
+            totals.delta += Fraction(delta)
+            totals.epsilon_pending += Fraction(epsilon)
+            totals.delta_pending += Fraction(delta)
+            totals.pending += 1
+            self._write_totals(conn, username, dataset, totals)
+        return reservation_id
+
+    def _settle_in(self, conn: sa.Connection, reservation_id: str, kind: str, note: str) -> bool:
+        """Settle a reservation; False when it already was, the same way (commit and refund are idempotent)."""
+        row = conn.execute(sa.select(ledger).where(ledger.c.reservation_id == reservation_id,
+                                                   ledger.c.kind == "reserve")).mappings().first()
+        if row is None:
+            raise NotFound("no such reservation")
+        totals = self._totals(conn, row["username"], row["dataset"], lock=True)  # then look: another may have won
+        settled = conn.execute(sa.select(ledger.c.kind).where(ledger.c.reservation_id == reservation_id,
+                                                              ledger.c.kind != "reserve")).scalar()
+        if settled == kind:
+            return False
+        if settled is not None:
+            raise Conflict(f"reservation already settled ({settled})")
+        conn.execute(sa.insert(ledger).values(
+            reservation_id=reservation_id, username=row["username"], dataset=row["dataset"], kind=kind,
+            epsilon=row["epsilon"], delta=row["delta"], created_at=utcnow(), instance_id=row["instance_id"],
+            note=note))
+        epsilon, delta = Fraction(row["epsilon"]), Fraction(row["delta"])
+        totals.epsilon_pending -= epsilon
+        totals.delta_pending -= delta
+        totals.pending -= 1
+        if kind == "refund":
+            totals.epsilon -= epsilon
+            totals.delta -= delta
+            left_a_course = False
+            for course in json.loads(row["pools"]):
+                spent_eps, spent_delta = self._pool(conn, course, row["dataset"], lock=True)
+                self._write_pool(conn, course, row["dataset"], spent_eps - epsilon, spent_delta - delta)
+                left_a_course |= conn.execute(sa.select(course_members.c.course).where(
+                    course_members.c.course == course, course_members.c.username == row["username"])).first() is None
+            if left_a_course:
+                # Their grant was cut to spent + pending when they left; the refunded part came from the class
+                # and must not stay spendable outside it (pool and grant stay in step).
+                self._lower_grant(conn, row["username"], row["dataset"], epsilon, delta, totals)
+        else:
+            totals.releases += 1
+            totals.last_cost = row["epsilon"]
+        self._write_totals(conn, row["username"], row["dataset"], totals)
+        return True
+
+    def _lower_grant(self, conn: sa.Connection, username: str, dataset: str, epsilon: Fraction,
+                     delta: Fraction, totals: _Totals) -> None:
+        """Lower a grant by a refunded amount, never below what is spent or running."""
+        where = (grants.c.username == username, grants.c.dataset == dataset)
+        grant = conn.execute(sa.select(grants.c.epsilon, grants.c.delta).where(*where)).first()
+        if grant is None:
+            return
+        conn.execute(sa.update(grants).where(*where).values(
+            epsilon=max(float(Fraction(grant.epsilon) - epsilon), float(totals.epsilon)),
+            delta=max(float(Fraction(grant.delta) - delta), float(totals.delta)), updated_at=utcnow()))
+
+    def _pool(self, conn: sa.Connection, course: str, dataset: str, lock: bool = False) -> tuple[Fraction, Fraction]:
+        if lock:
+            conn.execute(self._insert(pool_totals).values(course=course, dataset=dataset, epsilon_spent="0",
+                                                          delta_spent="0").on_conflict_do_nothing())
+        query = sa.select(pool_totals.c.epsilon_spent, pool_totals.c.delta_spent).where(
+            pool_totals.c.course == course, pool_totals.c.dataset == dataset)
+        row = conn.execute(query.with_for_update() if lock else query).first()
+        return (Fraction(row[0]), Fraction(row[1])) if row else (Fraction(0), Fraction(0))
+
+    def _write_pool(self, conn: sa.Connection, course: str, dataset: str, epsilon: Fraction,
+                    delta: Fraction) -> None:
+        conn.execute(sa.update(pool_totals).where(pool_totals.c.course == course, pool_totals.c.dataset == dataset)
+                     .values(epsilon_spent=str(epsilon), delta_spent=str(delta)))
+
+    def _charge_pools(self, conn: sa.Connection, username: str, dataset: str, epsilon: Fraction,
+                      delta: Fraction) -> list[str]:
+        """Inside the reservation's transaction: every class the student is in that uses this dataset must have
+        room under its cap; all are charged, or none and nothing is reserved."""
+        classes = conn.execute(
+            sa.select(course_datasets.c.course, course_datasets.c.epsilon_cap, course_datasets.c.delta_cap)
+            .select_from(course_datasets.join(course_members, course_members.c.course == course_datasets.c.course))
+            .where(course_members.c.username == username, course_datasets.c.dataset == dataset)
+            .order_by(course_datasets.c.course)
+        ).all()
+        charged = []
+        for course, epsilon_cap, delta_cap in classes:
+            spent_eps, spent_delta = self._pool(conn, course, dataset, lock=True)
+            if float(spent_eps + epsilon) > epsilon_cap or float(spent_delta + delta) > delta_cap:
+                raise InsufficientBudget(
+                    f"the class '{course}' has reached its cap on '{dataset}': it may spend epsilon="
+                    f"{epsilon_cap:.6g} in total and {float(spent_eps):.6g} is spent or running; this query "
+                    f"costs epsilon={float(epsilon):.6g}. Nothing was charged; ask your instructor for a top-up.",
+                    cost={"epsilon": float(epsilon), "delta": float(delta)},
+                    remaining={"epsilon": max(epsilon_cap - float(spent_eps), 0.0),
+                               "delta": max(delta_cap - float(spent_delta), 0.0)},
+                )
+            self._write_pool(conn, course, dataset, spent_eps + epsilon, spent_delta + delta)
+            charged.append(course)
+        return charged
+
+    # --- courses -----------------------------------------------------------------------------------------
+
+    def create_course(self, name: str, hub_group: str, actor: str) -> CourseRecord:
+        _check_username(name)
+        if not isinstance(hub_group, str) or not hub_group.strip():
+            raise BadRequest("a course needs the Hub group its students are in")
+        with self._tx() as conn:
+            inserted = conn.execute(self._insert(courses).values(name=name, hub_group=hub_group, created_at=utcnow())
+                                    .on_conflict_do_nothing()).rowcount
+            if not inserted:
+                raise Conflict(f"course '{name}' already exists")
+            self._audit(conn, actor, "create_course", course=name, hub_group=hub_group)
+            return self._course(conn, name)
+
+    def _course(self, conn: sa.Connection, name: str) -> CourseRecord:
+        row = conn.execute(sa.select(courses).where(courses.c.name == name)).mappings().first()
+        if row is None:
+            raise NotFound(f"no course '{name}'")
+        members = tuple(conn.execute(sa.select(course_members.c.username).where(course_members.c.course == name)
+                                     .order_by(course_members.c.username)).scalars())
+        datasets_of = tuple(
+            CourseDataset(name, r["dataset"], r["epsilon_per_student"], r["delta_per_student"], r["epsilon_cap"],
+                          r["delta_cap"])
+            for r in conn.execute(sa.select(course_datasets).where(course_datasets.c.course == name)
+                                  .order_by(course_datasets.c.dataset)).mappings())
+        return CourseRecord(name, row["hub_group"], row["created_at"], members, datasets_of)
+
+    def get_course(self, name: str) -> CourseRecord | None:
+        with self._reading() as conn:
+            try:
+                return self._course(conn, name)
+            except NotFound:
+                return None
+
+    def list_courses(self) -> list[CourseRecord]:
+        with self._reading() as conn:
+            names = conn.execute(sa.select(courses.c.name).order_by(courses.c.name)).scalars().all()
+            return [self._course(conn, n) for n in names]
+
+    def _raise_grant(self, conn: sa.Connection, username: str, dataset: str, epsilon: float,
+                     delta: float) -> None:
+        statement = self._insert(grants).values(username=username, dataset=dataset, epsilon=float(epsilon),
+                                                delta=float(delta), updated_at=utcnow())
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=[grants.c.username, grants.c.dataset],
+            set_={"epsilon": self._greatest(grants.c.epsilon, statement.excluded.epsilon),
+                  "delta": self._greatest(grants.c.delta, statement.excluded.delta),
+                  "updated_at": statement.excluded.updated_at}))
+
+    def set_course_dataset(self, course: str, dataset: str, epsilon_per_student: float, delta_per_student: float,
+                           epsilon_cap: float, delta_cap: float, actor: str) -> CourseRecord:
+        for value, name in ((epsilon_per_student, "epsilon_per_student"), (delta_per_student, "delta_per_student"),
+                            (epsilon_cap, "epsilon_cap"), (delta_cap, "delta_cap")):
+            _check_amount(value, name)
+        if delta_per_student >= 1 or delta_cap >= 1:
+            raise BadRequest("delta must be below 1")
+        with self._tx() as conn:
+            self._course(conn, course)
+            if conn.execute(sa.select(datasets.c.name).where(datasets.c.name == dataset)).first() is None:
+                raise NotFound(f"no dataset '{dataset}'")
+            values = {"epsilon_per_student": float(epsilon_per_student),
+                      "delta_per_student": float(delta_per_student), "epsilon_cap": float(epsilon_cap),
+                      "delta_cap": float(delta_cap), "updated_at": utcnow()}
+            conn.execute(self._insert(course_datasets).values(course=course, dataset=dataset, **values)
+                         .on_conflict_do_update(index_elements=[course_datasets.c.course, course_datasets.c.dataset],
+                                                set_=values))
+            for username in conn.execute(sa.select(course_members.c.username)
+                                         .where(course_members.c.course == course)).scalars().all():
+                self._raise_grant(conn, username, dataset, epsilon_per_student, delta_per_student)
+            self._audit(conn, actor, "set_course_dataset", course=course, dataset=dataset,
+                        epsilon_per_student=epsilon_per_student, delta_per_student=delta_per_student,
+                        epsilon_cap=epsilon_cap, delta_cap=delta_cap)
+            return self._course(conn, course)
+
+    def _enrol(self, conn: sa.Connection, record: CourseRecord, username: str, actor: str) -> None:
+        conn.execute(self._insert(course_members).values(course=record.name, username=username, joined_at=utcnow())
+                     .on_conflict_do_nothing())
+        for plan in record.datasets:
+            self._raise_grant(conn, username, plan.dataset, plan.epsilon_per_student, plan.delta_per_student)
+        self._audit(conn, actor, "add_course_member", course=record.name, username=username)
+
+    def _unenrol(self, conn: sa.Connection, record: CourseRecord, username: str, actor: str) -> None:
+        conn.execute(sa.delete(course_members).where(course_members.c.course == record.name,
+                                                     course_members.c.username == username))
+        for plan in record.datasets:
+            totals = self._totals(conn, username, plan.dataset, lock=True)
+            conn.execute(sa.update(grants).where(grants.c.username == username, grants.c.dataset == plan.dataset)
+                         .values(epsilon=float(totals.epsilon), delta=float(totals.delta), updated_at=utcnow()))
+        self._audit(conn, actor, "remove_course_member", course=record.name, username=username)
+
+    def add_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        with self._tx() as conn:
+            record = self._course(conn, course)
+            removed = conn.execute(sa.select(users.c.removed_at).where(users.c.username == username)).first()
+            if removed is None or removed[0]:
+                raise NotFound(f"no user '{username}'")
+            self._enrol(conn, record, username, actor)
+            return self._course(conn, course)
+
+    def remove_course_member(self, course: str, username: str, actor: str) -> CourseRecord:
+        with self._tx() as conn:
+            record = self._course(conn, course)
+            if username not in record.members:
+                raise NotFound(f"'{username}' is not in course '{course}'")
+            self._unenrol(conn, record, username, actor)
+            return self._course(conn, course)
+
+    def _course_changes(self, conn: sa.Connection, username: str,
+                        hub_groups: Collection[str]) -> tuple[list[str], list[str]]:
+        groups = set(hub_groups)
+        wanted = {name for name, group in conn.execute(sa.select(courses.c.name, courses.c.hub_group))
+                  if group in groups}
+        current = set(conn.execute(sa.select(course_members.c.course)
+                                   .where(course_members.c.username == username)).scalars())
+        return sorted(wanted - current), sorted(current - wanted)
+
+    def sync_course_memberships(self, username: str, hub_groups: Collection[str],
+                                actor: str) -> tuple[list[str], list[str]]:
+        with self._reading() as conn:
+            joins, leaves = self._course_changes(conn, username, hub_groups)
+        if not joins and not leaves:
+            return [], []  # the usual case: a read, no write lock
+        with self._tx() as conn:
+            # again, under the user's lock: two replicas syncing the same user change it once
+            conn.execute(sa.select(users.c.username).where(users.c.username == username).with_for_update())
+            joins, leaves = self._course_changes(conn, username, hub_groups)
+            for course in joins:
+                self._enrol(conn, self._course(conn, course), username, actor)
+            for course in leaves:
+                self._unenrol(conn, self._course(conn, course), username, actor)
+        return joins, leaves
+
+    def class_spending(self, course: str, dataset: str) -> ClassSpending:
+        with self._reading() as conn:
+            record = self._course(conn, course)
+            plan = next((d for d in record.datasets if d.dataset == dataset), None)
+            if plan is None:
+                raise NotFound(f"course '{course}' has no dataset '{dataset}'")
+            epsilon, delta = self._pool(conn, course, dataset)
+            per_student = {}
+            for username in record.members:
+                t = self._totals(conn, username, dataset)
+                per_student[username] = {"epsilon_spent": float(t.epsilon), "delta_spent": float(t.delta),
+                                         "releases": t.releases}
+        return ClassSpending(course, dataset, plan.epsilon_cap, plan.delta_cap, float(epsilon), float(delta),
+                             per_student)
+
+    def commit(self, reservation_id: str, note: str = "") -> None:
+        with self._tx() as conn:
+            self._settle_in(conn, reservation_id, "commit", note)
+
+    def commit_release(self, reservation_id: str, release: ReleaseDraft) -> ReleaseRecord:
+        with self._tx() as conn:
+            if not self._settle_in(conn, reservation_id, "commit", ""):
+                earlier = conn.execute(sa.select(releases).where(releases.c.reservation_id == reservation_id)
+                                       ).mappings().first()
+                if earlier is None:
+                    raise Conflict("reservation already settled (commit) without a release")
+                return _release_record(earlier)  # the same call again: the same release, charged once
+            return self._archive_in(conn, release, reservation_id)
+
+    def refund(self, reservation_id: str, note: str = "") -> None:
+        with self._tx() as conn:
+            self._settle_in(conn, reservation_id, "refund", note)
+
+    # --- service instances (who holds which reservation) -------------------------------------------------
+
+    def register_instance(self, instance: InstanceRecord) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.insert(instances).values(
+                id=instance.id, hostname=instance.hostname, pid=instance.pid, process_start=instance.process_start,
+                started_at=instance.started_at, heartbeat_at=instance.heartbeat_at))
+
+    def heartbeat(self, instance_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.update(instances).where(instances.c.id == instance_id).values(heartbeat_at=utcnow()))
+
+    def running_instances(self) -> list[InstanceRecord]:
+        rows = self._rows(sa.select(instances).where(instances.c.stopped_at.is_(None))
+                          .order_by(instances.c.started_at))
+        return [InstanceRecord(**{k: v for k, v in r.items() if k != "stopped_at"}) for r in rows]
+
+    def retire_instance(self, instance_id: str | None, note: str) -> int:
+        with self._tx() as conn:
+            if instance_id is None:
+                owned = ledger.c.instance_id.is_(None)
+            else:
+                # the lock makes a second replica wait, then see the instance already stopped
+                row = conn.execute(sa.select(instances.c.stopped_at).where(instances.c.id == instance_id)
+                                   .with_for_update()).first()
+                if row is not None and row[0] is not None:
+                    return 0  # another replica retired it first
+                conn.execute(sa.update(instances).where(instances.c.id == instance_id).values(stopped_at=utcnow()))
+                owned = ledger.c.instance_id == instance_id
+            settlement = ledger.alias("s")
+            open_ids = conn.execute(
+                sa.select(ledger.c.reservation_id).where(
+                    ledger.c.kind == "reserve", owned,
+                    ~sa.exists().where(settlement.c.reservation_id == ledger.c.reservation_id,
+                                       settlement.c.kind != "reserve"))
+                .order_by(ledger.c.id)).scalars().all()
+            settled = sum(self._settle_in(conn, rid, "refund", note) for rid in open_ids)
+            if settled:
+                self._audit(conn, "system", "settle_abandoned", instance=instance_id, refunded=settled)
+        return settled
+
+    def ledger(self, username: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        query = sa.select(ledger).order_by(ledger.c.id.desc()).limit(limit)
+        if username is not None:
+            query = query.where(ledger.c.username == username)
+        return [dict(r) | {"pools": json.loads(r["pools"])} for r in self._rows(query)]
+
+    # --- archive and audit --------------------------------------------------------------------------------
+
+    def _archive_in(self, conn: sa.Connection, release: ReleaseDraft, reservation_id: str) -> ReleaseRecord:
+        now = utcnow()
+        result = conn.execute(sa.insert(releases).values(
+            username=release.username, dataset=release.dataset, dataset_version=release.dataset_version,
+            sql=release.sql, canonical=release.canonical, params_json=_params_key(release.params),
+            epsilon=release.epsilon, delta=release.delta, result_json=json.dumps(release.result),
+            reservation_id=reservation_id, created_at=now))
+        fields_of = {f.name: getattr(release, f.name) for f in fields(release)}  # no deep copy of the result
+        return ReleaseRecord(id=int(result.inserted_primary_key[0]), created_at=now, **fields_of)
+
+    def list_releases(
+        self, username: str | None = None, dataset: str | None = None, limit: int = 200
+    ) -> list[ReleaseRecord]:
+        query = sa.select(releases).order_by(releases.c.id.desc()).limit(limit)
+        if username is not None:
+            query = query.where(releases.c.username == username)
+        if dataset is not None:
+            query = query.where(releases.c.dataset == dataset)
+        return [_release_record(r) for r in self._rows(query)]
+
+    def find_release(
+        self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
+    ) -> ReleaseRecord | None:
+        rows = self._rows(sa.select(releases).where(
+            releases.c.username == username, releases.c.dataset == dataset,
+            releases.c.dataset_version == dataset_version, releases.c.canonical == canonical,
+            releases.c.params_json == _params_key(params)).order_by(releases.c.id.desc()).limit(1))
+        return _release_record(rows[0]) if rows else None
+
+    def audit(self, limit: int = 200) -> list[AuditEntry]:
+        rows = self._rows(sa.select(audit).order_by(audit.c.id.desc()).limit(limit))
+        return [AuditEntry(r["id"], r["actor"], r["action"], json.loads(r["detail_json"]), r["created_at"])
+                for r in rows]
+
+
+@dataclass
+class _Totals:
+    """One (user, dataset)'s running totals, exact; `epsilon`/`delta` include what is pending."""
+
+    epsilon: Fraction = Fraction(0)
+    delta: Fraction = Fraction(0)
+    releases: int = 0
+    last_cost: float | None = None
+    epsilon_pending: Fraction = Fraction(0)
+    delta_pending: Fraction = Fraction(0)
+    pending: int = 0
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def _release_record(r: Row) -> ReleaseRecord:
+    return ReleaseRecord(r["id"], r["username"], r["dataset"], r["dataset_version"], r["sql"], r["canonical"],
+                         json.loads(r["params_json"]), r["epsilon"], r["delta"], json.loads(r["result_json"]),
+                         r["created_at"])
+
+
+def _dataset(row: Row) -> DatasetRecord:
+    return DatasetRecord(row["name"], row["description"], json.loads(row["metadata_json"]), row["parquet_path"],
+                         row["version"], row["created_at"])
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {list(ROLES)}")
+
+
+def _check_username(username: str) -> None:
+    if not isinstance(username, str) or not (1 <= len(username) <= 128) or not username.isprintable():
+        raise BadRequest("username must be 1 to 128 printable characters")
+
+
+def _check_amount(value: float, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{name} must be a non-negative number")
