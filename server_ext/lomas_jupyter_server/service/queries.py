@@ -129,6 +129,13 @@ class QueryService:
         # both caches are pure functions of their keys (dataset version included), so never stale
         self._prices: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._specs: OrderedDict[tuple[str, int, str], tuple[Any, Any]] = OrderedDict()
+        # a store on the network (PostgreSQL) may wait: its calls on the charged path run off the event loop
+        self._offload = bool(getattr(store, "on_network", False))
+
+    async def _call_store(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._offload:
+            return await asyncio.to_thread(method, *args, **kwargs)
+        return method(*args, **kwargs)
 
     def _dataset(self, name: str) -> DatasetRecord:
         record = self.store.get_dataset(name) if isinstance(name, str) else None
@@ -259,11 +266,12 @@ class QueryService:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec = self._compile(request)
         if not request.fresh:
-            earlier = self.store.find_release(
-                user.username, record.name, record.version, spec.canonical(), request.params()
+            earlier = await self._call_store(
+                self.store.find_release, user.username, record.name, record.version, spec.canonical(),
+                request.params()
             )
             if earlier is not None:  # asking again reveals nothing new: hand back the same answer, free
-                budget = self.store.budget(user.username, record.name)
+                budget = await self._call_store(self.store.budget, user.username, record.name)
                 return {
                     "release_id": earlier.id,
                     "created_at": earlier.created_at,
@@ -279,8 +287,8 @@ class QueryService:
         data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
         started = time.monotonic()
         # Charge what the mechanism costs (its privacy map), not what was asked for.
-        reservation = self.store.reserve(user.username, record.name, preview["epsilon"], preview["delta"],
-                                         owner=self.instance_id)
+        reservation = await self._call_store(self.store.reserve, user.username, record.name, preview["epsilon"],
+                                             preview["delta"], owner=self.instance_id)
         try:
             released, answer = await self._release(record, spec, request, preview, data_path)
         except LomasError as err:
@@ -289,7 +297,8 @@ class QueryService:
                 raise type(err)(f"{err.message}; nothing was charged", **err.details) from None
             # The failure can depend on the data (a time-out on a predicate that matches many rows, say):
             # refunding it would answer a question for free.
-            self.store.commit(reservation, note=f"charged: failed after reading the data ({err.code})")
+            await self._call_store(self.store.commit, reservation,
+                                   note=f"charged: failed after reading the data ({err.code})")
             await self.padding.pad(started)
             cost = f"epsilon={preview['epsilon']:.6g}" + (f", delta={preview['delta']:.3g}" if preview["delta"] else "")
             raise ChargedFailure(
@@ -303,14 +312,15 @@ class QueryService:
         result = {**answer, "cost": {"epsilon": released["epsilon"], "delta": released["delta"]}}
         draft = ReleaseDraft(user.username, record.name, record.version, request.sql, spec.canonical(),
                              request.params(), released["epsilon"], released["delta"], result)
-        try:
-            archived = self.store.commit_release(reservation, draft)  # the charge and its answer, together
+        try:  # the charge and its answer, together
+            archived = await self._call_store(self.store.commit_release, reservation, draft)
         except BaseException:
-            # nothing is committed, nothing is released: the reservation goes back
+            # nothing is committed, nothing is released: the reservation goes back (on the loop: a cancelled
+            # request must still refund)
             self.store.refund(reservation, note="refunded: the release could not be archived")
             raise
         await self.padding.pad(started)
-        budget = self.store.budget(user.username, record.name)
+        budget = await self._call_store(self.store.budget, user.username, record.name)
         return {
             "release_id": archived.id,
             "created_at": archived.created_at,

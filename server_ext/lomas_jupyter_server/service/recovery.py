@@ -19,11 +19,12 @@ from ..store.base import utcnow
 
 
 def process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), or None when no such process exists."""
+    """The kernel's start time of `pid` (clock ticks since boot), or None when no such process runs (a zombie,
+    killed but not yet reaped by its parent, runs no more)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return fields[19]  # field 22 of stat; the split drops pid and comm
+        return None if fields[0] == "Z" else fields[19]  # state, and field 22 of stat (the split drops pid, comm)
     except (OSError, IndexError):
         return None
 
