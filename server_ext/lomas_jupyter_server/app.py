@@ -20,11 +20,12 @@ from tornado import httpserver, web
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.routing import AnyMatches, Rule
 from tornado.web import _ApplicationRouter
-from traitlets import Bool, Enum, Float, Integer, List, Type, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Type, Unicode, default, validate
 
 from .api import API_PREFIX, ROUTES
 from .api.forward import ForwardToHubServiceHandler
 from .api.identity import LomasTokenIdentityProvider
+from .engine.locations import object_store_environment
 from .engine.sql import DEFAULT_MAX_GROUPS
 from .engine.workers import WorkerPool, die_with_parent
 from .errors import Forbidden
@@ -191,6 +192,18 @@ class LomasApp(ExtensionApp):
         help="Upgrade an older PostgreSQL schema at start (back it up first; `lomas-admin db upgrade` does the "
         "same by hand). A SQLite store is always upgraded, after a copy is kept beside it",
     ).tag(config=True)
+    dataset_url = Unicode(
+        None, allow_none=True,
+        help="Write imported datasets under this object-store prefix (s3://bucket/prefix) instead of storage_dir. "
+        "Several replicas need one place for datasets: a bucket, or a storage_dir they all mount",
+    ).tag(config=True)
+    object_store = Dict(
+        per_key_traits={},
+        help="Endpoint and credentials of the object store that holds datasets: endpoint_url, access_key_id, "
+        "secret_access_key, session_token, region, allow_http. Given to the service's workers as AWS_* "
+        "environment variables, never stored, logged or put in a plan. Better: set AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ... in the service's environment, or use the instance's role",
+    ).tag(config=True)
     workers = Integer(help="Worker processes that run OpenDP").tag(config=True)
     query_timeout = Float(
         120.0,
@@ -270,6 +283,14 @@ class LomasApp(ExtensionApp):
     def _default_storage_dir(self) -> str:
         return default_storage_dir()
 
+    @validate("object_store")
+    def _valid_object_store(self, proposal: Any) -> dict[str, str]:
+        try:
+            object_store_environment(proposal["value"])
+        except ValueError as err:
+            raise TraitError(str(err)) from None
+        return proposal["value"]
+
     @default("db_url")
     def _default_db_url(self) -> str:
         return os.environ.get("LOMAS_DB_URL") or str(Path(self.storage_dir) / "lomas.sqlite3")
@@ -304,6 +325,8 @@ class LomasApp(ExtensionApp):
         if self.disabled_under_hub:
             self.log.info("lomas: not started in this JupyterHub server; kernels and the sidebar use the Hub service")
             return
+        # before any worker starts: they inherit it (polars reads AWS_* itself; nothing reaches a plan)
+        os.environ.update(object_store_environment(self.object_store))
         store = self.store_class(self.db_url, upgrade=self.upgrade_db or None)
         worker_log = str(Path(self.storage_dir) / "logs" / "workers.log")
         pool = WorkerPool(self.workers, self.query_timeout, self.worker_memory_mb, worker_log)
@@ -330,6 +353,7 @@ class LomasApp(ExtensionApp):
             max_upload_bytes=self.max_upload_bytes,
             import_dirs=self._import_dirs(),
             free_timeout=self.free_timeout,
+            dataset_url=self.dataset_url,
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)

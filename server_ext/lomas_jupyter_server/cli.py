@@ -101,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("dataset", help="manage datasets").add_subparsers(dest="action", required=True)
     imp = dataset.add_parser("import", help="import CSV or Parquet with its metadata (YAML or JSON)")
     imp.add_argument("name", help="the dataset's name, used in FROM")
-    imp.add_argument("data", type=Path, help="a .csv or .parquet file")
+    imp.add_argument("data", help="a .csv or .parquet file, or Parquet in an object store (s3://bucket/key.parquet, "
+                     "or a folder s3://bucket/prefix/); endpoint and credentials from AWS_* environment variables")
+    imp.add_argument("--to", default=None, metavar="URL",
+                     help="write the checked copy under this object-store prefix (s3://bucket/prefix), not the "
+                     "storage folder")
+    imp.add_argument("--in-place", action="store_true",
+                     help="use object-store data where it is (checked, not copied); it must not change afterwards")
     imp.add_argument("--metadata", type=Path, required=True, help="public metadata, YAML or JSON (see README)")
     imp.add_argument("--description", default=None, help="overrides the metadata's description")
     dataset.add_parser("list", help="all datasets with their public metadata")
@@ -225,8 +231,12 @@ def run(argv: list[str] | None = None) -> int:
                 from .service.importing import import_dataset
 
                 doc = yaml.safe_load(args.metadata.read_text())
-                record = import_dataset(store, storage, args.name, args.data, doc, args.description, actor=actor,
-                                        progress=lambda m: print(f"... {m}", file=sys.stderr))
+                from .engine.locations import is_remote
+
+                source = args.data if is_remote(args.data) else Path(args.data)
+                record = import_dataset(store, storage, args.name, source, doc, args.description, actor=actor,
+                                        progress=lambda m: print(f"... {m}", file=sys.stderr),
+                                        target_url=args.to, in_place=args.in_place)
                 from .engine import metadata_warnings  # OpenDP loads only for this command
 
                 for warning in metadata_warnings(record.metadata):

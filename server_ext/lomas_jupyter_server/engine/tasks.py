@@ -4,13 +4,13 @@ The service calls these through the worker pool; they never see a request or a u
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from typing import Any
 
 import polars as pl
 
 from ..errors import DatasetUnavailable, QueryRejected
+from . import locations
 from .plan import Calibrated, Plan
 from .workers import note_data_access
 
@@ -48,7 +48,7 @@ def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, 
 
 def _scan(parquet_path: str) -> pl.LazyFrame:
     if parquet_path not in _SCANS:
-        _SCANS[parquet_path] = pl.scan_parquet(parquet_path)
+        _SCANS[parquet_path] = locations.scan(parquet_path)
         if len(_SCANS) > _CACHE_SIZE:
             _SCANS.popitem(last=False)
     return _SCANS[parquet_path]
@@ -68,7 +68,7 @@ def release_task(
                                                     plan_doc["scale"], price["delta_target"])
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
-    if not os.path.exists(parquet_path):  # moved or deleted since the service checked: nothing was read
+    if not locations.available(parquet_path):  # moved, deleted or unreachable: nothing was read
         raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
                                  "was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged

@@ -37,6 +37,7 @@ class DPService:
         max_upload_bytes: int = 2 * 1024**3,
         import_dirs: list[str | Path] | None = None,
         free_timeout: float = 20.0,
+        dataset_url: str | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -45,4 +46,5 @@ class DPService:
                                     instance_id, padding, free_timeout)
         self.admin = AdminService(store, protect_admin_access)
         self.courses = CourseService(store)
-        self.datasets = DatasetAdmin(store, storage_dir, self.pricing_pool, max_upload_bytes, import_dirs)
+        self.datasets = DatasetAdmin(store, storage_dir, self.pricing_pool, max_upload_bytes, import_dirs,
+                                     dataset_url)

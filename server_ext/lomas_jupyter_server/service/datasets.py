@@ -20,8 +20,10 @@ from .uploads import CHUNK_BYTES, UploadArea
 
 class DatasetAdmin:
     def __init__(self, store: AdminStore, storage_dir: str | Path, pricing_pool: WorkerPool,
-                 max_upload_bytes: int = 2 * 1024**3, import_dirs: list[str | Path] | None = None) -> None:
+                 max_upload_bytes: int = 2 * 1024**3, import_dirs: list[str | Path] | None = None,
+                 dataset_url: str | None = None) -> None:
         self.store = store
+        self.dataset_url = dataset_url  # imports are written under this object-store prefix (None: storage_dir)
         self.storage_dir = Path(storage_dir)
         self.pricing_pool = pricing_pool
         self.uploads = UploadArea(self.storage_dir / "uploads", max_upload_bytes)
@@ -86,6 +88,7 @@ class DatasetAdmin:
                 fmt,
                 admin.username,
                 progress,
+                self.dataset_url,
             )
         except LomasError as err:
             if progress is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ..engine import POLARS_TYPES
+from ..engine import POLARS_TYPES, locations
 from ..engine.metadata import DatasetMetadata, parse_metadata
 from ..errors import BadRequest, DatasetUnavailable, MetadataError
 from ..store import AdminStore, DatasetRecord
@@ -34,12 +34,19 @@ def check_dataset_name(name: Any) -> str:
 
 
 def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
+    remote = isinstance(source, str) and locations.is_remote(source)
     if fmt is None:
         if isinstance(source, bytes):
             raise BadRequest("say which format the uploaded data is in: csv or parquet")
-        fmt = Path(source).suffix.lower().lstrip(".")
-    if fmt not in ("csv", "parquet"):
-        raise BadRequest("data must be CSV or Parquet (.csv or .parquet)")
+        fmt = "parquet" if remote and source.endswith("/") else Path(source).suffix.lower().lstrip(".")
+    if fmt not in ("csv", "parquet") or (remote and fmt != "parquet"):
+        raise BadRequest("data must be CSV or Parquet (.csv or .parquet); in an object store, Parquet (a file, "
+                         "or a folder URL ending in '/')")
+    if remote:
+        if not locations.available(str(source)):
+            raise BadRequest("the data could not be found in the object store (check the URL and the service's "
+                             "object-store settings)")
+        return locations.scan(str(source))
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise BadRequest("the data file does not exist or is not a file")
     try:
@@ -223,27 +230,47 @@ def import_dataset(
     fmt: str | None = None,
     actor: str = "admin",
     progress: Progress | None = None,
+    target_url: str | None = None,
+    in_place: bool = False,
 ) -> DatasetRecord:
+    """Check the data against its metadata, then keep a typed parquet copy: in the storage folder, or under the
+    object-store prefix `target_url`; with `in_place`, an object-store source is checked and used where it is."""
     say = progress or (lambda _msg: None)
     check_dataset_name(name)
     metadata = parse_metadata(metadata_doc)
+    if in_place and not (isinstance(source, str) and locations.is_remote(source)):
+        raise BadRequest("only data in an object store (s3://...) can be used in place; other data is copied")
+    if target_url is not None and not locations.is_remote(target_url):
+        raise BadRequest("the import target must be an object-store URL (s3://bucket/prefix)")
     say("reading the data")
     frame = _scan(source, fmt)
     say("checking the data against the metadata")
     typed = validate_frame(frame, metadata)
-    # absolute: a service started from another folder than `lomas-admin --storage-dir store` finds it
-    target_dir = Path(data_dir).resolve() / "datasets" / name
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{uuid.uuid4().hex}.parquet"
-    tmp = target.with_suffix(".tmp")
-    say("writing parquet")
-    typed.sink_parquet(tmp)
-    tmp.rename(target)
+    if in_place:
+        location = str(source)
+    elif target_url is not None:
+        location = f"{target_url.rstrip('/')}/{name}/{uuid.uuid4().hex}.parquet"
+        say("writing parquet to the object store")
+        try:
+            typed.sink_parquet(location)  # one PUT: the object appears whole or not at all
+        except Exception:
+            raise BadRequest("the data could not be written to the object store (check the service's "
+                             "object-store settings)") from None
+    else:
+        # absolute: a service started from another folder than `lomas-admin --storage-dir store` finds it
+        target_dir = Path(data_dir).resolve() / "datasets" / name
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / f"{uuid.uuid4().hex}.parquet"
+        tmp = target.with_suffix(".tmp")
+        say("writing parquet")
+        typed.sink_parquet(tmp)
+        tmp.rename(target)
+        location = str(target)
     record = store.put_dataset(
         name,
         description if description is not None else metadata.description,
         metadata.to_json(),
-        str(target),
+        location,
         actor,
     )
     say(f"dataset '{name}' version {record.version} is ready")
@@ -265,6 +292,8 @@ def data_file(storage_dir: str | Path, record: DatasetRecord) -> Path:
 def check_data_file(storage_dir: str | Path, record: DatasetRecord) -> str:
     """The dataset's file, or DatasetUnavailable (and a line in the service's log for the admin). The message
     names the dataset, never the path."""
+    if locations.is_remote(record.parquet_path):
+        return record.parquet_path  # the worker checks it is there, without reading a row, before it reads
     path = data_file(storage_dir, record)
     if not path.exists():
         logging.getLogger("lomas_jupyter_server").error(

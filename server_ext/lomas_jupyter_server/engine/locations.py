@@ -1,0 +1,54 @@
+"""Where a dataset's parquet lives: a local file, or an object-store URL (`s3://bucket/key.parquet`, or a
+folder `s3://bucket/prefix/` of parquet parts).
+
+Object-store endpoint and credentials come only from the process environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...; the service sets them from `LomasApp.object_store` before its workers start). They are
+never passed as polars `storage_options`, which a serialized plan would carry, and never stored with a dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+
+REMOTE_SCHEMES = ("s3://", "s3a://")
+
+# LomasApp.object_store keys and the environment variables polars' object store reads
+OBJECT_STORE_ENV = {
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN",
+    "region": "AWS_REGION",
+    "allow_http": "AWS_ALLOW_HTTP",
+}
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(REMOTE_SCHEMES)
+
+
+def scan(location: str) -> pl.LazyFrame:
+    """The data as a lazy scan (a folder URL ending in '/' scans every parquet part under it)."""
+    return pl.scan_parquet(location)
+
+
+def available(location: str) -> bool:
+    """Whether the data is there, judged without reading a row: a local file exists, or the object store
+    answers with the parquet footers (schema only)."""
+    if not is_remote(location):
+        return os.path.exists(location)
+    try:
+        scan(location).collect_schema()
+    except Exception:  # unreachable, missing, refused: the message names the endpoint, so it is dropped
+        return False
+    return True
+
+
+def object_store_environment(options: dict[str, str]) -> dict[str, str]:
+    """Environment variables for `LomasApp.object_store` options; unknown keys are refused by name."""
+    unknown = sorted(set(options) - set(OBJECT_STORE_ENV))
+    if unknown:
+        raise ValueError(f"unknown object_store option(s) {unknown}; known: {sorted(OBJECT_STORE_ENV)}")
+    return {OBJECT_STORE_ENV[key]: str(value) for key, value in options.items()}
