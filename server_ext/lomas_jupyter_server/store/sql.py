@@ -62,6 +62,61 @@ from .schema import (
 Row = sa.RowMapping
 
 
+def _p(name: str) -> Any:
+    return sa.bindparam(name)
+
+
+# The charged path's statements, built once: constructing a Core statement costs more than running it on a
+# local database (compiled forms are cached by SQLAlchemy either way).
+_USER_AND_DATASET = (budget_totals.c.username == _p("username"), budget_totals.c.dataset == _p("dataset"))
+GRANT_ROW = sa.select(grants).where(grants.c.username == _p("username"), grants.c.dataset == _p("dataset"))
+TOTALS_OF = sa.select(budget_totals).where(*_USER_AND_DATASET)
+TOTALS_LOCKED = TOTALS_OF.with_for_update()
+TOTALS_WRITE = sa.update(budget_totals).where(budget_totals.c.username == _p("key_username"),
+                                               budget_totals.c.dataset == _p("key_dataset")).values(
+    epsilon_spent=_p("new_epsilon_spent"), delta_spent=_p("new_delta_spent"), releases=_p("new_releases"),
+    last_cost=_p("new_last_cost"), epsilon_pending=_p("new_epsilon_pending"), delta_pending=_p("new_delta_pending"),
+    pending=_p("new_pending"))
+BUDGET_OF = (
+    sa.select(grants.c.epsilon.label("grant_epsilon"), grants.c.delta.label("grant_delta"), budget_totals)
+    .select_from(grants.outerjoin(budget_totals, sa.and_(budget_totals.c.username == grants.c.username,
+                                                         budget_totals.c.dataset == grants.c.dataset)))
+    .where(grants.c.username == _p("username"), grants.c.dataset == _p("dataset")))
+GRANT_AND_TOTALS_LOCKED = (
+    sa.select(grants.c.epsilon.label("grant_epsilon"), grants.c.delta.label("grant_delta"), budget_totals)
+    .select_from(budget_totals.join(grants, sa.and_(budget_totals.c.username == grants.c.username,
+                                                    budget_totals.c.dataset == grants.c.dataset)))
+    .where(*_USER_AND_DATASET).with_for_update(of=budget_totals))
+CLASSES_OF = (
+    sa.select(course_datasets.c.course, course_datasets.c.epsilon_cap, course_datasets.c.delta_cap)
+    .select_from(course_datasets.join(course_members, course_members.c.course == course_datasets.c.course))
+    .where(course_members.c.username == _p("username"), course_datasets.c.dataset == _p("dataset"))
+    .order_by(course_datasets.c.course))
+_POOL_KEY = (pool_totals.c.course == _p("course"), pool_totals.c.dataset == _p("dataset"))
+POOL_OF = sa.select(pool_totals.c.epsilon_spent, pool_totals.c.delta_spent).where(*_POOL_KEY)
+POOL_LOCKED = POOL_OF.with_for_update()
+POOL_WRITE = sa.update(pool_totals).where(pool_totals.c.course == _p("key_course"),
+                                         pool_totals.c.dataset == _p("key_dataset")).values(epsilon_spent=_p("new_epsilon"),
+                                                               delta_spent=_p("new_delta"))
+LEDGER_INSERT = sa.insert(ledger)
+ZERO_TOTALS = {"epsilon_spent": "0", "delta_spent": "0", "releases": 0, "last_cost": None, "epsilon_pending": "0",
+               "delta_pending": "0", "pending": 0}
+RESERVE_ROW = sa.select(ledger).where(ledger.c.reservation_id == _p("reservation_id"), ledger.c.kind == "reserve")
+SETTLEMENT_KIND = sa.select(ledger.c.kind).where(ledger.c.reservation_id == _p("reservation_id"),
+                                                 ledger.c.kind != "reserve")
+RELEASE_INSERT = sa.insert(releases)
+RELEASE_OF_RESERVATION = sa.select(releases).where(releases.c.reservation_id == _p("reservation_id"))
+FIND_RELEASE = (sa.select(releases).where(
+    releases.c.username == _p("username"), releases.c.dataset == _p("dataset"),
+    releases.c.dataset_version == _p("dataset_version"), releases.c.canonical == _p("canonical"),
+    releases.c.params_json == _p("params_json")).order_by(releases.c.id.desc()).limit(1))
+DATASET_OF = sa.select(datasets).where(datasets.c.name == _p("name"))
+USER_COLUMNS = sa.select(users.c.username, users.c.role, users.c.created_at)
+USER_OF = USER_COLUMNS.where(users.c.username == _p("username"), users.c.removed_at.is_(None))
+USER_OF_TOKEN = (USER_COLUMNS.select_from(tokens.join(users, users.c.username == tokens.c.username))
+                 .where(tokens.c.token_hash == _p("token_hash"), tokens.c.revoked == 0, users.c.removed_at.is_(None)))
+
+
 def database_url(db_url: str | Path | sa.URL) -> sa.URL:
     """A URL from `db_url`; a plain path is a SQLite file. `postgresql://` means the psycopg (3) driver."""
     if isinstance(db_url, sa.URL):
@@ -97,8 +152,9 @@ def make_engine(url: sa.URL) -> sa.Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
 
         return engine
-    # pre-ping: a replica outlives a database restart; the pool keeps store calls off the connection handshake
-    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+    # No pre-ping (a round trip per call): a connection the database dropped fails one call, and SQLAlchemy then
+    # discards the whole pool, so the next call reconnects.
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 class SQLStore(AdminStore):
@@ -113,6 +169,8 @@ class SQLStore(AdminStore):
         self.on_network = self.dialect != "sqlite"  # its calls may wait on the network: keep them off the loop
         # in-process writers queue here instead of in SQLite's busy handler, which sleeps in steps
         self._write_lock: Any = threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        self._ensure_totals = self._insert(budget_totals).on_conflict_do_nothing()
+        self._ensure_pool = self._insert(pool_totals).on_conflict_do_nothing()
         migrate.upgrade(self.engine, allow=(self.dialect == "sqlite") if upgrade is None else upgrade)
 
     @property
@@ -128,10 +186,15 @@ class SQLStore(AdminStore):
     # --- plumbing -----------------------------------------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[sa.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sa.Connection]:
+        """A write transaction. `durable=False` (reserve, refund) lets PostgreSQL acknowledge the commit before
+        its WAL is flushed: safe, because a release leaves only after its own durable commit, which flushes all
+        earlier WAL, this reservation's included; and a lost reservation or refund can only over-count."""
         with self._write_lock, self.engine.connect() as conn:
             conn.execution_options(lomas_write=True)
             with conn.begin():
+                if not durable and self.dialect == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
 
     @contextmanager
@@ -139,9 +202,13 @@ class SQLStore(AdminStore):
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
-    def _rows(self, statement: sa.Executable) -> list[Row]:
-        with self._reading() as conn:
-            return list(conn.execute(statement).mappings())
+    def _rows(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> list[Row]:
+        """One statement: on PostgreSQL without BEGIN and COMMIT (one round trip, not three)."""
+        if self.dialect != "postgresql":
+            with self._reading() as conn:
+                return list(conn.execute(statement, params).mappings())
+        with self.engine.connect() as conn:
+            return list(conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement, params).mappings())
 
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -178,14 +245,12 @@ class SQLStore(AdminStore):
             self._audit(conn, actor, "create_user", username=username, role=role)
         return UserRecord(username, role, now)
 
-    _USER = sa.select(users.c.username, users.c.role, users.c.created_at)
-
     def get_user(self, username: str) -> UserRecord | None:
-        rows = self._rows(self._USER.where(users.c.username == username, users.c.removed_at.is_(None)))
+        rows = self._rows(USER_OF, {"username": username})
         return UserRecord(**rows[0]) if rows else None
 
     def list_users(self) -> list[UserRecord]:
-        return [UserRecord(**r) for r in self._rows(self._USER.where(users.c.removed_at.is_(None))
+        return [UserRecord(**r) for r in self._rows(USER_COLUMNS.where(users.c.removed_at.is_(None))
                                                     .order_by(users.c.username))]
 
     def _check_admin_access_kept(self, conn: sa.Connection, what: str) -> None:
@@ -240,9 +305,7 @@ class SQLStore(AdminStore):
         return token
 
     def user_for_token(self, token: str) -> UserRecord | None:
-        rows = self._rows(self._USER.select_from(tokens.join(users, users.c.username == tokens.c.username))
-                          .where(tokens.c.token_hash == hash_token(token), tokens.c.revoked == 0,
-                                 users.c.removed_at.is_(None)))
+        rows = self._rows(USER_OF_TOKEN, {"token_hash": hash_token(token)})
         return UserRecord(**rows[0]) if rows else None
 
     def revoke_tokens(self, username: str, actor: str, keep_admin_access: bool = False) -> int:
@@ -271,7 +334,7 @@ class SQLStore(AdminStore):
         return DatasetRecord(name, description, metadata, parquet_path, version, now)
 
     def get_dataset(self, name: str) -> DatasetRecord | None:
-        rows = self._rows(sa.select(datasets).where(datasets.c.name == name))
+        rows = self._rows(DATASET_OF, {"name": name})
         return _dataset(rows[0]) if rows else None
 
     def list_datasets(self) -> list[DatasetRecord]:
@@ -306,7 +369,7 @@ class SQLStore(AdminStore):
         return [GrantRecord(u, dataset, float(epsilon), float(delta), now) for u in usernames]
 
     def get_grant(self, username: str, dataset: str) -> GrantRecord | None:
-        rows = self._rows(sa.select(grants).where(grants.c.username == username, grants.c.dataset == dataset))
+        rows = self._rows(GRANT_ROW, {"username": username, "dataset": dataset})
         return GrantRecord(**rows[0]) if rows else None
 
     def list_grants(self, username: str | None = None) -> list[GrantRecord]:
@@ -315,76 +378,73 @@ class SQLStore(AdminStore):
             query = query.where(grants.c.username == username)
         return [GrantRecord(**r) for r in self._rows(query)]
 
-    def _totals(self, conn: sa.Connection, username: str, dataset: str, lock: bool = False) -> _Totals:
-        """One (user, dataset)'s running totals; with `lock`, the row is created if missing and locked until the
-        transaction ends (every change to a user's spending on a dataset takes this lock first)."""
-        where = (budget_totals.c.username == username, budget_totals.c.dataset == dataset)
-        if lock:
-            conn.execute(self._insert(budget_totals).values(
-                username=username, dataset=dataset, epsilon_spent="0", delta_spent="0", releases=0,
-                epsilon_pending="0", delta_pending="0", pending=0).on_conflict_do_nothing())
-        query = sa.select(budget_totals).where(*where)
-        row = conn.execute(query.with_for_update() if lock else query).mappings().first()
-        if row is None:
-            return _Totals()
-        return _Totals(Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"],
-                       row["last_cost"], Fraction(row["epsilon_pending"]), Fraction(row["delta_pending"]),
-                       row["pending"])
+    def _totals(self, conn: sa.Connection, username: str, dataset: str, lock: bool = False,
+                create: bool = True) -> _Totals:
+        """One (user, dataset)'s running totals; with `lock`, the row is created if missing (unless `create` is
+        off: a reservation's row exists) and locked until the transaction ends (every change to a user's
+        spending on a dataset takes this lock first)."""
+        key = {"username": username, "dataset": dataset}
+        if lock and create:
+            conn.execute(self._ensure_totals, key | ZERO_TOTALS)
+        row = conn.execute(TOTALS_LOCKED if lock else TOTALS_OF, key).mappings().first()
+        return _Totals() if row is None else _totals_of(row)
 
     def _write_totals(self, conn: sa.Connection, username: str, dataset: str, totals: _Totals) -> None:
-        conn.execute(sa.update(budget_totals)
-                     .where(budget_totals.c.username == username, budget_totals.c.dataset == dataset)
-                     .values(epsilon_spent=str(totals.epsilon), delta_spent=str(totals.delta),
-                             releases=totals.releases, last_cost=totals.last_cost,
-                             epsilon_pending=str(totals.epsilon_pending), delta_pending=str(totals.delta_pending),
-                             pending=totals.pending))
+        conn.execute(TOTALS_WRITE, {
+            "key_username": username, "key_dataset": dataset, "new_epsilon_spent": str(totals.epsilon),
+            "new_delta_spent": str(totals.delta), "new_releases": totals.releases, "new_last_cost": totals.last_cost,
+            "new_epsilon_pending": str(totals.epsilon_pending), "new_delta_pending": str(totals.delta_pending),
+            "new_pending": totals.pending})
 
     def budget(self, username: str, dataset: str) -> Budget | None:
-        with self._reading() as conn:
-            grant = conn.execute(sa.select(grants.c.epsilon, grants.c.delta)
-                                 .where(grants.c.username == username, grants.c.dataset == dataset)).first()
-            if grant is None:
-                return None
-            t = self._totals(conn, username, dataset)
-        return Budget(username, dataset, grant.epsilon, grant.delta, float(t.epsilon), float(t.delta), t.releases,
-                      t.last_cost, float(t.epsilon_pending), float(t.delta_pending), t.pending)
+        # one statement: the grant and its running totals, as of one moment
+        rows = self._rows(BUDGET_OF, {"username": username, "dataset": dataset})
+        if not rows:
+            return None
+        grant = rows[0]
+        t = _totals_of(grant) if grant["epsilon_spent"] is not None else _Totals()
+        return Budget(username, dataset, grant["grant_epsilon"], grant["grant_delta"], float(t.epsilon),
+                      float(t.delta), t.releases, t.last_cost, float(t.epsilon_pending), float(t.delta_pending),
+                      t.pending)
 
     def reserve(self, username: str, dataset: str, epsilon: float, delta: float, owner: str | None = None) -> str:
         _check_amount(epsilon, "epsilon")
         _check_amount(delta, "delta")
         reservation_id = uuid.uuid4().hex
-        with self._tx() as conn:
-            grant = conn.execute(sa.select(grants.c.epsilon, grants.c.delta)
-                                 .where(grants.c.username == username, grants.c.dataset == dataset)).first()
-            if grant is None:
+        with self._tx(durable=False) as conn:
+            key = {"username": username, "dataset": dataset}
+            conn.execute(self._ensure_totals, key | ZERO_TOTALS)
+            row = conn.execute(GRANT_AND_TOTALS_LOCKED, key).mappings().first()  # the grant, and the user's lock
+            if row is None:
                 raise InsufficientBudget(
                     f"you have no budget on dataset '{dataset}'; ask an admin for a grant",
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining={"epsilon": 0.0, "delta": 0.0},
                 )
-            totals = self._totals(conn, username, dataset, lock=True)
+            totals = _totals_of(row)
+            grant_epsilon, grant_delta = row["grant_epsilon"], row["grant_delta"]
             # compare the correctly rounded exact sums: float noise in 0.1 + 0.2 never decides a refusal
-            if (float(totals.epsilon + Fraction(epsilon)) > grant.epsilon
-                    or float(totals.delta + Fraction(delta)) > grant.delta):
+            if (float(totals.epsilon + Fraction(epsilon)) > grant_epsilon
+                    or float(totals.delta + Fraction(delta)) > grant_delta):
                 remaining = {
-                    "epsilon": max(grant.epsilon - float(totals.epsilon), 0.0),
-                    "delta": max(grant.delta - float(totals.delta), 0.0),
+                    "epsilon": max(grant_epsilon - float(totals.epsilon), 0.0),
+                    "delta": max(grant_delta - float(totals.delta), 0.0),
                 }
                 raise InsufficientBudget(
                     f"not enough budget on '{dataset}': this query costs epsilon={epsilon:.6g}"
                     + (f", delta={delta:.3g}" if delta else "")
                     + f"; remaining epsilon={remaining['epsilon']:.6g}"
-                    + (f", delta={remaining['delta']:.3g}" if grant.delta else "")
+                    + (f", delta={remaining['delta']:.3g}" if grant_delta else "")
                     + (f" ({totals.pending} of your queries are still running)" if totals.pending else "")
                     + ". Nothing was charged.",
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining=remaining,
                 )
             pools = self._charge_pools(conn, username, dataset, Fraction(epsilon), Fraction(delta))
-            conn.execute(sa.insert(ledger).values(
-                reservation_id=reservation_id, username=username, dataset=dataset, kind="reserve",
-                epsilon=float(epsilon), delta=float(delta), created_at=utcnow(), instance_id=owner,
-                pools=json.dumps(pools)))
+            conn.execute(LEDGER_INSERT, {
+                "reservation_id": reservation_id, "username": username, "dataset": dataset, "kind": "reserve",
+                "epsilon": float(epsilon), "delta": float(delta), "created_at": utcnow(), "instance_id": owner,
+                "note": "", "pools": json.dumps(pools)})
             totals.epsilon += Fraction(epsilon)
             totals.delta += Fraction(delta)
             totals.epsilon_pending += Fraction(epsilon)
@@ -395,21 +455,20 @@ class SQLStore(AdminStore):
 
     def _settle_in(self, conn: sa.Connection, reservation_id: str, kind: str, note: str) -> bool:
         """Settle a reservation; False when it already was, the same way (commit and refund are idempotent)."""
-        row = conn.execute(sa.select(ledger).where(ledger.c.reservation_id == reservation_id,
-                                                   ledger.c.kind == "reserve")).mappings().first()
+        row = conn.execute(RESERVE_ROW, {"reservation_id": reservation_id}).mappings().first()
         if row is None:
             raise NotFound("no such reservation")
-        totals = self._totals(conn, row["username"], row["dataset"], lock=True)  # then look: another may have won
-        settled = conn.execute(sa.select(ledger.c.kind).where(ledger.c.reservation_id == reservation_id,
-                                                              ledger.c.kind != "reserve")).scalar()
+        # lock, then look: another replica may have settled it meanwhile
+        totals = self._totals(conn, row["username"], row["dataset"], lock=True, create=False)
+        settled = conn.execute(SETTLEMENT_KIND, {"reservation_id": reservation_id}).scalar()
         if settled == kind:
             return False
         if settled is not None:
             raise Conflict(f"reservation already settled ({settled})")
-        conn.execute(sa.insert(ledger).values(
-            reservation_id=reservation_id, username=row["username"], dataset=row["dataset"], kind=kind,
-            epsilon=row["epsilon"], delta=row["delta"], created_at=utcnow(), instance_id=row["instance_id"],
-            note=note))
+        conn.execute(LEDGER_INSERT, {
+            "reservation_id": reservation_id, "username": row["username"], "dataset": row["dataset"], "kind": kind,
+            "epsilon": row["epsilon"], "delta": row["delta"], "created_at": utcnow(), "instance_id": row["instance_id"],
+            "note": note, "pools": "[]"})
         epsilon, delta = Fraction(row["epsilon"]), Fraction(row["delta"])
         totals.epsilon_pending -= epsilon
         totals.delta_pending -= delta
@@ -445,29 +504,22 @@ class SQLStore(AdminStore):
             delta=max(float(Fraction(grant.delta) - delta), float(totals.delta)), updated_at=utcnow()))
 
     def _pool(self, conn: sa.Connection, course: str, dataset: str, lock: bool = False) -> tuple[Fraction, Fraction]:
+        key = {"course": course, "dataset": dataset}
         if lock:
-            conn.execute(self._insert(pool_totals).values(course=course, dataset=dataset, epsilon_spent="0",
-                                                          delta_spent="0").on_conflict_do_nothing())
-        query = sa.select(pool_totals.c.epsilon_spent, pool_totals.c.delta_spent).where(
-            pool_totals.c.course == course, pool_totals.c.dataset == dataset)
-        row = conn.execute(query.with_for_update() if lock else query).first()
+            conn.execute(self._ensure_pool, key | {"epsilon_spent": "0", "delta_spent": "0"})
+        row = conn.execute(POOL_LOCKED if lock else POOL_OF, key).first()
         return (Fraction(row[0]), Fraction(row[1])) if row else (Fraction(0), Fraction(0))
 
     def _write_pool(self, conn: sa.Connection, course: str, dataset: str, epsilon: Fraction,
                     delta: Fraction) -> None:
-        conn.execute(sa.update(pool_totals).where(pool_totals.c.course == course, pool_totals.c.dataset == dataset)
-                     .values(epsilon_spent=str(epsilon), delta_spent=str(delta)))
+        conn.execute(POOL_WRITE, {"key_course": course, "key_dataset": dataset, "new_epsilon": str(epsilon),
+                                  "new_delta": str(delta)})
 
     def _charge_pools(self, conn: sa.Connection, username: str, dataset: str, epsilon: Fraction,
                       delta: Fraction) -> list[str]:
         """Inside the reservation's transaction: every class the student is in that uses this dataset must have
         room under its cap; all are charged, or none and nothing is reserved."""
-        classes = conn.execute(
-            sa.select(course_datasets.c.course, course_datasets.c.epsilon_cap, course_datasets.c.delta_cap)
-            .select_from(course_datasets.join(course_members, course_members.c.course == course_datasets.c.course))
-            .where(course_members.c.username == username, course_datasets.c.dataset == dataset)
-            .order_by(course_datasets.c.course)
-        ).all()
+        classes = conn.execute(CLASSES_OF, {"username": username, "dataset": dataset}).all()
         charged = []
         for course, epsilon_cap, delta_cap in classes:
             spent_eps, spent_delta = self._pool(conn, course, dataset, lock=True)
@@ -638,15 +690,14 @@ class SQLStore(AdminStore):
     def commit_release(self, reservation_id: str, release: ReleaseDraft) -> ReleaseRecord:
         with self._tx() as conn:
             if not self._settle_in(conn, reservation_id, "commit", ""):
-                earlier = conn.execute(sa.select(releases).where(releases.c.reservation_id == reservation_id)
-                                       ).mappings().first()
+                earlier = conn.execute(RELEASE_OF_RESERVATION, {"reservation_id": reservation_id}).mappings().first()
                 if earlier is None:
                     raise Conflict("reservation already settled (commit) without a release")
                 return _release_record(earlier)  # the same call again: the same release, charged once
             return self._archive_in(conn, release, reservation_id)
 
     def refund(self, reservation_id: str, note: str = "") -> None:
-        with self._tx() as conn:
+        with self._tx(durable=False) as conn:
             self._settle_in(conn, reservation_id, "refund", note)
 
     # --- service instances (who holds which reservation) -------------------------------------------------
@@ -700,11 +751,11 @@ class SQLStore(AdminStore):
 
     def _archive_in(self, conn: sa.Connection, release: ReleaseDraft, reservation_id: str) -> ReleaseRecord:
         now = utcnow()
-        result = conn.execute(sa.insert(releases).values(
-            username=release.username, dataset=release.dataset, dataset_version=release.dataset_version,
-            sql=release.sql, canonical=release.canonical, params_json=_params_key(release.params),
-            epsilon=release.epsilon, delta=release.delta, result_json=json.dumps(release.result),
-            reservation_id=reservation_id, created_at=now))
+        result = conn.execute(RELEASE_INSERT, {
+            "username": release.username, "dataset": release.dataset, "dataset_version": release.dataset_version,
+            "sql": release.sql, "canonical": release.canonical, "params_json": _params_key(release.params),
+            "epsilon": release.epsilon, "delta": release.delta, "result_json": json.dumps(release.result),
+            "reservation_id": reservation_id, "created_at": now})
         fields_of = {f.name: getattr(release, f.name) for f in fields(release)}  # no deep copy of the result
         return ReleaseRecord(id=int(result.inserted_primary_key[0]), created_at=now, **fields_of)
 
@@ -721,10 +772,8 @@ class SQLStore(AdminStore):
     def find_release(
         self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
     ) -> ReleaseRecord | None:
-        rows = self._rows(sa.select(releases).where(
-            releases.c.username == username, releases.c.dataset == dataset,
-            releases.c.dataset_version == dataset_version, releases.c.canonical == canonical,
-            releases.c.params_json == _params_key(params)).order_by(releases.c.id.desc()).limit(1))
+        rows = self._rows(FIND_RELEASE, {"username": username, "dataset": dataset, "dataset_version": dataset_version,
+                                         "canonical": canonical, "params_json": _params_key(params)})
         return _release_record(rows[0]) if rows else None
 
     def audit(self, limit: int = 200) -> list[AuditEntry]:
@@ -744,6 +793,11 @@ class _Totals:
     epsilon_pending: Fraction = Fraction(0)
     delta_pending: Fraction = Fraction(0)
     pending: int = 0
+
+
+def _totals_of(row: Row) -> _Totals:
+    return _Totals(Fraction(row["epsilon_spent"]), Fraction(row["delta_spent"]), row["releases"], row["last_cost"],
+                   Fraction(row["epsilon_pending"]), Fraction(row["delta_pending"]), row["pending"])
 
 
 def _params_key(params: dict[str, Any]) -> str:
