@@ -38,3 +38,18 @@ def test_the_engine_benchmark_runs_every_configuration() -> None:
     finally:
         for leftover in (results / "ci-tiny.md", results / "ci-tiny.png"):
             leftover.unlink(missing_ok=True)
+
+
+def test_the_replicas_benchmark_runs_every_configuration() -> None:
+    results = ROOT / "benchmarks" / "results"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replicas.py"), "--queries", "6", "--clients", "2",
+                        "--store-repeats", "5", "--configs", "sqlite:1,postgresql:2", "--results", "ci-tiny-replicas"],
+                       check=True, capture_output=True, text=True, timeout=900)
+        text = (results / "ci-tiny-replicas.md").read_text()
+        assert "| sqlite | 1 | 2 | 6 |" in text and "| postgresql | 2 | 2 | 6 |" in text, text
+        assert "The store's latency per charged query" in text and "| postgresql |" in text
+        assert (results / "ci-tiny-replicas.png").stat().st_size > 0
+    finally:
+        for suffix in (".md", ".png", ".json"):
+            (results / f"ci-tiny-replicas{suffix}").unlink(missing_ok=True)

@@ -139,3 +139,21 @@ def test_a_file_larger_than_the_request_limit_imports_in_chunks(service: dict[st
     assert abs(count.df["n"][0] - rows) < 200
     with pytest.raises(LomasError, match="admin"):
         Client(service["url"], service["alice"]).draft_metadata(path)
+
+
+def test_a_service_that_cannot_start_stops_with_the_reason(tmp_path) -> None:
+    """A bad option (or an unreachable database) must not leave a server that answers every request with 404."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = [str(Path(sys.executable).parent / "jupyter-lomas"), f"--LomasApp.storage_dir={tmp_path}",
+            "--LomasApp.timing_padding=False", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={free_port()}"]
+    env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    import os
+
+    done = subprocess.run(argv + (["--allow-root"] if os.geteuid() == 0 else []), env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "timing_padding" in done.stderr and "expected any of" in done.stderr

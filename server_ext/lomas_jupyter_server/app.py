@@ -131,6 +131,12 @@ class LomasServiceServerApp(ServerApp):
     def _default_max_buffer_size(self) -> int:
         return 4 * 1024 * 1024
 
+    @default("reraise_server_extension_failures")
+    def _default_reraise(self) -> bool:
+        # jupyter_server only logs a failed extension and serves on; here that would be a service that answers
+        # every request with 404, or one that ignored its configuration. Stop instead, saying why.
+        return True
+
     def init_webapp(self) -> None:
         super().init_webapp()
         app = self.web_app

@@ -39,9 +39,10 @@ def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
         if isinstance(source, bytes):
             raise BadRequest("say which format the uploaded data is in: csv or parquet")
         fmt = "parquet" if remote and source.endswith("/") else Path(source).suffix.lower().lstrip(".")
-    if fmt not in ("csv", "parquet") or (remote and fmt != "parquet"):
-        raise BadRequest("data must be CSV or Parquet (.csv or .parquet); in an object store, Parquet (a file, "
-                         "or a folder URL ending in '/')")
+    if remote and fmt != "parquet":
+        raise BadRequest("data in an object store must be Parquet: a .parquet file, or a folder URL ending in '/'")
+    if fmt not in ("csv", "parquet"):
+        raise BadRequest("data must be CSV or Parquet (.csv or .parquet)")
     if remote:
         if not locations.available(str(source)):
             raise BadRequest("the data could not be found in the object store (check the URL and the service's "
