@@ -85,11 +85,13 @@ def s3_service(object_store: dict[str, Any], tmp_path_factory: pytest.TempPathFa
     options = {k: v for k, v in object_store.items() if k != "client"}
     (config / "jupyter_server_config.json").write_text(json.dumps({"LomasApp": {"object_store": options}}))
     env = {"JUPYTER_CONFIG_DIR": str(config), "JUPYTER_DATA_DIR": str(root / "data")}
-    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--log-level=DEBUG"]
+    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--log-level=DEBUG",
+            "--LomasApp.dataset_url=s3://lake/api-imports"]
     leaked = [k for k in _aws_env(object_store) if k in os.environ]
     assert not leaked, leaked
     with running_server("jupyter-lomas", args, root, env) as (url, _pid):
-        yield {"url": url, "token": token, "boss": boss, "root": root, "storage": storage, "truth": frame}
+        yield {"url": url, "token": token, "boss": boss, "root": root, "storage": storage, "truth": frame,
+               "metadata": local.metadata}
 
 
 def _call(service: dict[str, Any], method: str, path: str, body: Any = None, who: str = "token") -> tuple[int, Any]:
@@ -103,13 +105,34 @@ def test_an_s3_dataset_answers_like_the_local_one(s3_service: dict[str, Any], ob
     assert len(keys) == 1 and keys[0].startswith("lomas/copied/") and keys[0].endswith(".parquet")
     truth = s3_service["truth"]
     expected = dict(truth.group_by("species").len().iter_rows())
-    for dataset in ("penguins", "in_place", "copied"):
+    for dataset in ("penguins", "in_place", "copied"):  # the same table: at home, in place in a bucket, copied
         sql = f"SELECT species, COUNT(*) AS n FROM {dataset} GROUP BY species"
         status, answer = _call(s3_service, "POST", "query", {"dataset": dataset, "sql": sql, "epsilon": 10.0})
         assert status == 201, answer
         counts = {row["species"]: row["n"] for row in answer["rows"]}
         # Laplace noise at epsilon 10: |noise| >= 3 has probability about e^-15 per count
         assert set(counts) == set(expected) and all(abs(counts[k] - expected[k]) < 3 for k in expected), counts
+
+
+def test_an_import_through_the_api_is_written_to_the_bucket(s3_service: dict[str, Any],
+                                                            object_store: dict[str, Any]) -> None:
+    import base64
+
+    buffer = io.BytesIO()
+    s3_service["truth"].write_parquet(buffer)
+    status, record = _call(s3_service, "POST", "admin/datasets", {
+        "name": "uploaded", "metadata": s3_service["metadata"], "format": "parquet",
+        "data_base64": base64.b64encode(buffer.getvalue()).decode()}, who="boss")
+    assert status == 201, record
+    assert "s3://" not in json.dumps(record) and "parquet_path" not in record
+    listed = object_store["client"].list_objects_v2(Bucket=BUCKET, Prefix="api-imports/uploaded/")
+    assert [o["Key"].endswith(".parquet") for o in listed["Contents"]] == [True]
+    assert not (s3_service["storage"] / "datasets" / "uploaded").exists()
+    assert _call(s3_service, "PUT", "admin/grants", {"username": "alice", "dataset": "uploaded", "epsilon": 10.0},
+                 who="boss")[0] == 200
+    status, answer = _call(s3_service, "POST", "query", {"dataset": "uploaded", "epsilon": 10.0,
+                                                         "sql": "SELECT COUNT(*) AS n FROM uploaded"})
+    assert status == 201 and abs(answer["rows"][0]["n"] - s3_service["truth"].height) < 3
 
 
 def test_credentials_and_locations_appear_nowhere(s3_service: dict[str, Any], object_store: dict[str, Any]) -> None:

@@ -444,6 +444,8 @@ def test_lomas_admin_db_upgrade_and_a_postgresql_store_behind_is_refused_until_u
     store = SQLStore(url)
     assert store.schema_revision == migrate.head_revision()
     store.close()
-    assert cli.run(["--db-url", "postgresql://nobody@127.0.0.1:1/none", "db", "upgrade"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot reach the store's database" in err and "127.0.0.1" not in err and "nobody" not in err
+    for words in (["db", "upgrade"], ["user", "list"]):
+        assert cli.run(["--db-url", "postgresql://nobody:pw@127.0.0.1:1/none", *words]) == 2
+        err = capsys.readouterr().err
+        assert "cannot reach the store's database" in err
+        assert "127.0.0.1" not in err and "nobody" not in err and "pw" not in err

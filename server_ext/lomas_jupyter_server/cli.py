@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import LomasError
 from .paths import default_storage_dir
@@ -200,6 +201,9 @@ def run(argv: list[str] | None = None) -> int:
     except LomasError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    except SQLAlchemyError as err:  # the driver's own errors name hosts and ports: say only what went wrong
+        print(f"error: cannot reach the store's database ({err.__class__.__name__})", file=sys.stderr)
+        return 2
     actor = "cli"
     try:
         if args.command == "demo":
@@ -272,8 +276,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _db_command(url: Any, action: str) -> int:
-    import sqlalchemy as sa
-
     from .store import migrate
     from .store.sql import make_engine
 
@@ -289,8 +291,8 @@ def _db_command(url: Any, action: str) -> int:
     except LomasError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    except sa.exc.OperationalError as err:
-        print(f"error: cannot reach the store's database ({err.orig.__class__.__name__})", file=sys.stderr)
+    except SQLAlchemyError as err:
+        print(f"error: cannot reach the store's database ({err.__class__.__name__})", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
