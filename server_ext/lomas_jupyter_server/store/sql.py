@@ -82,8 +82,13 @@ BUDGET_OF = (
     .select_from(grants.outerjoin(budget_totals, sa.and_(budget_totals.c.username == grants.c.username,
                                                          budget_totals.c.dataset == grants.c.dataset)))
     .where(grants.c.username == _p("username"), grants.c.dataset == _p("dataset")))
-GRANT_AND_TOTALS_LOCKED = (
-    sa.select(grants.c.epsilon.label("grant_epsilon"), grants.c.delta.label("grant_delta"), budget_totals)
+_CLASS_COUNT = (sa.select(sa.func.count()).select_from(
+    course_datasets.join(course_members, course_members.c.course == course_datasets.c.course))
+    .where(course_members.c.username == budget_totals.c.username, course_datasets.c.dataset == budget_totals.c.dataset)
+    .scalar_subquery())
+GRANT_AND_TOTALS_LOCKED = (  # the grant, the user's running totals (locked), and whether any class pool applies
+    sa.select(grants.c.epsilon.label("grant_epsilon"), grants.c.delta.label("grant_delta"),
+              _CLASS_COUNT.label("classes"), budget_totals)
     .select_from(budget_totals.join(grants, sa.and_(budget_totals.c.username == grants.c.username,
                                                     budget_totals.c.dataset == grants.c.dataset)))
     .where(*_USER_AND_DATASET).with_for_update(of=budget_totals))
@@ -102,6 +107,12 @@ LEDGER_INSERT = sa.insert(ledger)
 ZERO_TOTALS = {"epsilon_spent": "0", "delta_spent": "0", "releases": 0, "last_cost": None, "epsilon_pending": "0",
                "delta_pending": "0", "pending": 0}
 RESERVE_ROW = sa.select(ledger).where(ledger.c.reservation_id == _p("reservation_id"), ledger.c.kind == "reserve")
+RESERVE_ROW_AND_TOTALS_LOCKED = (  # a reservation, and its user's running totals, locked (the row exists)
+    sa.select(ledger, *[c.label(f"t_{c.name}") for c in budget_totals.c])
+    .select_from(ledger.join(budget_totals, sa.and_(budget_totals.c.username == ledger.c.username,
+                                                    budget_totals.c.dataset == ledger.c.dataset)))
+    .where(ledger.c.reservation_id == _p("reservation_id"), ledger.c.kind == "reserve")
+    .with_for_update(of=budget_totals))
 SETTLEMENT_KIND = sa.select(ledger.c.kind).where(ledger.c.reservation_id == _p("reservation_id"),
                                                  ledger.c.kind != "reserve")
 RELEASE_INSERT = sa.insert(releases)
@@ -148,13 +159,23 @@ def make_engine(url: sa.URL) -> sa.Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(connection: sa.Connection) -> None:
-            writing = connection.get_execution_options().get("lomas_write", False)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+            options = connection.get_execution_options()
+            if options.get("lomas_single_read"):
+                return  # one statement is its own transaction
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get("lomas_write") else "BEGIN")
 
         return engine
     # No pre-ping (a round trip per call): a connection the database dropped fails one call, and SQLAlchemy then
     # discards the whole pool, so the next call reconnects.
     return sa.create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+
+
+def make_read_engine(url: sa.URL) -> sa.Engine | None:
+    """PostgreSQL: a pool of autocommit connections for single-statement reads (one round trip each, and no
+    switching of a connection's mode at every checkout). SQLite reads use the main engine."""
+    if url.get_backend_name() != "postgresql":
+        return None
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800, isolation_level="AUTOCOMMIT")
 
 
 class SQLStore(AdminStore):
@@ -165,6 +186,7 @@ class SQLStore(AdminStore):
     def __init__(self, db_url: str | Path | sa.URL, upgrade: bool | None = None) -> None:
         self.url = database_url(db_url)
         self.engine = make_engine(self.url)
+        self._read_engine = make_read_engine(self.url)
         self.dialect = self.engine.dialect.name
         self.on_network = self.dialect != "sqlite"  # its calls may wait on the network: keep them off the loop
         # in-process writers queue here instead of in SQLite's busy handler, which sleeps in steps
@@ -204,11 +226,10 @@ class SQLStore(AdminStore):
 
     def _rows(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> list[Row]:
         """One statement: on PostgreSQL without BEGIN and COMMIT (one round trip, not three)."""
-        if self.dialect != "postgresql":
-            with self._reading() as conn:
-                return list(conn.execute(statement, params).mappings())
-        with self.engine.connect() as conn:
-            return list(conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement, params).mappings())
+        with (self._read_engine or self.engine).connect() as conn:
+            if self._read_engine is None:
+                conn.execution_options(lomas_single_read=True)
+            return list(conn.execute(statement, params).mappings())
 
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -222,6 +243,8 @@ class SQLStore(AdminStore):
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()
 
     # --- users and tokens ---------------------------------------------------------------------------------
 
@@ -413,8 +436,10 @@ class SQLStore(AdminStore):
         reservation_id = uuid.uuid4().hex
         with self._tx(durable=False) as conn:
             key = {"username": username, "dataset": dataset}
-            conn.execute(self._ensure_totals, key | ZERO_TOTALS)
             row = conn.execute(GRANT_AND_TOTALS_LOCKED, key).mappings().first()  # the grant, and the user's lock
+            if row is None:  # a first reservation (no totals yet), or no grant
+                conn.execute(self._ensure_totals, key | ZERO_TOTALS)
+                row = conn.execute(GRANT_AND_TOTALS_LOCKED, key).mappings().first()
             if row is None:
                 raise InsufficientBudget(
                     f"you have no budget on dataset '{dataset}'; ask an admin for a grant",
@@ -440,7 +465,7 @@ class SQLStore(AdminStore):
                     cost={"epsilon": epsilon, "delta": delta},
                     remaining=remaining,
                 )
-            pools = self._charge_pools(conn, username, dataset, Fraction(epsilon), Fraction(delta))
+            pools = self._charge_pools(conn, username, dataset, Fraction(epsilon), Fraction(delta)) if row["classes"] else []
             conn.execute(LEDGER_INSERT, {
                 "reservation_id": reservation_id, "username": username, "dataset": dataset, "kind": "reserve",
                 "epsilon": float(epsilon), "delta": float(delta), "created_at": utcnow(), "instance_id": owner,
@@ -455,11 +480,11 @@ class SQLStore(AdminStore):
 
     def _settle_in(self, conn: sa.Connection, reservation_id: str, kind: str, note: str) -> bool:
         """Settle a reservation; False when it already was, the same way (commit and refund are idempotent)."""
-        row = conn.execute(RESERVE_ROW, {"reservation_id": reservation_id}).mappings().first()
+        row = conn.execute(RESERVE_ROW_AND_TOTALS_LOCKED, {"reservation_id": reservation_id}).mappings().first()
         if row is None:
             raise NotFound("no such reservation")
-        # lock, then look: another replica may have settled it meanwhile
-        totals = self._totals(conn, row["username"], row["dataset"], lock=True, create=False)
+        totals = _totals_of({c.name: row[f"t_{c.name}"] for c in budget_totals.c})
+        # locked, then look: another replica may have settled it meanwhile
         settled = conn.execute(SETTLEMENT_KIND, {"reservation_id": reservation_id}).scalar()
         if settled == kind:
             return False
