@@ -159,8 +159,9 @@ def plot(out: dict[str, Any], target: Path) -> None:
     right.set_xticks(list(x), labels)
     right.set_title("latency (ms)")
     right.legend()
-    fig.suptitle(f"{out['service'][0]['clients']} clients, {statistics.mean(s['queries'] for s in out['service']):.0f}"
-                 " queries each; the machine's 2 cores are shared by every replica and worker", fontsize=9)
+    queries = statistics.mean(s["queries"] for s in out["service"])
+    fig.suptitle(f"{out['service'][0]['clients']} clients, {queries:.0f} charged queries per configuration; the "
+                 "machine's 2 cores are shared by every replica and worker", fontsize=9)
     fig.tight_layout()
     fig.savefig(target, dpi=110)
 
