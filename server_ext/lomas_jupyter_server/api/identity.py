@@ -7,6 +7,7 @@ Standalone, each person holds a lomas API token an admin issued; only its hash i
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from jupyter_server.auth.identity import IdentityProvider, User
@@ -28,9 +29,15 @@ class LomasTokenUser(User):
     lomas_username: str = ""
 
 
-def _token_user(handler: web.RequestHandler, token: str) -> User | None:
+async def _token_user(handler: web.RequestHandler, token: str) -> User | None:
     service = handler.settings.get("lomas_service")
-    record = service.store.user_for_token(token) if service is not None else None
+    if service is None:
+        return None
+    store = service.store
+    if getattr(store, "on_network", False):  # every request asks: off the event loop when it may wait
+        record = await asyncio.to_thread(store.user_for_token, token)
+    else:
+        record = store.user_for_token(token)
     if record is None:
         return None
     # A header token cannot be sent by a cross-site form, so XSRF checks do not apply.
@@ -54,7 +61,7 @@ class TokenOverlay:
     async def get_user(self, handler: web.RequestHandler) -> User | None:
         token = header_token(handler)
         if token and token.startswith(TOKEN_PREFIX):
-            return _token_user(handler, token)
+            return await _token_user(handler, token)
         user = self._base.get_user(handler)
         return await user if hasattr(user, "__await__") else user  # type: ignore[misc]
 
@@ -79,7 +86,7 @@ class LomasTokenIdentityProvider(IdentityProvider):
 
     async def get_user(self, handler: web.RequestHandler) -> User | None:  # type: ignore[override]
         token = header_token(handler)
-        return _token_user(handler, token) if token else None
+        return await _token_user(handler, token) if token else None
 
     def get_handlers(self) -> list[tuple[str, object]]:
         return []  # no /login, no /logout
