@@ -34,6 +34,20 @@ def hog(megabytes: int) -> int:
     return len(block)
 
 
+def map_and_read(path: str) -> int:
+    """Read a file through a memory map, every page, then linger so the watchdog sees it; returns how much of
+    the file was resident in this process (its RssFile)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        total = sum(mapped[i] for i in range(0, len(mapped), 4096))
+        with open("/proc/self/status") as status:
+            resident_file = next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+        time.sleep(2)
+    assert total == 0
+    return resident_file
+
+
 def refuse() -> None:
     raise QueryRejected("refused on purpose")
 
@@ -89,6 +103,20 @@ async def test_memory_limit_stops_the_query() -> None:
         with pytest.raises(EngineFailure, match="more memory"):
             await pool.run(hog, 1200)
         assert await pool.run(hog, 10) == 10 * 1024 * 1024
+    finally:
+        pool.close()
+
+
+async def test_pages_of_a_mapped_file_do_not_count_against_the_memory_limit(tmp_path: Path) -> None:
+    """Issue 20: a memory-mapped scan of a file larger than the limit is not killed for reading it."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(900 * 1024 * 1024)  # sparse zeros: reading it fills the page cache, not the disk
+    pool = WorkerPool(1, timeout=120, memory_limit_mb=600)
+    try:
+        assert await pool.run(map_and_read, str(big)) > 600 * 1024 * 1024  # resident, and over the limit
+        with pytest.raises(EngineFailure, match="more memory"):
+            await pool.run(hog, 1200)  # what the worker allocates still counts
     finally:
         pool.close()
 

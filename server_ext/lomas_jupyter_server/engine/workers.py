@@ -127,12 +127,17 @@ class _Worker:
             self.ready = kind == "ready"
         return self.ready
 
-    def rss_bytes(self) -> int:
+    def allocated_bytes(self) -> int:
+        """The memory the worker allocated (its anonymous resident pages). Pages of files it maps, such as a
+        parquet scan's, belong to the page cache: counting them would kill a worker for reading its data."""
         try:
-            with open(f"/proc/{self.pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             return 0
+        return 0
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -182,7 +187,7 @@ class WorkerPool:
             with self._lock:
                 busy = [w for w in self._all if w.busy_since is not None]
             for worker in busy:
-                if worker.rss_bytes() > self.memory_limit:
+                if worker.allocated_bytes() > self.memory_limit:
                     worker.killed_for_memory = True
                     worker.process.kill()
 
