@@ -48,6 +48,12 @@ def map_and_read(path: str) -> int:
     return resident_file
 
 
+def jupyter_server_loaded() -> bool:
+    import sys
+
+    return "jupyter_server.serverapp" in sys.modules
+
+
 def refuse() -> None:
     raise QueryRejected("refused on purpose")
 
@@ -333,3 +339,27 @@ def test_a_worker_whose_service_died_while_it_started_exits_at_once(tmp_path: Pa
         else:
             pytest.fail(f"worker {pid} outlived its service")
     assert not log.exists()
+
+
+def test_a_worker_does_not_re_import_the_main_script(tmp_path: Path) -> None:
+    """Issue 20: `jupyter lomas` is a script that imports the whole Jupyter server; a spawned worker used to
+    re-run it before its first task (seconds and tens of MB each). It imports only what its tasks need."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "like_jupyter_lomas.py"
+    script.write_text(
+        "import asyncio\n"
+        "import jupyter_server.serverapp  # what the service's main script imports\n"
+        "from lomas_jupyter_server.engine.workers import WorkerPool\n"
+        "from tests.test_workers import jupyter_server_loaded\n"
+        "if __name__ == '__main__':\n"
+        "    pool = WorkerPool(1, timeout=120, preload=())\n"
+        "    print('worker has jupyter_server:', asyncio.run(pool.run(jupyter_server_loaded)))\n"
+        "    print('service has jupyter_server:', jupyter_server_loaded())\n"
+        "    pool.close()\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert "worker has jupyter_server: False" in done.stdout and "service has jupyter_server: True" in done.stdout

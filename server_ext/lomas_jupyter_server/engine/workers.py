@@ -24,8 +24,10 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -78,8 +80,7 @@ def _setup_worker_log(log_path: str | None) -> None:
 
 def _serve(conn: Connection, log_path: str | None, parent_pid: int, preload: tuple[str, ...] = ()) -> None:
     global _task_conn
-    die_with_parent(signal.SIGKILL, parent_pid)  # the first thing a spawned worker runs (after Python
-    # re-imported the parent's main)
+    die_with_parent(signal.SIGKILL, parent_pid)  # the first thing a spawned worker runs
     _setup_worker_log(log_path)
     for module in preload:  # e.g. the engine's tasks: OpenDP and polars imported once, before the first task
         importlib.import_module(module)
@@ -102,11 +103,28 @@ def _serve(conn: Connection, log_path: str | None, parent_pid: int, preload: tup
             _task_conn = None
 
 
+_MAIN_SWAP = threading.Lock()
+
+
+def _start_without_main(process: Any) -> None:
+    """Start a spawned process that does not re-run the parent's main script first. `spawn` re-imports the
+    parent's `__main__` in the child (for `jupyter lomas`, a script importing the whole Jupyter server: seconds
+    and tens of MB per worker, for nothing a task uses). A `__main__` with neither a file nor a spec, while
+    start() reads it, gives the child nothing to re-import; the task functions are imported by name."""
+    with _MAIN_SWAP:
+        real_main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            process.start()
+        finally:
+            sys.modules["__main__"] = real_main
+
+
 class _Worker:
     def __init__(self, ctx: Any, log_path: str | None, preload: tuple[str, ...] = ()) -> None:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, log_path, os.getpid(), preload), daemon=True)
-        self.process.start()
+        _start_without_main(self.process)
         child.close()
         self.ready = False
         self.busy_since: float | None = None  # set while a task runs: the memory watch looks at busy workers
