@@ -100,3 +100,27 @@ def tree_rss_mb(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total / 2**20
+
+
+def slow_quantile_dataset(folder: Path, rows: int, seed: int) -> tuple[Path, Path]:
+    """A parquet table (and its metadata file) on which grouped quantiles take a while: queries queue on one
+    worker, so a test can kill a service with reservations in flight. Returns (data, metadata)."""
+    import json
+
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    source = folder / "big.parquet"
+    pl.DataFrame({"g": np.array(["a", "b", "c"])[rng.integers(0, 3, rows)],
+                  "x": rng.uniform(0, 100, rows)}).write_parquet(source)
+    meta = {"privacy_unit": 1, "max_rows": rows, "columns": {"g": {"type": "string", "categories": ["a", "b", "c"]},
+                                                             "x": {"type": "float", "bounds": [0.0, 100.0]}}}
+    (folder / "big.json").write_text(json.dumps(meta))
+    return source, folder / "big.json"
+
+
+def quantile_query(i: int) -> dict:
+    """The i-th slow query on `slow_quantile_dataset` (each a different one: no free replay)."""
+    return {"dataset": "big", "epsilon": 1.0, "fresh": True,
+            "sql": f"SELECT g, MEDIAN(x), PERCENTILE_CONT(0.{i + 1}) WITHIN GROUP (ORDER BY x) FROM big GROUP BY g"}

@@ -3,22 +3,19 @@ equals the sum of committed charges, the ledger says why, and the dead service's
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import polars as pl
 import psutil
 import pytest
 import requests
 
 from lomas_jupyter_server.store import SQLStore
 
-from .servers import add_analyst, lomas_admin, running_server
+from .servers import add_analyst, lomas_admin, quantile_query, running_server, slow_quantile_dataset
 
 
 def _running(pid: int) -> bool:
@@ -30,16 +27,10 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_kill_9_with_queries_in_flight_then_restart(tmp_path: Path) -> None:
-    rows = 2_000_000  # a grouped quantile on 2M rows takes a while, so queries queue on the one worker
-    rng = np.random.default_rng(1)
-    source = tmp_path / "big.parquet"
-    pl.DataFrame({"g": np.array(["a", "b", "c"])[rng.integers(0, 3, rows)],
-                  "x": rng.uniform(0, 100, rows)}).write_parquet(source)
-    meta = {"privacy_unit": 1, "max_rows": rows, "columns": {"g": {"type": "string", "categories": ["a", "b", "c"]},
-                                                             "x": {"type": "float", "bounds": [0.0, 100.0]}}}
-    (tmp_path / "big.json").write_text(json.dumps(meta))
+    # 2M rows: grouped quantiles take a while, so queries queue on the one worker
+    source, meta = slow_quantile_dataset(tmp_path, 2_000_000, seed=1)
     storage = tmp_path / "store"
-    lomas_admin(storage, "dataset", "import", "big", str(source), "--metadata", str(tmp_path / "big.json"))
+    lomas_admin(storage, "dataset", "import", "big", str(source), "--metadata", str(meta))
     token = add_analyst(storage, "alice", {"big": 50})
     headers = {"Authorization": f"token {token}"}
     env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
@@ -47,11 +38,8 @@ def test_kill_9_with_queries_in_flight_then_restart(tmp_path: Path) -> None:
 
     with running_server("jupyter-lomas", args, tmp_path, env) as (url, pid):
         def query(i: int) -> None:
-            body = {"dataset": "big", "epsilon": 1.0, "fresh": True,
-                    "sql": f"SELECT g, MEDIAN(x), PERCENTILE_CONT(0.{i + 1}) WITHIN GROUP (ORDER BY x) FROM big "
-                           "GROUP BY g"}
             try:
-                requests.post(url + "lomas/api/query", json=body, headers=headers, timeout=600)
+                requests.post(url + "lomas/api/query", json=quantile_query(i), headers=headers, timeout=600)
             except requests.ConnectionError:
                 pass  # the service dies under it
 

@@ -5,7 +5,6 @@ settled exactly once by the others."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -17,15 +16,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
 import pytest
 import requests
 
 from lomas_jupyter_server.demo import setup_demo
 from lomas_jupyter_server.store import SQLStore
 
-from .servers import lomas_admin, running_server
+from .servers import lomas_admin, quantile_query, running_server, slow_quantile_dataset
 
 pytestmark = pytest.mark.slow
 COUNT_SQL = "SELECT COUNT(*) FROM penguins"
@@ -151,26 +148,18 @@ def test_a_release_made_on_one_replica_replays_free_on_another(replicas: dict[st
 
 
 def test_kill_9_of_a_replica_mid_query_is_settled_once_by_another(replicas: dict[str, Any], tmp_path: Path) -> None:
-    rows = 1_000_000  # grouped quantiles on 1M rows take a while, so queries queue on the replica's one worker
-    rng = np.random.default_rng(2)
-    source = tmp_path / "big.parquet"
-    pl.DataFrame({"g": np.array(["a", "b", "c"])[rng.integers(0, 3, rows)],
-                  "x": rng.uniform(0, 100, rows)}).write_parquet(source)
-    meta = {"privacy_unit": 1, "max_rows": rows, "columns": {"g": {"type": "string", "categories": ["a", "b", "c"]},
-                                                             "x": {"type": "float", "bounds": [0.0, 100.0]}}}
-    (tmp_path / "big.json").write_text(json.dumps(meta))
+    # 1M rows: grouped quantiles take a while, so queries queue on the replica's one worker
+    source, meta = slow_quantile_dataset(tmp_path, 1_000_000, seed=2)
     lomas_admin(replicas["storage"], "--db-url", replicas["db_url"], "dataset", "import", "big", str(source),
-                "--metadata", str(tmp_path / "big.json"))
+                "--metadata", str(meta))
     token = _analyst(replicas, "dora", 1.0)
     boss, urls = replicas["tokens"]["boss"], replicas["urls"]
     _call(urls[0], boss, "PUT", "admin/grants", {"username": "dora", "dataset": "big", "epsilon": 50.0})
     victim, victim_pid = urls[0], replicas["pids"][0]
 
     def query(i: int) -> None:
-        body = {"dataset": "big", "epsilon": 1.0, "fresh": True,
-                "sql": f"SELECT g, MEDIAN(x), PERCENTILE_CONT(0.{i + 1}) WITHIN GROUP (ORDER BY x) FROM big GROUP BY g"}
         try:
-            _call(victim, token, "POST", "query", body)
+            _call(victim, token, "POST", "query", quantile_query(i))
         except (requests.ConnectionError, ValueError):
             pass  # the replica dies under it
 

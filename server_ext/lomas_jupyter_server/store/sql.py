@@ -106,7 +106,6 @@ POOL_WRITE = sa.update(pool_totals).where(pool_totals.c.course == _p("key_course
 LEDGER_INSERT = sa.insert(ledger)
 ZERO_TOTALS = {"epsilon_spent": "0", "delta_spent": "0", "releases": 0, "last_cost": None, "epsilon_pending": "0",
                "delta_pending": "0", "pending": 0}
-RESERVE_ROW = sa.select(ledger).where(ledger.c.reservation_id == _p("reservation_id"), ledger.c.kind == "reserve")
 RESERVE_ROW_AND_TOTALS_LOCKED = (  # a reservation, and its user's running totals, locked (the row exists)
     sa.select(ledger, *[c.label(f"t_{c.name}") for c in budget_totals.c])
     .select_from(ledger.join(budget_totals, sa.and_(budget_totals.c.username == ledger.c.username,
@@ -401,13 +400,11 @@ class SQLStore(AdminStore):
             query = query.where(grants.c.username == username)
         return [GrantRecord(**r) for r in self._rows(query)]
 
-    def _totals(self, conn: sa.Connection, username: str, dataset: str, lock: bool = False,
-                create: bool = True) -> _Totals:
-        """One (user, dataset)'s running totals; with `lock`, the row is created if missing (unless `create` is
-        off: a reservation's row exists) and locked until the transaction ends (every change to a user's
-        spending on a dataset takes this lock first)."""
+    def _totals(self, conn: sa.Connection, username: str, dataset: str, lock: bool = False) -> _Totals:
+        """One (user, dataset)'s running totals; with `lock`, the row is created if missing and locked until the
+        transaction ends (every change to a user's spending on a dataset takes this lock first)."""
         key = {"username": username, "dataset": dataset}
-        if lock and create:
+        if lock:
             conn.execute(self._ensure_totals, key | ZERO_TOTALS)
         row = conn.execute(TOTALS_LOCKED if lock else TOTALS_OF, key).mappings().first()
         return _Totals() if row is None else _totals_of(row)
