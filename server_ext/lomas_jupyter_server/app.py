@@ -25,6 +25,7 @@ from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Type, 
 from .api import API_PREFIX, ROUTES
 from .api.forward import ForwardToHubServiceHandler
 from .api.identity import LomasTokenIdentityProvider
+from .engine.engines import BackendSettings
 from .engine.locations import object_store_environment
 from .engine.sql import DEFAULT_MAX_GROUPS
 from .engine.workers import WorkerPool, die_with_parent
@@ -203,6 +204,18 @@ class LomasApp(ExtensionApp):
         help="Write imported datasets under this object-store prefix (s3://bucket/prefix) instead of storage_dir. "
         "Several replicas need one place for datasets: a bucket, or a storage_dir they all mount",
     ).tag(config=True)
+    embedded_from_rows = Integer(
+        50_000_000,
+        help="Datasets whose public max_rows is at least this run on the embedded out-of-core engine (DuckDB: an "
+        "exact stage, then OpenDP's noise in the worker) unless their metadata names a backend; smaller ones on "
+        "OpenDP's polars plan. 0: never by size",
+    ).tag(config=True)
+    spark_remote = Unicode(
+        None, allow_none=True,
+        help="The Spark cluster for datasets whose metadata says backend: spark. A master URL (spark://host:7077) "
+        "runs a driver in each worker, or sc://host:15002 for Spark Connect. The cluster computes the exact "
+        "stage only; the noise is added in the service",
+    ).tag(config=True)
     object_store = Dict(
         per_key_traits={},
         help="Endpoint and credentials of the object store that holds datasets: endpoint_url, access_key_id, "
@@ -360,6 +373,7 @@ class LomasApp(ExtensionApp):
             import_dirs=self._import_dirs(),
             free_timeout=self.free_timeout,
             dataset_url=self.dataset_url,
+            backends=BackendSettings(self.embedded_from_rows, self.spark_remote),
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)

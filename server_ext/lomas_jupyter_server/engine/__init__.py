@@ -1,13 +1,15 @@
 """The engine room: SQL to a query spec, public metadata, statistics planning, calibration and accuracy, the
 execution backend (OpenDP's polars plan today), and the worker processes that run it.
 
-May import: `errors` and third-party libraries only (never `api`, `service`, `store` or `hub`). The seam where
-a backend plugs in is `polars_backend` (a plan of statistics in, released statistics out); `tasks` is what
+May import: `errors` and third-party libraries only (never `api`, `service`, `store` or `hub`). Backends: OpenDP's
+polars plan (`polars_backend`) for small data; for big data, an exact stage (`exact`) that an engine runs
+(`engines`: DuckDB, polars streaming, Spark) and a noise stage (`noise`) that OpenDP adds here. `tasks` is what
 workers run.
 """
 
 from __future__ import annotations
 
+from .engines import BACKENDS, EMBEDDED, POLARS, SPARK, BackendSettings
 from .plan import (
     ALPHA,
     GAUSSIAN,
@@ -39,7 +41,7 @@ from .statistics import (
 from .tasks import preview_task, release_task
 
 __all__ = [
-    "ALPHA", "GAUSSIAN", "LAPLACE", "MECHANISM_NAMES", "PLAIN", "POLARS_TYPES", "QUANTILES", "Calibrated", "Plan",
+    "ALPHA", "BACKENDS", "EMBEDDED", "POLARS", "SPARK", "BackendSettings", "GAUSSIAN", "LAPLACE", "MECHANISM_NAMES", "PLAIN", "POLARS_TYPES", "QUANTILES", "Calibrated", "Plan",
     "Recipe", "Statistic", "build_plan", "centre", "check_epsilon", "collect_release", "effective_bounds",
     "fixed_point_step", "float_sum_inflation", "input_domain", "metadata_warnings", "noise_ratio",
     "plan_statistics", "polars_schema", "preview_task", "quantile_candidates", "release_task", "statistic_name",

@@ -70,6 +70,7 @@ class DatasetMetadata:
     max_rows: int
     columns: tuple[ColumnMetadata, ...]
     description: str = ""
+    backend: str = "auto"  # which engine runs its queries (engines.choose_backend); public, as the rest
 
     def column(self, name: str) -> ColumnMetadata | None:
         for col in self.columns:
@@ -87,10 +88,12 @@ class DatasetMetadata:
             "privacy_unit": self.privacy_unit,
             "max_rows": self.max_rows,
             "columns": {c.name: c.to_json() for c in self.columns},
+            **({"backend": self.backend} if self.backend != "auto" else {}),
         }
 
 
-_DATASET_KEYS = {"description", "privacy_unit", "max_rows", "columns"}
+_DATASET_KEYS = {"description", "privacy_unit", "max_rows", "columns", "backend"}
+BACKEND_NAMES = ("auto", "polars", "embedded", "spark")  # engines.BACKENDS and "auto"
 _COLUMN_KEYS = {"type", "nullable", "bounds", "categories", "candidates", "description"}
 
 
@@ -197,5 +200,8 @@ def parse_metadata(doc: Any) -> DatasetMetadata:
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise MetadataError("description must be text")
-    return DatasetMetadata(privacy_unit, max_rows, tuple(columns), description)
+    backend = doc.get("backend", "auto")
+    if backend not in BACKEND_NAMES:
+        raise MetadataError(f"backend must be one of {list(BACKEND_NAMES)}")
+    return DatasetMetadata(privacy_unit, max_rows, tuple(columns), description, backend)
 

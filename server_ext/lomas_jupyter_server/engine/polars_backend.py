@@ -21,6 +21,8 @@ from .statistics import (
     QUANTILES,
     Statistic,
     centre,
+    fixed_point_bounds,
+    fixed_point_offset,
     polars_schema,
     quantile_candidates,
     statistic_name,
@@ -122,14 +124,17 @@ def _mask(where: dict[str, Any] | None) -> pl.Expr | None:
 
 def _fixed_point_sum(c: pl.Expr, stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
                      step: float, masked: Callable[[pl.Expr], pl.Expr]) -> pl.Expr:
-    """round((clip(x) - shift) / step) as an i64, summed exactly: adding an offset first makes the value
-    non-negative, so the truncating cast rounds to nearest."""
+    """round(term / step) as an i64, summed exactly, where the term is the clipped value (less the centre for a
+    centred sum; that, squared, for a sum of squares): adding an offset first makes it non-negative, so the
+    truncating cast rounds to nearest. `exact.fixed_point_units` is the same arithmetic for every engine."""
     lo, hi = bounds[col.name]
-    shift = centre(col, bounds) if stat.kind == "centred_sum" else 0.0
-    low, high = sum_range(stat, col, bounds)
-    offset = math.ceil(max(abs(low), abs(high)) / step) + 1
-    units = (((c.clip(lo, hi) - shift) / step + (offset + 0.5)).cast(pl.Int64) - offset).fill_null(0)
-    return masked(units).dp.sum((math.floor(low / step) - 1, math.ceil(high / step) + 1))
+    shift = centre(col, bounds) if stat.kind in ("centred_sum", "centred_sumsq") else 0.0
+    offset = fixed_point_offset(stat, col, bounds, step)
+    term = c.clip(lo, hi) - shift
+    if stat.kind == "centred_sumsq":
+        term = term * term
+    units = ((term / step + (offset + 0.5)).cast(pl.Int64) - offset).fill_null(0)
+    return masked(units).dp.sum(fixed_point_bounds(stat, col, bounds, step))
 
 
 

@@ -147,7 +147,8 @@ def statistic_name(j: int) -> str:
     return f"__s{j}"
 
 
-FIXED_POINT_ABOVE = 1.01  # use fixed point when OpenDP's float rounding term would add more than 1% noise
+FIXED_POINT_ABOVE = 1.01  # warn at import when OpenDP's float rounding term would add more than 1% noise
+SUM_KINDS = ("sum", "centred_sum", "centred_sumsq")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -176,23 +177,37 @@ def sum_range(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[floa
 
 
 def fixed_point_step(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> float | None:
-    """For a float sum that OpenDP's rounding term would make noisier: the step (a power of two) its values are
-    rounded to so they can be summed exactly as integers. Chosen as fine as i64 allows for max_rows values
-    (and 2^40 per value, where float64 still rounds exactly); None where a float sum is as good."""
+    """For a sum of a float column: the step (a power of two) its terms are rounded to, so they are summed
+    exactly as int64 on every backend (a float sum's result depends on the order of its terms, which an engine
+    that splits the work does not fix, and OpenDP's allowance for that grows with max_rows: 445x the noise at
+    1e9). As fine as int64 allows for max_rows terms (and 2^40 per term, where float64 still rounds exactly);
+    None for an int column's sum, which is exact as it is."""
     col = metadata.column(stat.column) if stat.column else None
-    if col is None or col.type != "float" or stat.kind not in ("sum", "centred_sum"):
+    if col is None or col.type != "float" or stat.kind not in SUM_KINDS:
         return None
     lo, hi = sum_range(stat, col, bounds)
-    if float_sum_inflation(metadata.max_rows, lo, hi) <= FIXED_POINT_ABOVE:
-        return None
     magnitude = max(abs(lo), abs(hi))
     per_unit = min(2.0**62 / (metadata.max_rows * magnitude), 2.0**40 / magnitude)
     return 2.0 ** -math.floor(math.log2(per_unit))
 
 
+def fixed_point_offset(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
+                       step: float) -> int:
+    """A whole number of steps that makes every term non-negative before it is rounded (public)."""
+    low, high = sum_range(stat, col, bounds)
+    return math.ceil(max(abs(low), abs(high)) / step) + 1
+
+
+def fixed_point_bounds(stat: Statistic, col: ColumnMetadata, bounds: dict[str, tuple[float, float]],
+                       step: float) -> tuple[int, int]:
+    """The range of one row's rounded term, in steps: what the sum's sensitivity is computed from."""
+    low, high = sum_range(stat, col, bounds)
+    return math.floor(low / step) - 1, math.ceil(high / step) + 1
+
+
 def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
     """What the metadata costs in accuracy, for the admin at import: float sums where max_rows is loose enough
-    for OpenDP's rounding term to matter (they are then summed in fixed point, with a rounding allowance)."""
+    for rounding to matter (lomas sums in fixed point, with a rounding allowance that grows with max_rows)."""
     metadata = parse_metadata(metadata_doc)
     warnings = []
     for col in metadata.columns:
@@ -200,8 +215,8 @@ def metadata_warnings(metadata_doc: dict[str, Any]) -> list[str]:
             continue
         stat, bounds = Statistic("sum", col.name), {col.name: col.bounds}
         step = fixed_point_step(stat, metadata, bounds)
-        if step is not None:
-            inflation = float_sum_inflation(metadata.max_rows, *sum_range(stat, col, bounds))
+        inflation = float_sum_inflation(metadata.max_rows, *sum_range(stat, col, bounds))
+        if step is not None and inflation > FIXED_POINT_ABOVE:
             warnings.append(
                 f"column '{col.name}': with max_rows {metadata.max_rows:,}, OpenDP's float sums would add "
                 f"{inflation:,.2f}x the noise; lomas sums it in fixed point instead (steps of {step:.3g}), and each "

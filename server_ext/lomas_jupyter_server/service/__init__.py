@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.engines import BackendSettings
 from ..engine.sql import DEFAULT_MAX_GROUPS
 from ..engine.workers import WorkerPool
 from ..store import AdminStore
@@ -38,12 +39,13 @@ class DPService:
         import_dirs: list[str | Path] | None = None,
         free_timeout: float = 20.0,
         dataset_url: str | None = None,
+        backends: BackendSettings | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.pricing_pool = pricing_pool or pool
         self.queries = QueryService(store, storage_dir, pool, max_epsilon_per_query, self.pricing_pool, max_groups,
-                                    instance_id, padding, free_timeout)
+                                    instance_id, padding, free_timeout, backends)
         self.admin = AdminService(store, protect_admin_access)
         self.courses = CourseService(store)
         self.datasets = DatasetAdmin(store, storage_dir, self.pricing_pool, max_upload_bytes, import_dirs,

@@ -111,8 +111,10 @@ class QueryService:
         instance_id: str | None = None,
         padding: TimingPadding | None = None,
         free_timeout: float = 20.0,
+        backends: engine.BackendSettings | None = None,
     ) -> None:
         self.store = store
+        self.backends = backends or engine.BackendSettings()
         self.storage_dir = Path(storage_dir)
         self.pool = pool
         # previews never queue behind running queries: they get their own worker(s)
@@ -203,13 +205,14 @@ class QueryService:
     async def _price(self, record: DatasetRecord, spec: Any, request: QueryRequest) -> dict[str, Any]:
         """Noise scale, exact cost and accuracy, computed by a worker from metadata only (and remembered: the
         same query on the same dataset version at the same epsilon always prices the same)."""
+        backend = self.backends.choose(record.metadata)
         key = json.dumps([record.name, record.version, spec.canonical(), request.epsilon, request.delta,
-                          request.bounds], sort_keys=True)
+                          request.bounds, backend], sort_keys=True)
         if key in self._prices:
             self._prices.move_to_end(key)
             return self._prices[key]
         price = await self.pricing_pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
-                                            request.delta, request.bounds, timeout=self.free_timeout)
+                                            request.delta, request.bounds, backend, timeout=self.free_timeout)
         self._prices[key] = price
         while len(self._prices) > PRICE_CACHE_SIZE:
             self._prices.popitem(last=False)
@@ -241,11 +244,12 @@ class QueryService:
         }
 
     async def _release(self, record: DatasetRecord, spec: Any, request: QueryRequest, price: dict[str, Any],
-                       parquet_path: str, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                       parquet_path: str, timeout: float | None = None, backend: str | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run the priced query on a parquet file in a worker: (the worker's answer, the answer's public part)."""
         released = await self.pool.run(
             engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price,
-            timeout=timeout,
+            backend or self.backends.choose(record.metadata), self.backends.spark_remote, timeout=timeout,
         )
         answer = {
             "dataset": record.name,
@@ -337,7 +341,9 @@ class QueryService:
         async with self._free_slot(user):
             preview = await self._price(record, spec, request)
             path = await asyncio.to_thread(dummy_parquet, self.storage_dir, record)
-            _, answer = await self._release(record, spec, request, preview, str(path), timeout=self.free_timeout)
+            # a few public rows on this machine: OpenDP's polars plan, whatever the dataset's own backend
+            _, answer = await self._release(record, spec, request, preview, str(path), timeout=self.free_timeout,
+                                            backend=engine.POLARS)
         budget = self.store.budget(user.username, record.name)
         return {
             "dummy": True,

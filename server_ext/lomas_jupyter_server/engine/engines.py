@@ -1,0 +1,239 @@
+"""The engines that run an exact stage (`exact`) over a dataset's parquet data and hand back plain rows, one per
+key seen: DuckDB (embedded, out of core, the default for big data), polars' streaming engine (embedded, for data
+in an object store, which DuckDB cannot read here without downloading an extension) and Spark (a cluster, through
+`spark_remote`: a master URL, or `sc://` for Spark Connect). Each supplies the vocabulary `exact` writes the stage
+in; none of them sees anything of the client's, and none adds noise.
+
+Which backend a dataset uses (`BackendSettings.choose`) is public: its metadata may name one, else big datasets (by
+their public max_rows) use DuckDB and the rest OpenDP's polars plan.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..errors import QueryRejected
+from . import locations
+from .exact import ExactResult, ExactStage, aggregations, densify
+
+POLARS, EMBEDDED, SPARK = "polars", "embedded", "spark"
+BACKENDS = (POLARS, EMBEDDED, SPARK)
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The service's engine settings (LomasApp.embedded_from_rows and spark_remote)."""
+
+    embedded_from_rows: int = 0
+    spark_remote: str | None = None
+
+    def choose(self, metadata: dict[str, Any]) -> str:
+        """A dataset's backend: its metadata's `backend`; auto means the embedded engine from embedded_from_rows
+        rows of public max_rows (0: never), OpenDP's polars plan below. Public: it depends on metadata only."""
+        named = metadata.get("backend", AUTO)
+        if named == SPARK and not self.spark_remote:
+            raise QueryRejected("this dataset is served by Spark, but the service has no Spark cluster "
+                                "configured (LomasApp.spark_remote)")
+        if named != AUTO:
+            return named
+        if self.embedded_from_rows and metadata["max_rows"] >= self.embedded_from_rows:
+            return EMBEDDED
+        return POLARS
+
+
+def parquet_files(location: str) -> list[str]:
+    """A local dataset's parquet files: the file itself, or every .parquet file under a folder, in name order."""
+    path = Path(location)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.parquet"))
+    return [location]
+
+
+def run_stage(stage: ExactStage, location: str, backend: str, spark_remote: str | None = None) -> ExactResult:
+    if backend == SPARK:
+        rows = _run_spark(stage, location, spark_remote)
+    elif locations.is_remote(location):
+        rows = _run_polars_streaming(stage, location)
+    else:
+        rows = _run_duckdb(stage, location)
+    return densify(stage, rows)
+
+
+# --- polars' streaming engine -----------------------------------------------------------------------------------
+
+
+class PolarsWords:
+    """polars expressions; integer literals are Int64 so no sum is taken in 32 bits."""
+
+    def col(self, name: str) -> pl.Expr:
+        return pl.col(name)
+
+    def lit(self, value: Any) -> pl.Expr:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return pl.lit(value, dtype=pl.Int64)
+        return pl.lit(value)
+
+    def when(self, condition: pl.Expr, then: pl.Expr, otherwise: pl.Expr) -> pl.Expr:
+        return pl.when(condition).then(then).otherwise(otherwise)
+
+    def present(self, column: str, is_float: bool) -> pl.Expr:
+        c = pl.col(column)
+        return (c.is_not_null() & ~c.is_nan()) if is_float else c.is_not_null()
+
+    def floor_int64(self, value: pl.Expr) -> pl.Expr:
+        return value.floor().cast(pl.Int64)
+
+    def sum(self, value: pl.Expr, name: str) -> pl.Expr:
+        return value.sum().alias(name)
+
+
+def _run_polars_streaming(stage: ExactStage, location: str) -> list[dict[str, Any]]:
+    frame = locations.scan(location)
+    aggs = aggregations(PolarsWords(), stage)
+    query = frame.group_by(list(stage.group_by)).agg(aggs) if stage.group_by else frame.select(aggs)
+    return query.collect(engine="streaming").to_dicts()
+
+
+# --- DuckDB -----------------------------------------------------------------------------------------------------
+
+
+class DuckDBWords:
+    def __init__(self) -> None:
+        import duckdb
+
+        self.duckdb = duckdb
+
+    def col(self, name: str) -> Any:
+        return self.duckdb.ColumnExpression(name)  # it quotes the name itself
+
+    def lit(self, value: Any) -> Any:
+        return self.duckdb.ConstantExpression(value)
+
+    def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
+        return self.duckdb.CaseExpression(condition, then).otherwise(otherwise)
+
+    def present(self, column: str, is_float: bool) -> Any:
+        c = self.col(column)
+        return (c.isnotnull() & ~self.duckdb.FunctionExpression("isnan", c)) if is_float else c.isnotnull()
+
+    def floor_int64(self, value: Any) -> Any:
+        return self.duckdb.FunctionExpression("floor", value).cast(self.duckdb.sqltype("BIGINT"))
+
+    def sum(self, value: Any, name: str) -> Any:
+        return self.duckdb.FunctionExpression("sum", value).alias(name)
+
+
+def _quoted(name: str, quote: str) -> str:
+    return quote + name.replace(quote, quote * 2) + quote
+
+
+# DuckDB's settings for a worker: as many threads as the machine has (at most 8), a memory cap it spills past
+# (LOMAS_DUCKDB_MEMORY, default 1GB), and its spill files in the system's temporary folder.
+_DUCKDB: dict[str, Any] = {}
+_DUCKDB_LOCK = threading.Lock()
+
+
+def _duckdb_connection() -> Any:
+    with _DUCKDB_LOCK:
+        if "connection" not in _DUCKDB:
+            import duckdb
+
+            _DUCKDB["connection"] = duckdb.connect(config={
+                "threads": min(os.cpu_count() or 1, 8),
+                "memory_limit": os.environ.get("LOMAS_DUCKDB_MEMORY", "1GB"),
+                "preserve_insertion_order": False,
+            })
+        return _DUCKDB["connection"]
+
+
+def _run_duckdb(stage: ExactStage, location: str) -> list[dict[str, Any]]:
+    words = DuckDBWords()
+    con = _duckdb_connection().cursor()
+    try:
+        relation = con.read_parquet(parquet_files(location))
+        aggs = aggregations(words, stage)
+        if stage.group_by:
+            keys = [words.col(k) for k in stage.group_by]
+            query = relation.aggregate(keys + aggs, ", ".join(_quoted(k, '"') for k in stage.group_by))
+        else:
+            query = relation.aggregate(aggs)
+        names = query.columns
+        rows = query.fetchall()
+    finally:
+        con.close()
+    # the key columns come back under their own names, the sums under theirs
+    return [dict(zip(names, row)) for row in rows]
+
+
+# --- Spark ------------------------------------------------------------------------------------------------------
+
+
+class SparkWords:
+    def __init__(self) -> None:
+        from pyspark.sql import functions
+
+        self.f = functions
+
+    def col(self, name: str) -> Any:
+        return self.f.col(_quoted(name, "`"))
+
+    def lit(self, value: Any) -> Any:
+        return self.f.lit(value)
+
+    def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
+        return self.f.when(condition, then).otherwise(otherwise)
+
+    def present(self, column: str, is_float: bool) -> Any:
+        c = self.col(column)
+        return (c.isNotNull() & ~self.f.isnan(c)) if is_float else c.isNotNull()
+
+    def floor_int64(self, value: Any) -> Any:
+        return self.f.floor(value).cast("bigint")
+
+    def sum(self, value: Any, name: str) -> Any:
+        return self.f.sum(value).alias(name)
+
+
+_SPARK: dict[str, Any] = {}
+
+
+def spark_session(remote: str) -> Any:
+    """One Spark session per worker process and cluster, kept warm. A master URL (spark://host:port, local[n])
+    starts a driver in this worker; sc://host:port connects to a Spark Connect server. ANSI mode stays on: no
+    sum can overflow (compile_stage rules it out from public bounds), so an ANSI error never depends on data."""
+    if remote not in _SPARK:
+        from pyspark.sql import SparkSession
+
+        builder = SparkSession.builder.appName("lomas-exact-stage")
+        if remote.startswith("sc://"):
+            builder = builder.remote(remote)
+        else:
+            host = os.environ.get("LOMAS_SPARK_DRIVER_HOST", "127.0.0.1")
+            builder = (builder.master(remote)
+                       .config("spark.driver.host", host)
+                       .config("spark.driver.bindAddress", host)
+                       .config("spark.ui.enabled", "false")
+                       .config("spark.sql.shuffle.partitions", str(min(os.cpu_count() or 1, 8)))
+                       .config("spark.executor.memory", os.environ.get("LOMAS_SPARK_EXECUTOR_MEMORY", "1g")))
+        session = builder.config("spark.sql.ansi.enabled", "true").getOrCreate()
+        if not remote.startswith("sc://"):
+            session.sparkContext.setLogLevel("ERROR")
+        _SPARK[remote] = session
+    return _SPARK[remote]
+
+
+def _run_spark(stage: ExactStage, location: str, remote: str | None) -> list[dict[str, Any]]:
+    if not remote:
+        raise QueryRejected("the service has no Spark cluster configured (LomasApp.spark_remote)")
+    words = SparkWords()
+    frame = spark_session(remote).read.parquet(location)
+    aggs = aggregations(words, stage)
+    query = frame.groupBy(*[words.col(k) for k in stage.group_by]).agg(*aggs) if stage.group_by else frame.agg(*aggs)
+    return [row.asDict() for row in query.collect()]

@@ -1,0 +1,221 @@
+"""The exact stage of a query, for engines that are not OpenDP's polars plan (DuckDB, Spark, polars' streaming
+engine): per public key, only the exact, bounded integers the query's statistics need. Counts of rows or of
+non-null values, sums of values clipped to public bounds (fixed-point int64 for floats), and, for a quantile,
+how many values lie below and above each public candidate. A WHERE is a 0/1 mask, never a filter.
+
+Everything here is compiled from the plan (public metadata and the query spec), never from the data. One
+compiler writes each statistic once, in a small vocabulary of expressions (`Vocabulary`) that each engine
+supplies; the engine runs the aggregation and hands back one row per key it saw, and `densify` lays that out
+over the full public key set (empty groups are zeros; keys outside it are dropped). The exact numbers go to
+`noise` and nowhere else: never logged, cached or returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import QueryRejected
+from .statistics import (
+    Statistic,
+    centre,
+    fixed_point_bounds,
+    fixed_point_offset,
+    quantile_candidates,
+    statistic_name,
+)
+
+INT64_MAX = 2**63 - 1
+
+
+class Vocabulary(Protocol):
+    """What an engine's expressions must offer; arithmetic, comparison and &, |, ~ are Python operators on them."""
+
+    def col(self, name: str) -> Any: ...
+    def lit(self, value: Any) -> Any: ...
+    def when(self, condition: Any, then: Any, otherwise: Any) -> Any: ...
+    def present(self, column: str, is_float: bool) -> Any: ...  # not NULL (and not NaN for a float)
+    def floor_int64(self, value: Any) -> Any: ...
+    def sum(self, value: Any, name: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ExactStatistic:
+    """One statistic's per-row term, all from public metadata. The engine sums it per key."""
+
+    kind: str  # count | sum | quantile
+    column: str | None = None  # None: every row (COUNT(*))
+    is_float: bool = False
+    clip: tuple[Any, Any] | None = None  # the term is clip(x) - shift (squared if `square`)
+    shift: Any = 0
+    square: bool = False
+    step: float | None = None  # fixed point: the term is round(term / step) as int64
+    offset: int = 0  # whole steps added before the rounding so the term is non-negative
+    per_row: int = 1  # the most one row's term can be, in absolute value (integer units)
+    candidates: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExactStage:
+    group_by: tuple[str, ...]
+    keys: tuple[tuple[Any, ...], ...]  # the public key set, in the order released frames list it
+    statistics: tuple[ExactStatistic, ...]
+    where: dict[str, Any] | None
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+
+def compile_stage(plan: Any) -> ExactStage:
+    """The exact stage of a `Plan` (its statistics, steps and bounds). Refuses, before any data is read, a sum
+    whose total over max_rows rows might not fit in int64 (an engine would fail, or wrap, on the data)."""
+    metadata, bounds, spec = plan.metadata, plan.bounds, plan.spec
+    statistics = []
+    for stat, step in zip(plan.statistics, plan.steps):
+        exact = _exact_statistic(stat, step, metadata, bounds)
+        if exact.kind == "sum" and metadata.max_rows * exact.per_row > INT64_MAX:
+            raise QueryRejected(f"the sum of '{stat.column}' over max_rows rows could exceed 64-bit integers; "
+                                "narrow its bounds or max_rows")
+        statistics.append(exact)
+    key_lists = [metadata.column(k).group_keys for k in spec.group_by]
+    keys = tuple(itertools.product(*key_lists)) if spec.group_by else ((),)
+    return ExactStage(tuple(spec.group_by), keys, tuple(statistics), spec.where)
+
+
+def _exact_statistic(stat: Statistic, step: float | None, metadata: Any, bounds: dict[str, Any]) -> ExactStatistic:
+    if stat.kind == "rows":
+        return ExactStatistic("count")
+    col = metadata.column(stat.column)
+    is_float = col.type == "float"
+    if stat.kind == "count":
+        return ExactStatistic("count", col.name, is_float)
+    if stat.kind == "quantile":
+        return ExactStatistic("quantile", col.name, is_float, candidates=tuple(quantile_candidates(col, bounds)))
+    lo, hi = bounds[col.name]
+    shift = centre(col, bounds) if stat.kind in ("centred_sum", "centred_sumsq") else 0
+    square = stat.kind == "centred_sumsq"
+    if step is not None:
+        low, high = fixed_point_bounds(stat, col, bounds, step)
+        return ExactStatistic("sum", col.name, True, (float(lo), float(hi)), float(shift), square, step,
+                              fixed_point_offset(stat, col, bounds, step), max(abs(low), abs(high)))
+    if is_float:  # pragma: no cover - fixed_point_step gives every float sum a step
+        raise QueryRejected("a float sum needs a fixed-point step")
+    lo, hi, shift = int(lo), int(hi), int(shift)
+    largest = max(abs(lo - shift), abs(hi - shift))
+    if stat.kind == "sum":
+        largest = max(abs(min(lo, 0)), abs(max(hi, 0)))
+    return ExactStatistic("sum", col.name, False, (lo, hi), shift, square, None, 0,
+                          largest * largest if square else largest)
+
+
+# --- writing the stage in an engine's vocabulary ----------------------------------------------------------------
+
+
+def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
+    """A WHERE condition (from compile_sql's allowlist) in the engine's vocabulary; NULL where SQL says unknown."""
+    op = node["op"]
+    if op in ("and", "or"):
+        return _balanced([predicate(v, a) for a in node["args"]], op)
+    if op == "not":
+        return ~predicate(v, node["arg"])
+    col = v.col(node["column"])
+    if op == "cmp":
+        value = v.lit(node["value"])
+        return {"==": lambda: col == value, "!=": lambda: col != value, ">": lambda: col > value,
+                ">=": lambda: col >= value, "<": lambda: col < value, "<=": lambda: col <= value}[node["cmp"]]()
+    if op == "in":
+        return _balanced([col == v.lit(value) for value in node["values"]], "or")
+    if op == "between":
+        return (col >= v.lit(node["low"])) & (col <= v.lit(node["high"]))
+    if op == "is_null":
+        return _is_null(v, node["column"], node["negate"])
+    raise QueryRejected(f"unknown predicate {op}")  # pragma: no cover - specs come from compile_sql
+
+
+def _is_null(v: Vocabulary, column: str, negate: bool) -> Any:
+    """SQL's IS [NOT] NULL (a NaN is a value here, as in polars' is_null)."""
+    present = v.present(column, False)
+    return present if negate else ~present
+
+
+def _balanced(exprs: list[Any], op: str) -> Any:
+    """A balanced tree of AND/OR: depth log2(n), so long IN lists never nest deeply in an engine's planner."""
+    while len(exprs) > 1:
+        paired = [(exprs[i] & exprs[i + 1]) if op == "and" else (exprs[i] | exprs[i + 1])
+                  for i in range(0, len(exprs) - 1, 2)]
+        exprs = paired + ([exprs[-1]] if len(exprs) % 2 else [])
+    return exprs[0]
+
+
+def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
+    """One summed expression per exact column, named by its statistic (quantiles: `__sJ_lt_I`, `__sJ_gt_I`)."""
+    kept = None if stage.where is None else predicate(v, stage.where)
+    out = []
+    for j, stat in enumerate(stage.statistics):
+        name = statistic_name(j)
+        condition = kept
+        if stat.column is not None:
+            present = v.present(stat.column, stat.is_float)
+            condition = present if condition is None else present & condition
+        if stat.kind == "quantile":
+            x = v.col(stat.column)
+            for i, candidate in enumerate(stat.candidates):
+                c = v.lit(candidate)
+                out.append(v.sum(v.when(condition & (x < c), v.lit(1), v.lit(0)), f"{name}_lt_{i}"))
+                out.append(v.sum(v.when(condition & (x > c), v.lit(1), v.lit(0)), f"{name}_gt_{i}"))
+            continue
+        term = v.lit(1) if stat.kind == "count" else _sum_term(v, stat)
+        out.append(v.sum(term if condition is None else v.when(condition, term, v.lit(0)), name))
+    return out
+
+
+def _sum_term(v: Vocabulary, stat: ExactStatistic) -> Any:
+    """clip(x) - shift, squared for a sum of squares; in fixed point, round(that / step) as int64. The same
+    floating-point operations, in the same order, as polars_backend's plan."""
+    x = v.col(stat.column)
+    lo, hi = (v.lit(b) for b in stat.clip)  # type: ignore[union-attr]
+    term = v.when(x < lo, lo, v.when(x > hi, hi, x)) - v.lit(stat.shift)
+    if stat.square:
+        term = term * term
+    if stat.step is None:
+        return term
+    return v.floor_int64(term / v.lit(stat.step) + v.lit(stat.offset + 0.5)) - v.lit(stat.offset)
+
+
+# --- what the engine hands back, over the public key set ---------------------------------------------------------
+
+
+@dataclass
+class ExactResult:
+    """Per statistic: a list of ints over the stage's keys; for a quantile, per key, (below, above) per candidate.
+    Only `noise` reads it."""
+
+    stage: ExactStage
+    values: list[Any]
+
+
+def densify(stage: ExactStage, rows: list[dict[str, Any]]) -> ExactResult:
+    """Engine rows (one per key seen, keys as columns, sums by name) -> dense vectors over the public key set.
+    An empty group is zeros; a key outside the set (or an empty table's NULL sum) adds nothing."""
+    index = {key: n for n, key in enumerate(stage.keys)}
+    found: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        n = index.get(tuple(row[k] for k in stage.group_by))
+        if n is not None:
+            found[n] = row
+    values: list[Any] = []
+    for j, stat in enumerate(stage.statistics):
+        name = statistic_name(j)
+        if stat.kind == "quantile":
+            per_key = []
+            for n in range(stage.size):
+                row = found.get(n, {})
+                below = [int(row.get(f"{name}_lt_{i}") or 0) for i in range(len(stat.candidates))]
+                above = [int(row.get(f"{name}_gt_{i}") or 0) for i in range(len(stat.candidates))]
+                per_key.append((below, above))
+            values.append(per_key)
+        else:
+            values.append([int(found.get(n, {}).get(name) or 0) for n in range(stage.size)])
+    return ExactResult(stage, values)
