@@ -87,3 +87,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "store.sqlite3")
     return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Spark standalone master and one worker on 127.0.0.1 for the session (started on first use): the
+    remote path, where the exact stage runs on the cluster's executors."""
+    import os
+
+    from .spark import SparkCluster, java_available
+
+    if not java_available():
+        if os.environ.get("CI"):
+            pytest.fail("Java is missing: scripts/test.sh installs default-jre-headless from the Debian packages")
+        pytest.skip("Java is not installed (scripts/test.sh installs it)")
+    cluster = SparkCluster(tmp_path_factory.mktemp("spark")).start()
+    yield cluster
+    cluster.stop()

@@ -38,6 +38,7 @@ class Vocabulary(Protocol):
     def present(self, column: str, is_float: bool) -> Any: ...  # not NULL (and not NaN for a float)
     def floor_int64(self, value: Any) -> Any: ...
     def sum(self, value: Any, name: str) -> Any: ...
+    def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,9 @@ def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
                 c = v.lit(candidate)
                 out.append(v.sum(v.when(condition & (x < c), v.lit(1), v.lit(0)), f"{name}_lt_{i}"))
                 out.append(v.sum(v.when(condition & (x > c), v.lit(1), v.lit(0)), f"{name}_gt_{i}"))
+            continue
+        if stat.kind == "count" and condition is None:
+            out.append(v.rows(name))
             continue
         term = v.lit(1) if stat.kind == "count" else _sum_term(v, stat)
         out.append(v.sum(term if condition is None else v.when(condition, term, v.lit(0)), name))

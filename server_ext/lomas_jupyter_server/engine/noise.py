@@ -5,13 +5,15 @@ Each statistic is `make_user_transformation` (the engine's work, declared stable
 row changes one key's term by at most `per_row`) chained with the noise the polars plan would add, at the scale
 its summary names. The transformation's function picks the statistic's vector from the one result the engine
 returned for all of them: the engine is deterministic, so one run serves every statistic. A quantile scores its
-candidates from the counts below and above each (OpenDP's score, with OpenDP's own weights), then runs OpenDP's
-noisy max per key. What is charged is this measurement's `map(d_in)`, and the release refuses to run if that is
+candidates from the counts below and above each (OpenDP's score, with the weights its polars plan uses), then
+runs OpenDP's noisy max per key. What is charged is this measurement's `map(d_in)`, and the release refuses to run if that is
 above the price the polars plan set: on every backend the same query costs the same.
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any
 
 import opendp.prelude as dp
@@ -44,35 +46,40 @@ def _plain(j: int, per_row: int, size: int, scale: float, laplace: bool) -> Any:
     return engine >> (dp.m.then_laplace(scale) if laplace else dp.m.then_gaussian(scale))
 
 
-def _score_weights(candidates: list[Any], alpha: float, atom: str) -> tuple[Any, int, int]:
-    """OpenDP's score transformation and its weights: score = |(den - num) * below - num * above|, read from
-    OpenDP itself on two public one-value inputs (one below every candidate, one above)."""
-    atoms = dp.atom_domain(T=atom) if atom == "i64" else dp.atom_domain(T=atom, nan=False)
-    score = dp.t.make_quantile_score_candidates(dp.vector_domain(atoms), dp.symmetric_distance(), candidates, alpha)
-    pad = 1 if atom == "i64" else 1.0
-    num = int(score([max(candidates) + pad])[0])  # below 0, above 1
-    rest = int(score([min(candidates) - pad])[0])  # below 1, above 0
-    return score, num, rest
+U64_MAX = 2**64 - 1
 
 
-def _quantile(j: int, candidates: list[Any], alpha: float, atom: str, size: int, scale: float, measure: Any,
+def score_weights(alpha: float, max_rows: int) -> tuple[int, int]:
+    """(num, den) with num/den ~ alpha, as OpenDP's polars plan chooses them for a column of at most max_rows
+    values: the float's exact fraction if its denominator is below (2^64 - 1) // max_rows, else that
+    denominator and the numerator rounded to it. A candidate's score is |(den - num) * below - num * above|,
+    which stays below 2^64."""
+    exact = Fraction(alpha)
+    finest = U64_MAX // max_rows
+    if exact.denominator < finest:
+        return exact.numerator, exact.denominator
+    return math.floor(alpha * float(finest) + 0.5), finest
+
+
+def _quantile(j: int, candidates: list[Any], alpha: float, max_rows: int, size: int, scale: float, measure: Any,
               grouped: bool) -> Any:
-    score, num, rest = _score_weights(candidates, alpha, atom)
+    num, den = score_weights(alpha, max_rows)
     noisy_max = dp.m.make_noisy_max(dp.vector_domain(dp.atom_domain(T="u64"), size=len(candidates)),
                                     dp.linf_distance(T="u64"), measure, scale, negate=True)
 
     def release(result: ExactResult) -> list[Any]:
         picked = []
         for below, above in result.values[j]:
-            scores = [abs(rest * b - num * a) for b, a in zip(below, above)]
+            scores = [abs((den - num) * b - num * a) for b, a in zip(below, above)]
             picked.append(candidates[noisy_max(scores)])
         return picked
 
     def privacy_map(d_in: int) -> float:
-        # each key's candidates are scored on that key's rows: d rows reach at most min(d, keys) keys (parallel
-        # composition over keys), each by OpenDP's score sensitivity for d rows, as the polars plan charges
+        # a row moves every candidate's below or above by one: its score by at most max(num, den - num). Each
+        # key's candidates are scored on that key's rows, so d rows reach at most min(d, keys) keys (parallel
+        # composition over keys), each by d rows' worth, as the polars plan charges
         keys = min(d_in, size) if grouped else 1
-        return keys * noisy_max.map(score.map(d_in))
+        return keys * noisy_max.map(d_in * max(num, den - num))
 
     return dp.m.make_user_measurement(EXACT_DOMAIN, dp.symmetric_distance(), measure, release, privacy_map)
 
@@ -88,10 +95,8 @@ def noise_measurement(plan: Any, calibrated: Any, stage: ExactStage | None = Non
     for j, (stat, exact) in enumerate(zip(plan.statistics, stage.statistics)):
         scale = float(summary[statistic_name(j)]["scale"])
         if exact.kind == "quantile":
-            col = plan.metadata.column(stat.column)
-            atom = "i64" if col.type == "int" else "f64"
-            parts.append(_quantile(j, list(exact.candidates), stat.quantile, atom, stage.size, scale, measure,
-                                   bool(stage.group_by)))
+            parts.append(_quantile(j, list(exact.candidates), stat.quantile, plan.metadata.max_rows, stage.size,
+                                   scale, measure, bool(stage.group_by)))
         else:
             parts.append(_plain(j, exact.per_row, stage.size, scale, laplace))
     runs = parts[0] if len(parts) == 1 else dp.c.make_composition(parts)
