@@ -25,6 +25,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "note: PostgreSQL's server is missing; the PostgreSQL tests will be skipped (CI fails instead)"
   fi
 fi
+# The Spark backend's tests start a standalone master and worker; Spark needs Java (Debian's, never downloaded).
+if ! command -v java >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "installing Debian's Java runtime for the Spark tests..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "note: Java is missing; the Spark tests will be skipped (CI fails instead)"
+  fi
+fi
 .venv/bin/ruff check server_ext lomas_jupyter tests benchmarks  # the project's own sources, never a user's notebook
 # the sidebar's data logic (vitest), with the jlpm that jupyterlab ships and the committed yarn.lock
 (cd labextension && PATH="$PWD/../.venv/bin:$PATH" jlpm install --immutable >/dev/null && PATH="$PWD/../.venv/bin:$PATH" jlpm test)
