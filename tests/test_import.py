@@ -169,3 +169,48 @@ def test_a_drafts_row_bound_never_equals_the_files_row_count(tmp_path: Path) -> 
         path = tmp_path / f"r{rows}.csv"
         path.write_text("x\n" + "".join(f"{i % 7}\n" for i in range(rows)))
         assert propose_metadata(path)["metadata"]["max_rows"] == bound, rows
+
+
+def _parts(folder: Path, frame: pl.DataFrame, size: int) -> Path:
+    folder.mkdir()
+    for n, part in enumerate(frame.iter_slices(size)):
+        part.write_parquet(folder / f"part-{n:03d}.parquet")
+    return folder
+
+
+def test_a_folder_of_parquet_parts_is_checked_part_by_part_and_used_in_place(store: SQLStore,
+                                                                              tmp_path: Path) -> None:
+    """The checks stream over each part with a progress line; in place, nothing is copied and every part is
+    one table to every backend."""
+    typed = import_dataset(store, tmp_path / "copy", "p", penguins_csv(), penguins_metadata())
+    frame = pl.read_parquet(typed.parquet_path)
+    folder = _parts(tmp_path / "parts", frame, 100)
+    steps: list[str] = []
+    record = import_dataset(store, tmp_path / "s", "parts", folder, penguins_metadata(), progress=steps.append,
+                            in_place=True)
+    assert record.parquet_path == str(folder.resolve()) and not (tmp_path / "s" / "datasets").exists()
+    checked = [s for s in steps if s.startswith("checked part")]
+    assert len(checked) == 4 and checked[-1] == f"checked part 4 of 4 ({frame.height:,} rows so far)"
+    copied = import_dataset(store, tmp_path / "s", "copied", folder, penguins_metadata())  # or copied, whole
+    assert pl.read_parquet(copied.parquet_path).equals(frame)
+    # a part with a value outside the bounds is found, whichever part it is in
+    bad = frame.with_columns(pl.when(pl.int_range(pl.len()) == 300).then(9999).otherwise(pl.col("body_mass_g"))
+                             .alias("body_mass_g"))
+    with pytest.raises(MetadataError, match="body_mass_g.*outside its declared bounds"):
+        import_dataset(store, tmp_path / "s", "bad", _parts(tmp_path / "bad", bad, 100), penguins_metadata(),
+                       in_place=True)
+
+
+def test_data_used_in_place_must_have_the_declared_types_and_no_nan(store: SQLStore, tmp_path: Path) -> None:
+    typed = import_dataset(store, tmp_path / "copy", "p", penguins_csv(), penguins_metadata())
+    frame = pl.read_parquet(typed.parquet_path)
+    frame.with_columns(pl.col("year").cast(pl.Int32)).write_parquet(tmp_path / "int32.parquet")
+    with pytest.raises(MetadataError, match="'year' is stored as Int32"):
+        import_dataset(store, tmp_path, "t", tmp_path / "int32.parquet", penguins_metadata(), in_place=True)
+    frame.with_columns(pl.col("bill_length_mm").fill_null(float("nan"))).write_parquet(tmp_path / "nan.parquet")
+    with pytest.raises(MetadataError, match="'bill_length_mm' holds NaN"):
+        import_dataset(store, tmp_path, "t", tmp_path / "nan.parquet", penguins_metadata(), in_place=True)
+    with pytest.raises(BadRequest, match="CSV is copied"):
+        import_dataset(store, tmp_path, "t", penguins_csv(), penguins_metadata(), in_place=True)
+    # a copy converts both
+    assert import_dataset(store, tmp_path, "t", tmp_path / "nan.parquet", penguins_metadata()).version == 1

@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = sub.add_parser("dataset", help="manage datasets").add_subparsers(dest="action", required=True)
     imp = dataset.add_parser("import", help="import CSV or Parquet with its metadata (YAML or JSON)")
     imp.add_argument("name", help="the dataset's name, used in FROM")
-    imp.add_argument("data", help="a .csv or .parquet file, or Parquet in an object store (s3://bucket/key.parquet, "
-                     "or a folder s3://bucket/prefix/); endpoint and credentials from AWS_* environment variables")
+    imp.add_argument("data", help="a .csv or .parquet file, a folder of .parquet files, or Parquet in an object "
+                     "store (s3://bucket/key.parquet, or a folder s3://bucket/prefix/); endpoint and credentials "
+                     "from AWS_* environment variables")
     imp.add_argument("--to", default=None, metavar="URL",
                      help="write the checked copy under this object-store prefix (s3://bucket/prefix), not the "
                      "storage folder")
     imp.add_argument("--in-place", action="store_true",
-                     help="use object-store data where it is (checked, not copied); it must not change afterwards")
+                     help="use Parquet data where it is, a local file or folder or in an object store (checked, "
+                     "streamed, not copied: for big data); it must not change afterwards")
     imp.add_argument("--metadata", type=Path, required=True, help="public metadata, YAML or JSON (see README)")
     imp.add_argument("--description", default=None, help="overrides the metadata's description")
     dataset.add_parser("list", help="all datasets with their public metadata")

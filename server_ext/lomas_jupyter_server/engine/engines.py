@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -46,14 +45,6 @@ class BackendSettings:
         if self.embedded_from_rows and metadata["max_rows"] >= self.embedded_from_rows:
             return EMBEDDED
         return POLARS
-
-
-def parquet_files(location: str) -> list[str]:
-    """A local dataset's parquet files: the file itself, or every .parquet file under a folder, in name order."""
-    path = Path(location)
-    if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*.parquet"))
-    return [location]
 
 
 DUCKDB, POLARS_STREAMING = "duckdb", "polars-streaming"  # the embedded backend's two engines
@@ -178,7 +169,7 @@ def _run_duckdb(stage: ExactStage, location: str) -> list[dict[str, Any]]:
     words = DuckDBWords()
     con = _duckdb_connection().cursor()
     try:
-        relation = con.read_parquet(parquet_files(location))
+        relation = con.read_parquet(locations.parquet_files(location))
         aggs = aggregations(words, stage)
         if stage.group_by:
             keys = [words.col(k) for k in stage.group_by]

@@ -9,6 +9,7 @@ never passed as polars `storage_options`, which a serialized plan would carry, a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import polars as pl
 
@@ -30,8 +31,18 @@ def is_remote(location: str) -> bool:
 
 
 def scan(location: str) -> pl.LazyFrame:
-    """The data as a lazy scan (a folder URL ending in '/' scans every parquet part under it)."""
+    """The data as a lazy scan (a folder, or a folder URL ending in '/', scans every parquet part under it)."""
+    if not is_remote(location) and Path(location).is_dir():
+        return pl.scan_parquet(parquet_files(location))
     return pl.scan_parquet(location)
+
+
+def parquet_files(location: str) -> list[str]:
+    """A local dataset's parquet files: the file itself, or every .parquet file under a folder, in name order."""
+    path = Path(location)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.parquet"))
+    return [location]
 
 
 def available(location: str) -> bool:

@@ -35,10 +35,21 @@ def check_dataset_name(name: Any) -> str:
 
 def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
     remote = isinstance(source, str) and locations.is_remote(source)
+    folder = not remote and not isinstance(source, bytes) and Path(source).is_dir()
     if fmt is None:
         if isinstance(source, bytes):
             raise BadRequest("say which format the uploaded data is in: csv or parquet")
-        fmt = "parquet" if remote and source.endswith("/") else Path(source).suffix.lower().lstrip(".")
+        fmt = "parquet" if folder or (remote and source.endswith("/")) else Path(source).suffix.lower().lstrip(".")
+    if folder:
+        if fmt != "parquet":
+            raise BadRequest("a folder of data must hold Parquet files (.parquet)")
+        parts = locations.parquet_files(str(source))
+        if not parts:
+            raise BadRequest("the folder holds no .parquet files")
+        try:
+            return pl.scan_parquet(parts)
+        except Exception:
+            raise BadRequest("the data could not be read as PARQUET") from None
     if remote and fmt != "parquet":
         raise BadRequest("data in an object store must be Parquet: a .parquet file, or a folder URL ending in '/'")
     if fmt not in ("csv", "parquet"):
@@ -160,8 +171,12 @@ def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict
     return {"metadata": metadata, "review": review, "rows": rows}
 
 
-def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata) -> pl.LazyFrame:
-    """Cast to the declared types and check every declared property; returns the typed frame."""
+def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[str] | None = None,
+                   progress: Progress | None = None, in_place: bool = False) -> pl.LazyFrame:
+    """Cast to the declared types and check every declared property; returns the typed frame. The checks stream
+    (polars' streaming engine: memory does not grow with the rows), part by part when the data is a folder of
+    parts, with a progress line per part. Data used in place must already have the declared types and use
+    null, not NaN, for a missing float (every backend reads it as it is)."""
     try:
         schema = frame.collect_schema()
     except Exception:
@@ -174,24 +189,39 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata) -> pl.LazyFra
         raise MetadataError(
             f"the data has column(s) {extra} that the metadata does not describe; describe or drop them"
         )
+    if in_place:
+        for col in metadata.columns:
+            if schema[col.name] != POLARS_TYPES[col.type]:
+                raise MetadataError(f"column '{col.name}' is stored as {schema[col.name]}, not the declared "
+                                    f"'{col.type}'; data used in place must have the declared types (import a "
+                                    "copy instead, which converts them)")
     typed = []
     for col in metadata.columns:
         expr = pl.col(col.name)
-        if schema[col.name] in (pl.Float32, pl.Float64):
+        if schema[col.name] in (pl.Float32, pl.Float64) and not in_place:
             expr = expr.fill_nan(None)
         typed.append(expr.cast(POLARS_TYPES[col.type], strict=True).alias(col.name))
-    casted = frame.select(typed)
     checks: list[pl.Expr] = [pl.len().alias("__rows")]
     for col in metadata.columns:
         c = pl.col(col.name)
         checks.append(c.null_count().alias(f"{col.name}__nulls"))
+        if in_place and col.type == "float":
+            checks.append(c.is_nan().sum().alias(f"{col.name}__nan"))
         if col.bounds is not None:
             lo, hi = col.bounds
             checks.append(((c < lo) | (c > hi)).sum().alias(f"{col.name}__outside"))
         if col.categories is not None:
             checks.append((c.is_not_null() & ~c.is_in(list(col.categories))).sum().alias(f"{col.name}__unknown"))
+    say = progress or (lambda _msg: None)
+    scans = [pl.scan_parquet(part) for part in parts] if parts and len(parts) > 1 else [frame]
+    stats: dict[str, int] = {}
     try:
-        stats = casted.select(checks).collect().row(0, named=True)
+        for n, scan in enumerate(scans, 1):
+            part = scan.select(typed).select(checks).collect(engine="streaming").row(0, named=True)
+            for key, value in part.items():
+                stats[key] = stats.get(key, 0) + int(value or 0)
+            if len(scans) > 1:
+                say(f"checked part {n} of {len(scans)} ({stats['__rows']:,} rows so far)")
     except Exception:
         for col in metadata.columns:  # find the column whose values do not fit, to name it
             try:
@@ -206,6 +236,9 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata) -> pl.LazyFra
     if stats["__rows"] == 0:
         raise MetadataError("the data has no rows")
     for col in metadata.columns:
+        if stats.get(f"{col.name}__nan"):
+            raise MetadataError(f"column '{col.name}' holds NaN values; data used in place must use null for a "
+                                "missing value (import a copy instead, which converts them)")
         if not col.nullable and stats[f"{col.name}__nulls"]:
             raise MetadataError(f"column '{col.name}' has missing values but the metadata says nullable: false")
         if stats.get(f"{col.name}__outside"):
@@ -218,7 +251,7 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata) -> pl.LazyFra
                 f"column '{col.name}' has values that are not in its public category list; "
                 "list every category or clean the data"
             )
-    return casted
+    return frame.select(typed)
 
 
 def import_dataset(
@@ -239,16 +272,21 @@ def import_dataset(
     say = progress or (lambda _msg: None)
     check_dataset_name(name)
     metadata = parse_metadata(metadata_doc)
-    if in_place and not (isinstance(source, str) and locations.is_remote(source)):
-        raise BadRequest("only data in an object store (s3://...) can be used in place; other data is copied")
+    if in_place and isinstance(source, bytes):
+        raise BadRequest("uploaded data cannot be used in place; it is copied")
     if target_url is not None and not locations.is_remote(target_url):
         raise BadRequest("the import target must be an object-store URL (s3://bucket/prefix)")
     say("reading the data")
     frame = _scan(source, fmt)
     say("checking the data against the metadata")
-    typed = validate_frame(frame, metadata)
+    local = not isinstance(source, bytes) and not locations.is_remote(str(source))
+    parts = locations.parquet_files(str(source)) if local and Path(source).is_dir() else None
+    if in_place and local and Path(source).suffix.lower() == ".csv":
+        raise BadRequest("only Parquet data can be used in place; CSV is copied")
+    typed = validate_frame(frame, metadata, parts, say, in_place)
     if in_place:
-        location = str(source)
+        # absolute: the service may run in another folder than the one the admin imported from
+        location = str(Path(source).resolve()) if local else str(source)
     elif target_url is not None:
         location = f"{target_url.rstrip('/')}/{name}/{uuid.uuid4().hex}.parquet"
         say("writing parquet to the object store")
