@@ -3,6 +3,7 @@ see the README's Benchmarks section). Nothing here is timed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,25 @@ def test_the_replicas_benchmark_runs_every_configuration() -> None:
     finally:
         for suffix in (".md", ".png", ".json"):
             (results / f"ci-tiny-replicas{suffix}").unlink(missing_ok=True)
+
+
+def test_the_big_table_benchmark_runs_every_backend_and_the_plain_engines() -> None:
+    """benchmarks/big.py on a tiny table: each backend answers through the service, DuckDB and Spark (a standalone
+    cluster) answer plainly, the import streams with progress, and the cold start is measured."""
+    results = ROOT / "benchmarks" / "results"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "big.py"), "--rows", "20000", "--parts", "2",
+                        "--repeats", "1", "--results", "ci-tiny-big"],
+                       check=True, capture_output=True, text=True, timeout=1200)
+        out = json.loads((results / "ci-tiny-big.json").read_text())
+        assert set(out["backends"]) == {"polars", "embedded", "spark"}
+        for backend, result in out["backends"].items():
+            for question in ("COUNT(*)", "grouped COUNT + AVG"):
+                assert result[question]["warm"] > 0, (backend, result)
+        assert all(i["progress_lines"] == 2 for i in out["imports"].values())
+        assert out["cold_start_seconds"] > 0 and set(out["duckdb"]) == set(out["spark_plain"])
+        assert "lomas embedded / DuckDB" in (results / "ci-tiny-big.md").read_text()
+        assert (results / "ci-tiny-big.png").stat().st_size > 0
+    finally:
+        for suffix in (".md", ".png", ".json"):
+            (results / f"ci-tiny-big{suffix}").unlink(missing_ok=True)

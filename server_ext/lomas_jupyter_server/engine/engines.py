@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -249,7 +250,10 @@ def _run_spark(stage: ExactStage, location: str, remote: str | None) -> list[dic
     if not remote:
         raise QueryRejected("the service has no Spark cluster configured (LomasApp.spark_remote)")
     words = SparkWords()
-    frame = spark_session(remote).read.parquet(location)
+    # a local folder is read as its .parquet files (as the other engines read it); any other location (hdfs://,
+    # s3a://, a path only the cluster has) as the cluster sees it
+    local = Path(location).exists() and not locations.is_remote(location)
+    frame = spark_session(remote).read.parquet(*(locations.parquet_files(location) if local else [location]))
     aggs = aggregations(words, stage)
     query = frame.groupBy(*[words.col(k) for k in stage.group_by]).agg(*aggs) if stage.group_by else frame.agg(*aggs)
     return [row.asDict() for row in query.collect()]

@@ -1,0 +1,314 @@
+"""Big tables: the service on each backend against DuckDB's and Spark's plain, exact answer to the same question,
+with the peak memory of the service and its workers; the in-place import of a folder of parts; and the time from
+`jupyter lomas` to its first answer.
+
+    .venv/bin/python benchmarks/big.py --rows 1000000000              # the README's figures (about 10 GB of disk)
+    .venv/bin/python benchmarks/big.py --rows 20000 --parts 2 --repeats 2 --results ci-tiny-big   # CI
+
+The table (DuckDB writes it once, in --parts parquet files under --data, and it is reused): a 5-value category
+`cat`, a float `x` in [0, 100) with 1% nulls and an int `y` in [0, 1000]. One dataset per backend is imported in
+place from that folder (the checks stream; no copy). Spark is a standalone master and worker on 127.0.0.1
+(tests/spark.py), the same cluster for the service and for plain Spark. The first query on each backend is reported
+apart (cold: a Spark driver starts); the table shows the median of the warm ones.
+Results: benchmarks/results/<stem>.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import BIN, add_analyst, lomas_admin, running_server  # noqa: E402
+from tests.spark import SparkCluster  # noqa: E402
+
+QUESTIONS = {
+    "COUNT(*)": ("SELECT COUNT(*) AS n FROM {t}", "SELECT COUNT(*) FROM read_parquet({files})"),
+    "grouped COUNT + AVG": ("SELECT cat, COUNT(*) AS n, AVG(x) AS mean_x FROM {t} GROUP BY cat",
+                            "SELECT cat, COUNT(*), AVG(LEAST(GREATEST(x, 0), 100)) FROM read_parquet({files}) GROUP BY cat"),
+}
+CATEGORIES = [f"c{i}" for i in range(5)]
+
+
+def generate(folder: Path, rows: int, parts: int) -> list[str]:
+    """The table, written by DuckDB part by part (reused when it is there)."""
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder.with_suffix(".complete")  # beside the folder: an engine reading the folder reads every file
+    files = [str(folder / f"part-{i:03d}.parquet") for i in range(parts)]
+    if done.exists():
+        return files
+    con = duckdb.connect()
+    con.execute("SELECT setseed(0.42)")
+    per = -(-rows // parts)
+    for i, path in enumerate(files):
+        start, stop = i * per, min(rows, (i + 1) * per)
+        con.execute(f"""COPY (SELECT ('c' || CAST(hash(r) % 5 AS VARCHAR)) AS cat,
+                                    CASE WHEN random() < 0.01 THEN NULL ELSE random() * 100 END AS x,
+                                    CAST(floor(random() * 1001) AS BIGINT) AS y
+                             FROM range({start}, {stop}) t(r)) TO '{path}' (FORMAT parquet)""")
+        print(f"... wrote part {i + 1} of {parts}", file=sys.stderr)
+    done.write_text(str(rows))
+    return files
+
+
+def metadata(rows: int, backend: str) -> dict[str, Any]:
+    return {"privacy_unit": 1, "max_rows": rows, "backend": backend, "columns": {
+        "cat": {"type": "string", "categories": CATEGORIES, "nullable": False},
+        "x": {"type": "float", "bounds": [0.0, 100.0], "nullable": True},
+        "y": {"type": "int", "bounds": [0, 1000], "nullable": False}}}
+
+
+class PeakMemory:
+    """The peak resident memory (MB) of a process and its children, sampled every 20 ms while running."""
+
+    def __init__(self, pid: int, only_children: bool = False) -> None:
+        self.pid, self.only_children = pid, only_children
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        while not self._stop.is_set():
+            total = 0
+            try:
+                processes = root.children(recursive=True) + ([] if self.only_children else [root])
+            except psutil.NoSuchProcess:
+                break
+            for p in processes:
+                try:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+            time.sleep(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_import(storage: Path, name: str, folder: Path, meta: Path) -> dict[str, float]:
+    import subprocess
+
+    started = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "dataset", "import", name,
+                             str(folder), "--in-place", "--metadata", str(meta)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with PeakMemory(proc.pid) as memory:
+        out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(err)
+    return {"seconds": time.perf_counter() - started, "peak_mb": memory.peak,
+            "progress_lines": sum(line.startswith("... checked part") for line in err.splitlines())}
+
+
+def plain_duckdb(files: list[str], repeats: int) -> dict[str, float]:
+    import duckdb
+
+    con = duckdb.connect()
+    listed = "[" + ", ".join(f"'{f}'" for f in files) + "]"
+    out = {}
+    for question, (_, sql) in QUESTIONS.items():
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            con.execute(sql.format(files=listed)).fetchall()
+            times.append(time.perf_counter() - started)
+        out[question] = statistics.median(times)
+    return out
+
+
+def plain_spark(folder: Path, url: str, repeats: int) -> dict[str, float]:
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    spark = (SparkSession.builder.master(url).appName("plain").config("spark.driver.host", "127.0.0.1")
+             .config("spark.driver.bindAddress", "127.0.0.1").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").config("spark.sql.shuffle.partitions", "2")
+             .getOrCreate())
+    frame = spark.read.parquet(*[str(p) for p in sorted(folder.glob("*.parquet"))])
+    runs = {"COUNT(*)": lambda: frame.agg(F.count(F.lit(1))).collect(),
+            "grouped COUNT + AVG": lambda: frame.groupBy("cat").agg(F.count(F.lit(1)), F.avg("x")).collect()}
+    out = {}
+    for question, run in runs.items():
+        run()  # warm, as the service's warm queries are
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        out[question] = statistics.median(times)
+    spark.stop()
+    return out
+
+
+def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
+    token = add_analyst(storage, "bench", {f"big_{b}": 1e6 for b in backends} | {"penguins": 1e6})
+    env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
+    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--LomasApp.pricing_workers=1",
+            "--LomasApp.timing_padding=off"]
+    if spark_url:
+        args.append(f"--LomasApp.spark_remote={spark_url}")
+    session = requests.Session()
+    session.headers["Authorization"] = f"token {token}"
+    out: dict[str, Any] = {"backends": {}}
+    launched = time.perf_counter()
+    with ExitStack() as stack:
+        url, pid = stack.enter_context(running_server("jupyter-lomas", args, root, env))
+        first = session.post(url + "lomas/api/query", timeout=600, json={
+            "dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.1, "fresh": True})
+        assert first.status_code == 201, first.text
+        out["cold_start_seconds"] = time.perf_counter() - launched
+        for backend in backends:
+            name = f"big_{backend}"
+            result: dict[str, Any] = {}
+            with PeakMemory(pid) as memory, PeakMemory(pid, only_children=True) as workers:
+                for question, (sql, _) in QUESTIONS.items():
+                    times = []
+                    for _ in range(repeats + 1):
+                        started = time.perf_counter()
+                        answer = session.post(url + "lomas/api/query", timeout=3600, json={
+                            "dataset": name, "sql": sql.format(t=name), "epsilon": 1.0, "fresh": True})
+                        times.append(time.perf_counter() - started)
+                        if answer.status_code != 201:
+                            times = []
+                            result[question] = {"error": answer.json().get("message", answer.text)[:200]}
+                            break
+                    if times:
+                        result[question] = {"cold": times[0], "warm": statistics.median(times[1:])}
+            result["peak_mb"], result["workers_peak_mb"] = memory.peak, workers.peak
+            out["backends"][backend] = result
+            print(f"... {backend}: {result}", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10**9)
+    parser.add_argument("--parts", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="warm queries per question and backend")
+    parser.add_argument("--backends", default="polars,embedded,spark",
+                        help="comma-separated, run in this order: polars (OpenDP's plan: it is killed at about "
+                        "200M rows on a 24 GB machine, so leave it out above that), embedded, spark (last: its "
+                        "driver stays in the worker)")
+    parser.add_argument("--data", type=Path, default=None, help="where the table is written (and reused)")
+    parser.add_argument("--results", default="big", help="file stem in benchmarks/results")
+    args = parser.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        root = Path(tmp)
+        folder = args.data or root / "table"
+        files = generate(folder / f"rows-{args.rows}", args.rows, args.parts)
+        table = Path(files[0]).parent
+        storage = root / "storage"
+        out: dict[str, Any] = {"rows": args.rows, "parts": args.parts, "imports": {}}
+        for backend in backends:
+            meta = root / f"meta-{backend}.json"
+            meta.write_text(json.dumps(metadata(args.rows, backend)))
+            out["imports"][backend] = timed_import(storage, f"big_{backend}", table, meta)
+        # the small demo table, for the time from launch to the first answer
+        from lomas_jupyter_server.demo import penguins_csv, penguins_metadata
+
+        (root / "penguins.json").write_text(json.dumps(penguins_metadata()))
+        lomas_admin(storage, "dataset", "import", "penguins", str(penguins_csv()), "--metadata",
+                    str(root / "penguins.json"))
+        spark_url = stack.enter_context(_cluster(root / "spark")).url  # plain Spark runs on it either way
+        out["duckdb"] = plain_duckdb(files, args.repeats)
+        out["spark_plain"] = plain_spark(table, spark_url, args.repeats)
+        out |= service(storage, root / "service", backends, spark_url, args.repeats)
+    write(out, ROOT / "benchmarks" / "results" / args.results)
+    print((ROOT / "benchmarks" / "results" / f"{args.results}.md").read_text())
+
+
+class _cluster:
+    def __init__(self, folder: Path) -> None:
+        self.cluster = SparkCluster(folder)
+
+    def __enter__(self) -> SparkCluster:
+        return self.cluster.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cluster.stop()
+
+
+def write(out: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    lines = [f"# {out['rows']:,} rows in {out['parts']} parquet parts", "",
+             f"From `jupyter lomas` to its first answer: {out['cold_start_seconds']:.2f} s.", "",
+             "## Warm query time (s), median", "",
+             "| question | DuckDB, plain | Spark, plain | " + " | ".join(f"lomas: {b}" for b in out["backends"])
+             + " |", "|---" * (3 + len(out["backends"])) + "|"]
+    for question in QUESTIONS:
+        cells = [f"{out['duckdb'][question]:.3f}", f"{out['spark_plain'][question]:.3f}"]
+        for result in out["backends"].values():
+            r = result[question]
+            cells.append(r["error"] if "error" in r else f"{r['warm']:.3f} (cold {r['cold']:.2f})")
+        lines.append(f"| {question} | " + " | ".join(cells) + " |")
+    lines += ["", "## Ratios to the plain engine (warm)", "", "| question | lomas embedded / DuckDB | "
+              "lomas spark / plain Spark |", "|---|---|---|"]
+    for question in QUESTIONS:
+        cells = []
+        for backend, plain in (("embedded", "duckdb"), ("spark", "spark_plain")):
+            r = out["backends"].get(backend, {}).get(question, {})
+            cells.append(f"{r['warm'] / out[plain][question]:.2f}x" if "warm" in r else "-")
+        lines.append(f"| {question} | " + " | ".join(cells) + " |")
+    lines += ["", "## Peak memory (MB) while each backend answered", "",
+              "| backend | service + workers | workers |", "|---|---|---|"]
+    for backend, result in out["backends"].items():
+        lines.append(f"| {backend} | {result['peak_mb']:.0f} | {result['workers_peak_mb']:.0f} |")
+    lines += ["", "## In-place import (checks streamed part by part)", "",
+              "| dataset | seconds | peak MB | progress lines |", "|---|---|---|---|"]
+    for backend, result in out["imports"].items():
+        lines.append(f"| big_{backend} | {result['seconds']:.1f} | {result['peak_mb']:.0f} | "
+                     f"{result['progress_lines']} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(out, stem.with_suffix(".png"))
+
+
+def plot(out: dict[str, Any], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(9, 3.6))
+    for ax, question in zip(axes, QUESTIONS):
+        labels, values = ["DuckDB", "Spark"], [out["duckdb"][question], out["spark_plain"][question]]
+        for backend, result in out["backends"].items():
+            if "warm" in result[question]:
+                labels.append(f"lomas\n{backend}")
+                values.append(result[question]["warm"])
+        ax.bar(labels, values, color=["#999999", "#999999"] + ["#4c72b0"] * (len(values) - 2))
+        ax.set_title(question)
+        ax.set_ylabel("seconds (warm, median)")
+    fig.suptitle(f"{out['rows']:,} rows; grey: the engine's plain exact answer, blue: a DP answer from lomas",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
