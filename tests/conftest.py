@@ -45,8 +45,11 @@ def api(jp_fetch: Any) -> Api:
     """Call a lomas endpoint; returns (status, decoded JSON) for success and error answers alike."""
 
     async def call(path: str, method: str = "GET", body: Any = None, raw: bytes | None = None,
-                   headers: dict[str, str] | None = None, **params: Any) -> tuple[int, Any]:
+                   headers: dict[str, str] | None = None, request_timeout: float | None = None,
+                   **params: Any) -> tuple[int, Any]:
         kwargs: dict[str, Any] = {"method": method, "params": params or None}
+        if request_timeout is not None:  # a first Spark query starts a driver: not for the default 20 s
+            kwargs["request_timeout"] = request_timeout
         if headers is not None:
             kwargs["headers"] = headers
         if raw is not None:

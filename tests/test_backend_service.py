@@ -33,7 +33,7 @@ async def _answers_at_its_price(api: Any, name: str, backend: str) -> dict[str, 
     status, preview = await api("preview", "POST", body)
     assert status == 200, preview
     assert preview["plan"]["backend"] == backend
-    status, result = await api("query", "POST", body)
+    status, result = await api("query", "POST", body, request_timeout=600)
     assert status == 201, result
     assert result["plan"]["backend"] == backend and result["cost"] == preview["cost"]
     assert [r["species"] for r in result["rows"]] == ["Adelie", "Chinstrap", "Gentoo"]
@@ -86,6 +86,6 @@ async def test_a_spark_cluster_answers_at_the_previewed_price(api: Any, jp_root_
     await _import(api, jp_root_dir, "onspark", "spark")
     first = await _answers_at_its_price(api, "onspark", "spark")
     body = {"dataset": "onspark", "sql": "SELECT COUNT(*) AS n FROM onspark WHERE year >= 2008", "epsilon": 0.5}
-    status, second = await api("query", "POST", body)
+    status, second = await api("query", "POST", body, request_timeout=600)
     assert status == 201 and second["plan"]["backend"] == "spark"
     assert await _spent(api, "onspark") == pytest.approx(first["cost"]["epsilon"] + second["cost"]["epsilon"])

@@ -90,9 +90,11 @@ class PolarsWords:
     def when(self, condition: pl.Expr, then: pl.Expr, otherwise: pl.Expr) -> pl.Expr:
         return pl.when(condition).then(then).otherwise(otherwise)
 
-    def present(self, column: str, is_float: bool) -> pl.Expr:
-        c = pl.col(column)
-        return (c.is_not_null() & ~c.is_nan()) if is_float else c.is_not_null()
+    def present(self, column: str) -> pl.Expr:
+        return pl.col(column).is_not_null()
+
+    def count(self, column: str, name: str) -> pl.Expr:
+        return pl.col(column).count().cast(pl.Int64).alias(name)
 
     def floor_int64(self, value: pl.Expr) -> pl.Expr:
         return value.floor().cast(pl.Int64)
@@ -129,15 +131,19 @@ class DuckDBWords:
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
         return self.duckdb.CaseExpression(condition, then).otherwise(otherwise)
 
-    def present(self, column: str, is_float: bool) -> Any:
-        c = self.col(column)
-        return (c.isnotnull() & ~self.duckdb.FunctionExpression("isnan", c)) if is_float else c.isnotnull()
+    def present(self, column: str) -> Any:
+        return self.col(column).isnotnull()
+
+    def count(self, column: str, name: str) -> Any:
+        return self.duckdb.FunctionExpression("count", self.col(column)).alias(name)
 
     def floor_int64(self, value: Any) -> Any:
         return self.duckdb.FunctionExpression("floor", value).cast(self.duckdb.sqltype("BIGINT"))
 
     def sum(self, value: Any, name: str) -> Any:
-        return self.duckdb.FunctionExpression("sum", value).alias(name)
+        # int64 throughout: compile_stage proved max_rows terms cannot overflow, so DuckDB's 128-bit SUM is not
+        # needed (sum_no_overflow keeps the total in 64 bits, about a fifth faster)
+        return self.duckdb.FunctionExpression("sum_no_overflow", value).alias(name)
 
     def rows(self, name: str) -> Any:
         return self.duckdb.FunctionExpression("count_star").alias(name)
@@ -203,9 +209,11 @@ class SparkWords:
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
         return self.f.when(condition, then).otherwise(otherwise)
 
-    def present(self, column: str, is_float: bool) -> Any:
-        c = self.col(column)
-        return (c.isNotNull() & ~self.f.isnan(c)) if is_float else c.isNotNull()
+    def present(self, column: str) -> Any:
+        return self.col(column).isNotNull()
+
+    def count(self, column: str, name: str) -> Any:
+        return self.f.count(self.col(column)).alias(name)
 
     def floor_int64(self, value: Any) -> Any:
         return self.f.floor(value).cast("bigint")

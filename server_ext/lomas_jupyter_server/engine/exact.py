@@ -35,10 +35,11 @@ class Vocabulary(Protocol):
     def col(self, name: str) -> Any: ...
     def lit(self, value: Any) -> Any: ...
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any: ...
-    def present(self, column: str, is_float: bool) -> Any: ...  # not NULL (and not NaN for a float)
+    def present(self, column: str) -> Any: ...  # IS NOT NULL
     def floor_int64(self, value: Any) -> Any: ...
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
+    def count(self, column: str, name: str) -> Any: ...  # COUNT(column): its non-null values
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class ExactStatistic:
 
     kind: str  # count | sum | quantile
     column: str | None = None  # None: every row (COUNT(*))
-    is_float: bool = False
     clip: tuple[Any, Any] | None = None  # the term is clip(x) - shift (squared if `square`)
     shift: Any = 0
     square: bool = False
@@ -89,25 +89,24 @@ def _exact_statistic(stat: Statistic, step: float | None, metadata: Any, bounds:
     if stat.kind == "rows":
         return ExactStatistic("count")
     col = metadata.column(stat.column)
-    is_float = col.type == "float"
     if stat.kind == "count":
-        return ExactStatistic("count", col.name, is_float)
+        return ExactStatistic("count", col.name)
     if stat.kind == "quantile":
-        return ExactStatistic("quantile", col.name, is_float, candidates=tuple(quantile_candidates(col, bounds)))
+        return ExactStatistic("quantile", col.name, candidates=tuple(quantile_candidates(col, bounds)))
     lo, hi = bounds[col.name]
     shift = centre(col, bounds) if stat.kind in ("centred_sum", "centred_sumsq") else 0
     square = stat.kind == "centred_sumsq"
     if step is not None:
         low, high = fixed_point_bounds(stat, col, bounds, step)
-        return ExactStatistic("sum", col.name, True, (float(lo), float(hi)), float(shift), square, step,
+        return ExactStatistic("sum", col.name, (float(lo), float(hi)), float(shift), square, step,
                               fixed_point_offset(stat, col, bounds, step), max(abs(low), abs(high)))
-    if is_float:  # pragma: no cover - fixed_point_step gives every float sum a step
+    if col.type == "float":  # pragma: no cover - fixed_point_step gives every float sum a step
         raise QueryRejected("a float sum needs a fixed-point step")
     lo, hi, shift = int(lo), int(hi), int(shift)
     largest = max(abs(lo - shift), abs(hi - shift))
     if stat.kind == "sum":
         largest = max(abs(min(lo, 0)), abs(max(hi, 0)))
-    return ExactStatistic("sum", col.name, False, (lo, hi), shift, square, None, 0,
+    return ExactStatistic("sum", col.name, (lo, hi), shift, square, None, 0,
                           largest * largest if square else largest)
 
 
@@ -136,8 +135,7 @@ def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
 
 
 def _is_null(v: Vocabulary, column: str, negate: bool) -> Any:
-    """SQL's IS [NOT] NULL (a NaN is a value here, as in polars' is_null)."""
-    present = v.present(column, False)
+    present = v.present(column)
     return present if negate else ~present
 
 
@@ -151,33 +149,36 @@ def _balanced(exprs: list[Any], op: str) -> Any:
 
 
 def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
-    """One summed expression per exact column, named by its statistic (quantiles: `__sJ_lt_I`, `__sJ_gt_I`)."""
+    """One summed expression per exact column, named by its statistic (quantiles: `__sJ_lt_I`, `__sJ_gt_I`).
+    A sum's term is NULL where its value is, and every engine's SUM skips NULLs (an all-NULL or empty key sums
+    to NULL, which `densify` reads as 0). Registered data holds no NaN (an import converts NaN to null, and data
+    used in place must not hold any), so NULL is the only missing value."""
     kept = None if stage.where is None else predicate(v, stage.where)
     out = []
     for j, stat in enumerate(stage.statistics):
         name = statistic_name(j)
-        condition = kept
-        if stat.column is not None:
-            present = v.present(stat.column, stat.is_float)
-            condition = present if condition is None else present & condition
         if stat.kind == "quantile":
             x = v.col(stat.column)
+            condition = v.present(stat.column) if kept is None else v.present(stat.column) & kept
             for i, candidate in enumerate(stat.candidates):
                 c = v.lit(candidate)
                 out.append(v.sum(v.when(condition & (x < c), v.lit(1), v.lit(0)), f"{name}_lt_{i}"))
                 out.append(v.sum(v.when(condition & (x > c), v.lit(1), v.lit(0)), f"{name}_gt_{i}"))
-            continue
-        if stat.kind == "count" and condition is None:
-            out.append(v.rows(name))
-            continue
-        term = v.lit(1) if stat.kind == "count" else _sum_term(v, stat)
-        out.append(v.sum(term if condition is None else v.when(condition, term, v.lit(0)), name))
+        elif stat.kind == "count" and kept is None:
+            out.append(v.rows(name) if stat.column is None else v.count(stat.column, name))
+        elif stat.kind == "count":
+            condition = kept if stat.column is None else v.present(stat.column) & kept
+            out.append(v.sum(v.when(condition, v.lit(1), v.lit(0)), name))
+        else:
+            term = _sum_term(v, stat)
+            out.append(v.sum(term if kept is None else v.when(kept, term, v.lit(0)), name))
     return out
 
 
 def _sum_term(v: Vocabulary, stat: ExactStatistic) -> Any:
     """clip(x) - shift, squared for a sum of squares; in fixed point, round(that / step) as int64. The same
-    floating-point operations, in the same order, as polars_backend's plan."""
+    floating-point operations, in the same order, as polars_backend's plan. The clip is a CASE, not LEAST and
+    GREATEST, which skip NULLs in SQL engines (a NULL would become the lower bound)."""
     x = v.col(stat.column)
     lo, hi = (v.lit(b) for b in stat.clip)  # type: ignore[union-attr]
     term = v.when(x < lo, lo, v.when(x > hi, hi, x)) - v.lit(stat.shift)
