@@ -168,7 +168,7 @@ def service(storage: Path, root: Path, backends: list[str], spark_url: str | Non
     token = add_analyst(storage, "bench", {f"big_{b}": 1e6 for b in backends} | {"penguins": 1e6})
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
     args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--LomasApp.pricing_workers=1",
-            "--LomasApp.timing_padding=off"]
+            "--LomasApp.timing_padding=off", "--LomasApp.query_timeout=3600"]
     if spark_url:
         args.append(f"--LomasApp.spark_remote={spark_url}")
     session = requests.Session()
