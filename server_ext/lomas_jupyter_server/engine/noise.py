@@ -20,11 +20,10 @@ import opendp.prelude as dp
 import polars as pl
 
 from .exact import ExactResult, ExactStage, compile_stage
+from .plan import LAPLACE
 from .statistics import POLARS_TYPES, statistic_name
 
 dp.enable_features("contrib", "honest-but-curious")
-
-LAPLACE = "laplace"  # as plan.LAPLACE (plan imports this module)
 
 
 def _is_exact(value: Any) -> bool:
