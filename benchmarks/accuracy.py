@@ -277,7 +277,7 @@ def measure(kind: Kind, epsilon: float, releases: int) -> dict[str, Any]:
     return result
 
 
-def write(results: list[dict[str, Any]], releases: int, seconds: float) -> None:
+def write(results: list[dict[str, Any]], releases: int, seconds: float, stem: str = "accuracy") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Accuracy: RMSE per aggregate kind and epsilon",
@@ -303,7 +303,7 @@ def write(results: list[dict[str, Any]], releases: int, seconds: float) -> None:
             f"{fmt(r['ours'] / ctx) if ctx else 'n/a'} | {fmt(r['ours'] / prev) if prev else 'n/a'} | "
             f"{'n/a' if r['coverage'] is None else format(r['coverage'], '.3f')} | {r['mechanism']} |"
         )
-    (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -335,13 +335,14 @@ def write(results: list[dict[str, Any]], releases: int, seconds: float) -> None:
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy.png", dpi=110)
-    print(f"wrote {RESULTS / 'accuracy.md'} and accuracy.png")
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    print(f"wrote {RESULTS / stem}.md and {stem}.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--releases", type=int, default=300)
+    parser.add_argument("--results", default="accuracy", help="file stem in benchmarks/results")
     args = parser.parse_args()
     started = time.monotonic()
     results = []
@@ -350,7 +351,7 @@ def main() -> None:
         for epsilon in EPSILONS:
             print(f"[{i}/{len(all_kinds)}] {kind.label} at ε={epsilon:g} ...", file=sys.stderr, flush=True)
             results.append(measure(kind, epsilon, args.releases))
-    write(results, args.releases, time.monotonic() - started)
+    write(results, args.releases, time.monotonic() - started, args.results)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--cap-share", type=float, default=0.8)
     parser.add_argument("--groups-max-age", type=float, default=0.0,
                         help="LomasHubIdentityProvider.groups_max_age of the service (0: groups read per request)")
+    parser.add_argument("--results", default=None, help="file stem in benchmarks/results (default: hub-class)")
     args = parser.parse_args()
     if hub_unavailable():
         sys.exit(f"cannot run a Hub here: {hub_unavailable()}")
@@ -137,7 +138,7 @@ def main() -> None:
     ]
     report = "\n".join(lines) + "\n"
     suffix = f"-groups-{args.groups_max_age:g}s" if args.groups_max_age else ""
-    out = ROOT / "benchmarks" / "results" / f"hub-class{suffix}.md"
+    out = ROOT / "benchmarks" / "results" / f"{args.results or 'hub-class' + suffix}.md"
     out.write_text(report)
     print(report)
     if over_grant or spending["epsilon_spent"] > cap + 1e-9 or unexpected:

@@ -76,3 +76,37 @@ def test_the_big_table_benchmark_runs_every_backend_and_the_plain_engines() -> N
     finally:
         for suffix in (".md", ".png", ".json"):
             (results / f"ci-tiny-big{suffix}").unlink(missing_ok=True)
+
+
+def test_the_accuracy_benchmark_runs() -> None:
+    results = ROOT / "benchmarks" / "results"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--releases", "3",
+                        "--results", "ci-tiny-accuracy"], check=True, capture_output=True, text=True, timeout=900)
+        text = (results / "ci-tiny-accuracy.md").read_text()
+        assert "| AVG" in text or "AVG" in text, text
+        assert (results / "ci-tiny-accuracy.png").stat().st_size > 0
+    finally:
+        for suffix in (".md", ".png"):
+            (results / f"ci-tiny-accuracy{suffix}").unlink(missing_ok=True)
+
+
+def test_the_class_benchmark_runs_through_a_real_hub() -> None:
+    import os
+
+    from .hubs import hub_unavailable
+
+    if hub_unavailable() is not None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(hub_unavailable())
+        import pytest
+
+        pytest.skip(hub_unavailable() or "")
+    results = ROOT / "benchmarks" / "results"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_class.py"), "--students", "3",
+                        "--results", "ci-tiny-hub-class"], check=True, capture_output=True, text=True, timeout=1200)
+        text = (results / "ci-tiny-hub-class.md").read_text()
+        assert "within" in text and "students over their grant: 0" in text, text
+    finally:
+        (results / "ci-tiny-hub-class.md").unlink(missing_ok=True)
