@@ -77,6 +77,13 @@ def _table(path: Path, rows: int = 4000, seed: int = 7) -> pl.DataFrame:
     g = rng.choice(["a", "b", "O'Brien", None], rows, p=[0.5, 0.3, 0.1, 0.1]).tolist()
     x = rng.uniform(0, 10, rows)
     x[rng.random(rows) < 0.15] = np.nan  # nulls (written as null below)
+    # values exactly half a fixed-point step from the grid, above and below the centre: every engine must round
+    # them the same way (halves away from zero)
+    bounds = effective_bounds(META, None)
+    for kind, base, at in (("centred_sum", 5.0, 0), ("sum", 0.0, 4)):
+        step = engine.fixed_point_step(engine.Statistic(kind, "x"), META, bounds)
+        x[at:at + 4] = [base + (k + 0.5) * step for k in (1, -2, 7, -8)] if base else \
+            [(k + 0.5) * step for k in (1, 2, 7, 8)]
     frame = pl.DataFrame({
         "g": pl.Series(g, dtype=pl.String),
         "k": rng.integers(1, 4, rows),
@@ -129,7 +136,10 @@ def _term(stat: exact.ExactStatistic, value: Any) -> int:
         term = term * term
     if stat.step is None:
         return int(term)
-    return math.floor(term / stat.step + (stat.offset + 0.5)) - stat.offset
+    units = term / stat.step
+    whole = math.floor(abs(units))
+    rounded = whole + (abs(units) - whole >= 0.5)  # halves away from zero (the subtraction is exact)
+    return int(math.copysign(rounded, units))
 
 
 def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:

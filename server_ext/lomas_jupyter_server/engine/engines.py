@@ -96,8 +96,11 @@ class PolarsWords:
     def count(self, column: str, name: str) -> pl.Expr:
         return pl.col(column).count().cast(pl.Int64).alias(name)
 
-    def floor_int64(self, value: pl.Expr) -> pl.Expr:
-        return value.floor().cast(pl.Int64)
+    def clip(self, value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
+        return value.clip(lo, hi)
+
+    def round_int64(self, value: pl.Expr) -> pl.Expr:
+        return value.round(0, mode="half_away_from_zero").cast(pl.Int64)
 
     def sum(self, value: pl.Expr, name: str) -> pl.Expr:
         return value.sum().alias(name)
@@ -137,8 +140,12 @@ class DuckDBWords:
     def count(self, column: str, name: str) -> Any:
         return self.duckdb.FunctionExpression("count", self.col(column)).alias(name)
 
-    def floor_int64(self, value: Any) -> Any:
-        return self.duckdb.FunctionExpression("floor", value).cast(self.duckdb.sqltype("BIGINT"))
+    def clip(self, value: Any, lo: Any, hi: Any) -> Any:
+        return self.duckdb.CaseExpression(value < lo, lo).when(value > hi, hi).otherwise(value)
+
+    def round_int64(self, value: Any) -> Any:
+        # DuckDB rounds a double's halves away from zero
+        return self.duckdb.FunctionExpression("round", value).cast(self.duckdb.sqltype("BIGINT"))
 
     def sum(self, value: Any, name: str) -> Any:
         # int64 throughout: compile_stage proved max_rows terms cannot overflow, so DuckDB's 128-bit SUM is not
@@ -215,8 +222,12 @@ class SparkWords:
     def count(self, column: str, name: str) -> Any:
         return self.f.count(self.col(column)).alias(name)
 
-    def floor_int64(self, value: Any) -> Any:
-        return self.f.floor(value).cast("bigint")
+    def clip(self, value: Any, lo: Any, hi: Any) -> Any:
+        return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)
+
+    def round_int64(self, value: Any) -> Any:
+        # Spark rounds HALF_UP (halves away from zero) on the double's exact decimal value
+        return self.f.round(value, 0).cast("bigint")
 
     def sum(self, value: Any, name: str) -> Any:
         return self.f.sum(value).alias(name)

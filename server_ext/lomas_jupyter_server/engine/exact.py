@@ -21,7 +21,6 @@ from .statistics import (
     Statistic,
     centre,
     fixed_point_bounds,
-    fixed_point_offset,
     quantile_candidates,
     statistic_name,
 )
@@ -35,8 +34,9 @@ class Vocabulary(Protocol):
     def col(self, name: str) -> Any: ...
     def lit(self, value: Any) -> Any: ...
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any: ...
+    def clip(self, value: Any, lo: Any, hi: Any) -> Any: ...  # NULL stays NULL
     def present(self, column: str) -> Any: ...  # IS NOT NULL
-    def floor_int64(self, value: Any) -> Any: ...
+    def round_int64(self, value: Any) -> Any: ...  # to the nearest whole number, halves away from zero
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
     def count(self, column: str, name: str) -> Any: ...  # COUNT(column): its non-null values
@@ -52,7 +52,6 @@ class ExactStatistic:
     shift: Any = 0
     square: bool = False
     step: float | None = None  # fixed point: the term is round(term / step) as int64
-    offset: int = 0  # whole steps added before the rounding so the term is non-negative
     per_row: int = 1  # the most one row's term can be, in absolute value (integer units)
     candidates: tuple[Any, ...] = ()
 
@@ -99,14 +98,14 @@ def _exact_statistic(stat: Statistic, step: float | None, metadata: Any, bounds:
     if step is not None:
         low, high = fixed_point_bounds(stat, col, bounds, step)
         return ExactStatistic("sum", col.name, (float(lo), float(hi)), float(shift), square, step,
-                              fixed_point_offset(stat, col, bounds, step), max(abs(low), abs(high)))
+                              max(abs(low), abs(high)))
     if col.type == "float":  # pragma: no cover - fixed_point_step gives every float sum a step
         raise QueryRejected("a float sum needs a fixed-point step")
     lo, hi, shift = int(lo), int(hi), int(shift)
     largest = max(abs(lo - shift), abs(hi - shift))
     if stat.kind == "sum":
         largest = max(abs(min(lo, 0)), abs(max(hi, 0)))
-    return ExactStatistic("sum", col.name, (lo, hi), shift, square, None, 0,
+    return ExactStatistic("sum", col.name, (lo, hi), shift, square, None,
                           largest * largest if square else largest)
 
 
@@ -176,17 +175,19 @@ def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
 
 
 def _sum_term(v: Vocabulary, stat: ExactStatistic) -> Any:
-    """clip(x) - shift, squared for a sum of squares; in fixed point, round(that / step) as int64. The same
-    floating-point operations, in the same order, as polars_backend's plan. The clip is a CASE, not LEAST and
-    GREATEST, which skip NULLs in SQL engines (a NULL would become the lower bound)."""
+    """clip(x) - shift, squared for a sum of squares; in fixed point, that / step rounded to a whole number
+    (halves away from zero) as int64: each term moves by at most half a step, within the rounding allowance every
+    SUM interval carries. (OpenDP's polars plan, which has no round, rounds by adding an offset and truncating:
+    the same but for halves below zero.) The clip is a CASE, not LEAST and GREATEST, which skip NULLs in SQL
+    engines (a NULL would become the lower bound)."""
     x = v.col(stat.column)
     lo, hi = (v.lit(b) for b in stat.clip)  # type: ignore[union-attr]
-    term = v.when(x < lo, lo, v.when(x > hi, hi, x)) - v.lit(stat.shift)
+    term = v.clip(x, lo, hi) - v.lit(stat.shift)
     if stat.square:
         term = term * term
     if stat.step is None:
         return term
-    return v.floor_int64(term / v.lit(stat.step) + v.lit(stat.offset + 0.5)) - v.lit(stat.offset)
+    return v.round_int64(term / v.lit(stat.step))
 
 
 # --- what the engine hands back, over the public key set ---------------------------------------------------------
