@@ -20,7 +20,7 @@ import polars as pl
 
 from ..errors import QueryRejected
 from . import locations
-from .exact import ExactResult, ExactStage, aggregations, densify
+from .exact import ExactResult, ExactStage, aggregations, balanced, densify
 
 POLARS, EMBEDDED, SPARK = "polars", "embedded", "spark"
 BACKENDS = (POLARS, EMBEDDED, SPARK)
@@ -196,6 +196,34 @@ def _run_duckdb(stage: ExactStage, location: str) -> list[dict[str, Any]]:
         con.close()
     # the key columns come back under their own names, the sums under theirs
     return [dict(zip(names, row)) for row in rows]
+
+
+def data_checks(path: str, metadata: Any) -> dict[str, int]:
+    """An import's checks of one local parquet file, in DuckDB (out of core: memory does not grow with the
+    rows, where polars' streaming engine took about 4 GB per 10^8-row part): rows, and per column its nulls,
+    NaNs, values outside the bounds and values outside the categories. The counts go to the admin's import only."""
+    words = DuckDBWords()
+    one, zero = words.lit(1), words.lit(0)
+    checks = [words.rows("__rows")]
+    for col in metadata.columns:
+        c = words.col(col.name)
+        checks.append(words.sum(words.when(c.isnull(), one, zero), f"{col.name}__nulls"))
+        if col.type == "float":
+            nan = words.duckdb.FunctionExpression("isnan", c)
+            checks.append(words.sum(words.when(nan, one, zero), f"{col.name}__nan"))
+        if col.bounds is not None:
+            lo, hi = (words.lit(b) for b in col.bounds)
+            checks.append(words.sum(words.when((c < lo) | (c > hi), one, zero), f"{col.name}__outside"))
+        if col.categories is not None:
+            known = balanced([c == words.lit(v) for v in col.categories], "or")
+            checks.append(words.sum(words.when(c.isnotnull() & ~known, one, zero), f"{col.name}__unknown"))
+    con = _duckdb_connection().cursor()
+    try:
+        query = con.read_parquet([path]).aggregate(checks)
+        row = query.fetchall()[0]
+        return {name: int(value or 0) for name, value in zip(query.columns, row)}
+    finally:
+        con.close()
 
 
 # --- Spark ------------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
     """A WHERE condition (from compile_sql's allowlist) in the engine's vocabulary; NULL where SQL says unknown."""
     op = node["op"]
     if op in ("and", "or"):
-        return _balanced([predicate(v, a) for a in node["args"]], op)
+        return balanced([predicate(v, a) for a in node["args"]], op)
     if op == "not":
         return ~predicate(v, node["arg"])
     col = v.col(node["column"])
@@ -125,7 +125,7 @@ def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
         return {"==": lambda: col == value, "!=": lambda: col != value, ">": lambda: col > value,
                 ">=": lambda: col >= value, "<": lambda: col < value, "<=": lambda: col <= value}[node["cmp"]]()
     if op == "in":
-        return _balanced([col == v.lit(value) for value in node["values"]], "or")
+        return balanced([col == v.lit(value) for value in node["values"]], "or")
     if op == "between":
         return (col >= v.lit(node["low"])) & (col <= v.lit(node["high"]))
     if op == "is_null":
@@ -138,7 +138,7 @@ def _is_null(v: Vocabulary, column: str, negate: bool) -> Any:
     return present if negate else ~present
 
 
-def _balanced(exprs: list[Any], op: str) -> Any:
+def balanced(exprs: list[Any], op: str) -> Any:
     """A balanced tree of AND/OR: depth log2(n), so long IN lists never nest deeply in an engine's planner."""
     while len(exprs) > 1:
         paired = [(exprs[i] & exprs[i + 1]) if op == "and" else (exprs[i] | exprs[i + 1])

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from ..engine import POLARS_TYPES, locations
+from ..engine.engines import data_checks
 from ..engine.metadata import DatasetMetadata, parse_metadata
 from ..errors import BadRequest, DatasetUnavailable, MetadataError
 from ..store import AdminStore, DatasetRecord
@@ -213,11 +214,18 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[s
         if col.categories is not None:
             checks.append((c.is_not_null() & ~c.is_in(list(col.categories))).sum().alias(f"{col.name}__unknown"))
     say = progress or (lambda _msg: None)
-    scans = [pl.scan_parquet(part) for part in parts] if parts and len(parts) > 1 else [frame]
+    # local data used in place (already typed) is checked by DuckDB, part by part, in bounded memory; the rest
+    # by polars' streaming engine after the casts
+    local_in_place = in_place and parts is not None
+    scans: list[Any] = list(parts) if local_in_place else (
+        [pl.scan_parquet(part) for part in parts] if parts and len(parts) > 1 else [frame])
     stats: dict[str, int] = {}
     try:
         for n, scan in enumerate(scans, 1):
-            part = scan.select(typed).select(checks).collect(engine="streaming").row(0, named=True)
+            if local_in_place:
+                part = data_checks(scan, metadata)
+            else:
+                part = scan.select(typed).select(checks).collect(engine="streaming").row(0, named=True)
             for key, value in part.items():
                 stats[key] = stats.get(key, 0) + int(value or 0)
             if len(scans) > 1:
@@ -280,7 +288,7 @@ def import_dataset(
     frame = _scan(source, fmt)
     say("checking the data against the metadata")
     local = not isinstance(source, bytes) and not locations.is_remote(str(source))
-    parts = locations.parquet_files(str(source)) if local and Path(source).is_dir() else None
+    parts = locations.parquet_files(str(source)) if local and (in_place or Path(source).is_dir()) else None
     if in_place and local and Path(source).suffix.lower() == ".csv":
         raise BadRequest("only Parquet data can be used in place; CSV is copied")
     typed = validate_frame(frame, metadata, parts, say, in_place)
