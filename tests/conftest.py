@@ -107,3 +107,9 @@ def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     cluster = SparkCluster(tmp_path_factory.mktemp("spark")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def spark_connect(spark_cluster: Any) -> str:
+    """A Spark Connect server on the session's cluster: its sc:// URL (stopped with the cluster)."""
+    return spark_cluster.start_connect()

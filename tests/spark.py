@@ -32,7 +32,11 @@ def java_available() -> bool:
 
 
 class SparkCluster:
-    def __init__(self, folder: Path, cores: int = 2, memory: str = "2g") -> None:
+    # The worker offers more cores than the machine has, and each application takes at most CORES_PER_APP, so the
+    # test process's driver, a Spark Connect server and a service worker's driver all run side by side.
+    CORES_PER_APP = 2
+
+    def __init__(self, folder: Path, cores: int = 6, memory: str = "4g") -> None:
         self.folder = folder
         self.cores, self.memory = cores, memory
         self.port = _free_port()
@@ -55,6 +59,7 @@ class SparkCluster:
 
     def start(self) -> SparkCluster:
         self.folder.mkdir(parents=True, exist_ok=True)
+        os.environ["LOMAS_SPARK_CORES_MAX"] = str(self.CORES_PER_APP)  # for the drivers of this process's workers
         master = self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                              "--port", str(self.port), "--webui-port", str(_free_port()))
         self._wait(master, "Successfully started service 'sparkMaster'")
@@ -62,6 +67,21 @@ class SparkCluster:
                              "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(_free_port()))
         self._wait(worker, "Successfully registered with master")
         return self
+
+    def start_connect(self) -> str:
+        """A Spark Connect server on this cluster, on 127.0.0.1; returns its sc:// URL."""
+        port = _free_port()
+        jar = next((spark_home() / "jars").glob("spark-connect_*.jar"))
+        log = self._start("connect", "org.apache.spark.deploy.SparkSubmit", "--master", self.url,
+                          "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+                          "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
+                          "--conf", f"spark.connect.grpc.binding.port={port}",
+                          "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+                          "--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=2",
+                          "--conf", f"spark.cores.max={self.CORES_PER_APP}",
+                          "--conf", "spark.executor.memory=1g", str(jar))
+        self._wait(log, "Spark Connect server started")
+        return f"sc://127.0.0.1:{port}"
 
     def _wait(self, log: Path, line: str) -> None:
         deadline = time.monotonic() + START_DEADLINE

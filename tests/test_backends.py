@@ -218,6 +218,21 @@ def test_spark_cluster_exact_stage_equals_the_reference(table: tuple[Path, pl.Da
     assert session.sparkContext.master == spark_cluster.url
 
 
+@pytest.mark.spark
+def test_spark_connect_exact_stage_equals_the_reference(table: tuple[Path, pl.DataFrame], spark_connect: str) -> None:
+    """Through a Spark Connect server (sc://): the client sends the stage's expressions, the cluster runs them. In
+    a process of its own, as in a service worker: pyspark allows one kind of session per process."""
+    import subprocess
+    import sys
+
+    path, _ = table
+    code = ("import polars as pl, sys; from tests.test_backends import _check_engine; "
+            "_check_engine((sys.argv[1], pl.read_parquet(sys.argv[1])), 'spark', sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, str(path), spark_connect], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("privacy_unit", [1, 3])
 @pytest.mark.parametrize("mechanism", [engine.LAPLACE, engine.GAUSSIAN])
 def test_the_noise_stage_charges_what_the_polars_plan_charges(privacy_unit: int, mechanism: str) -> None:

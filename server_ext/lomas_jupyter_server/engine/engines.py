@@ -254,8 +254,12 @@ class SparkWords:
         return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)
 
     def round_int64(self, value: Any) -> Any:
-        # Spark rounds HALF_UP (halves away from zero) on the double's exact decimal value
-        return self.f.round(value, 0).cast("bigint")
+        # halves away from zero, in double arithmetic (Spark's own round goes through a decimal per value, 6x
+        # slower over 10^9 rows); |x| - floor(|x|) is exact, so the half is judged exactly
+        size = self.f.abs(value)
+        whole = self.f.floor(size)
+        rounded = self.f.when(size - whole >= 0.5, whole + 1).otherwise(whole)
+        return self.f.when(value < 0, -rounded).otherwise(rounded)
 
     def sum(self, value: Any, name: str) -> Any:
         return self.f.sum(value).alias(name)
@@ -286,6 +290,9 @@ def spark_session(remote: str) -> Any:
                        .config("spark.ui.showConsoleProgress", "false")
                        .config("spark.sql.shuffle.partitions", str(min(os.cpu_count() or 1, 8)))
                        .config("spark.executor.memory", os.environ.get("LOMAS_SPARK_EXECUTOR_MEMORY", "1g")))
+            if os.environ.get("LOMAS_SPARK_CORES_MAX"):  # each worker's driver is one application on the cluster:
+                # without a cap, the first takes every core and the others wait for it to end
+                builder = builder.config("spark.cores.max", os.environ["LOMAS_SPARK_CORES_MAX"])
         session = builder.config("spark.sql.ansi.enabled", "true").getOrCreate()
         if not remote.startswith("sc://"):
             session.sparkContext.setLogLevel("ERROR")
