@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -146,6 +147,8 @@ def plain_spark(folder: Path, url: str, repeats: int) -> dict[str, float]:
     spark = (SparkSession.builder.master(url).appName("plain").config("spark.driver.host", "127.0.0.1")
              .config("spark.driver.bindAddress", "127.0.0.1").config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false").config("spark.sql.shuffle.partitions", "2")
+             # the cores the service's driver may take (tests/spark.py sets it): a like-for-like comparison
+             .config("spark.cores.max", os.environ.get("LOMAS_SPARK_CORES_MAX", "2"))
              .getOrCreate())
     frame = spark.read.parquet(*[str(p) for p in sorted(folder.glob("*.parquet"))])
     runs = {"COUNT(*)": lambda: frame.agg(F.count(F.lit(1))).collect(),
