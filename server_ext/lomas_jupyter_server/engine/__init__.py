@@ -9,7 +9,7 @@ workers run.
 
 from __future__ import annotations
 
-from .engines import BACKENDS, EMBEDDED, POLARS, SPARK, BackendSettings
+from .engines import EMBEDDED, POLARS, SPARK, BackendSettings
 from .plan import (
     ALPHA,
     GAUSSIAN,
@@ -41,7 +41,8 @@ from .statistics import (
 from .tasks import preview_task, release_task
 
 __all__ = [
-    "ALPHA", "BACKENDS", "EMBEDDED", "POLARS", "SPARK", "BackendSettings", "GAUSSIAN", "LAPLACE", "MECHANISM_NAMES", "PLAIN", "POLARS_TYPES", "QUANTILES", "Calibrated", "Plan",
+    "ALPHA", "EMBEDDED", "GAUSSIAN", "LAPLACE", "MECHANISM_NAMES", "PLAIN", "POLARS", "POLARS_TYPES", "QUANTILES",
+    "SPARK", "BackendSettings", "Calibrated", "Plan",
     "Recipe", "Statistic", "build_plan", "centre", "check_epsilon", "collect_release", "effective_bounds",
     "fixed_point_step", "float_sum_inflation", "input_domain", "metadata_warnings", "noise_ratio",
     "plan_statistics", "polars_schema", "preview_task", "quantile_candidates", "release_task", "statistic_name",

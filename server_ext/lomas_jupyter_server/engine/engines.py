@@ -21,10 +21,9 @@ import polars as pl
 from ..errors import QueryRejected
 from . import locations
 from .exact import ExactResult, ExactStage, aggregations, balanced, densify
+from .metadata import BACKEND_NAMES
 
-POLARS, EMBEDDED, SPARK = "polars", "embedded", "spark"
-BACKENDS = (POLARS, EMBEDDED, SPARK)
-AUTO = "auto"
+AUTO, POLARS, EMBEDDED, SPARK = BACKEND_NAMES  # what a dataset's metadata may name
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class DatasetMetadata:
 
 
 _DATASET_KEYS = {"description", "privacy_unit", "max_rows", "columns", "backend"}
-BACKEND_NAMES = ("auto", "polars", "embedded", "spark")  # engines.BACKENDS and "auto"
+BACKEND_NAMES = ("auto", "polars", "embedded", "spark")  # the engines a dataset may name (engines.py)
 _COLUMN_KEYS = {"type", "nullable", "bounds", "categories", "candidates", "description"}
 
 

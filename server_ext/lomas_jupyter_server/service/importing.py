@@ -174,10 +174,10 @@ def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict
 
 def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[str] | None = None,
                    progress: Progress | None = None, in_place: bool = False) -> pl.LazyFrame:
-    """Cast to the declared types and check every declared property; returns the typed frame. The checks stream
-    (polars' streaming engine: memory does not grow with the rows), part by part when the data is a folder of
-    parts, with a progress line per part. Data used in place must already have the declared types and use
-    null, not NaN, for a missing float (every backend reads it as it is)."""
+    """Cast to the declared types and check every declared property; returns the typed frame. The checks stream,
+    part by part when the data is a folder of parts, with a progress line per part: local data used in place in
+    DuckDB (bounded memory), the rest in polars' streaming engine. Data used in place must already have the
+    declared types and use null, not NaN, for a missing float (every backend reads it as it is)."""
     try:
         schema = frame.collect_schema()
     except Exception:
