@@ -38,6 +38,19 @@ def _url(store: SQLStore) -> str:
     return store.url.render_as_string(hide_password=False)
 
 
+def test_the_pinned_head_is_alembics_head_and_a_store_at_it_opens_without_alembic(tmp_path: Path) -> None:
+    """HEAD (read without importing Alembic on every start) must name the newest migration script; and a store at
+    the head opens in a fresh process that never imports Alembic."""
+    import subprocess
+    import sys
+
+    assert migrate.HEAD == migrate.alembic_head()
+    SQLStore(str(tmp_path / "s.sqlite3")).close()
+    code = ("import sys; from lomas_jupyter_server.store import SQLStore; SQLStore(sys.argv[1]).close(); "
+            "assert 'alembic' not in sys.modules, 'alembic was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.sqlite3")], check=True, capture_output=True)
+
+
 def test_a_new_store_is_at_the_head_revision_and_reopening_changes_nothing(db_url: str) -> None:
     first = SQLStore(db_url)
     assert first.schema_revision == migrate.head_revision()

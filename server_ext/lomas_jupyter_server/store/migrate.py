@@ -10,15 +10,16 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from ..errors import LomasError
 
+# Alembic is imported only to migrate: a store already at the head is recognised by reading its version table
+# (most starts), which keeps Alembic's import (about half a second) off the service's start. HEAD is the newest
+# revision in alembic/versions; tests/test_store.py checks it against Alembic's own.
+HEAD = "0002"
 BASELINE = "0001"
 LEGACY_USER_VERSION = 5  # the last schema of the hand-written migration list (0.1.0)
 PG_MIGRATION_LOCK = 0x10_4A5  # pg_advisory_lock key: replicas starting together migrate one at a time
@@ -29,7 +30,9 @@ class StoreNeedsUpgrade(LomasError):
     code = "store_needs_upgrade"
 
 
-def _config(connection: sa.Connection | None = None) -> Config:
+def _config(connection: sa.Connection | None = None) -> Any:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "alembic"))
     if connection is not None:
@@ -38,14 +41,28 @@ def _config(connection: sa.Connection | None = None) -> Config:
 
 
 def head_revision() -> str:
+    return HEAD
+
+
+def alembic_head() -> str:
+    """The head of the migration scripts, as Alembic reads them (HEAD must equal it)."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_config()).get_current_head()
     assert head is not None
     return head
 
 
+def _stamped_revision(connection: sa.Connection) -> str | None:
+    """What Alembic's version table says (what MigrationContext.get_current_revision reads), without Alembic."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
 def current_revision(connection: sa.Connection) -> str | None:
     """The store's revision; BASELINE for a 0.1.0 SQLite store; None for an empty database."""
-    revision = MigrationContext.configure(connection).get_current_revision()
+    revision = _stamped_revision(connection)
     if revision is not None:
         return revision
     if not sa.inspect(connection).has_table("users"):
@@ -79,9 +96,11 @@ def upgrade(engine: sa.Engine, allow: bool, backup: bool = True) -> tuple[str | 
             if found is not None and backup and engine.url.get_backend_name() == "sqlite" and engine.url.database:
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
                 shutil.copy2(engine.url.database, f"{engine.url.database}.{found}-{stamp}.bak")
+            from alembic import command
+
             with connection.begin():
                 config = _config(connection)
-                legacy = found == BASELINE and not MigrationContext.configure(connection).get_current_revision()
+                legacy = found == BASELINE and not _stamped_revision(connection)
                 if legacy:
                     command.stamp(config, BASELINE)
                 command.upgrade(config, "head")
