@@ -237,23 +237,14 @@ def main() -> None:
         (root / "penguins.json").write_text(json.dumps(penguins_metadata()))
         lomas_admin(storage, "dataset", "import", "penguins", str(penguins_csv()), "--metadata",
                     str(root / "penguins.json"))
-        spark_url = stack.enter_context(_cluster(root / "spark")).url  # plain Spark runs on it either way
+        cluster = SparkCluster(root / "spark").start()  # plain Spark runs on it either way
+        stack.callback(cluster.stop)
+        spark_url = cluster.url
         out["duckdb"] = plain_duckdb(files, args.repeats)
         out["spark_plain"] = plain_spark(table, spark_url, args.repeats)
         out |= service(storage, root / "service", backends, spark_url, args.repeats)
     write(out, ROOT / "benchmarks" / "results" / args.results)
     print((ROOT / "benchmarks" / "results" / f"{args.results}.md").read_text())
-
-
-class _cluster:
-    def __init__(self, folder: Path) -> None:
-        self.cluster = SparkCluster(folder)
-
-    def __enter__(self) -> SparkCluster:
-        return self.cluster.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cluster.stop()
 
 
 def write(out: dict[str, Any], stem: Path) -> None:

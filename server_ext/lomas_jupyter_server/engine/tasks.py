@@ -23,36 +23,33 @@ def preview_task(
     plan = Plan.from_json(spec, metadata, bounds)
     calibrated = plan.calibrate(epsilon, delta)
     if backend != engines.POLARS:
-        # the exact stage's own refusals (a sum that could overflow int64) come now, before anything is charged,
-        # and its noise stage must cost what the polars plan does
-        _check_noise_cost(plan, calibrated, _exact_entry(plan, calibrated)[2])
+        # the exact stage's own refusals (a sum that could overflow int64) come now, before anything is charged
+        _exact_entry(plan, calibrated)
     return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "delta_target": calibrated.delta_target,
             "plan": plan.describe(calibrated) | {"backend": backend}}
 
 
-def _exact_entry(plan: Plan, calibrated: Calibrated) -> tuple[ExactStage, Any, Any]:
+def _exact_entry(plan: Plan, calibrated: Calibrated) -> tuple[ExactStage, Any]:
+    """The exact stage and the noise measurement that runs on it, refused if that measurement would cost more
+    than the polars plan the price came from (checked once, when built: both are functions of the plan)."""
     stage = compile_stage(plan)
     runs, charged = noise.noise_measurement(plan, calibrated, stage)
-    return stage, runs, charged
-
-
-def _check_noise_cost(plan: Plan, calibrated: Calibrated, charged: Any) -> None:
     epsilon, delta = plan.cost(charged)
     if epsilon > calibrated.epsilon + 1e-12 or delta > calibrated.delta + 1e-15:  # pragma: no cover - invariant
         raise QueryRejected("the exact-stage engine would cost more than the plan; nothing was released")
+    return stage, runs
 
 
 # A warm worker keeps the measurements it built and the scans it opened: a repeated query shape pays only for
 # its execution. Both are plain functions of their keys, so a cached entry is the same as a rebuilt one.
 _PREPARED: OrderedDict[str, tuple[Plan, Calibrated, dict[str, Any], list[Any]]] = OrderedDict()
-_EXACT: OrderedDict[str, tuple[ExactStage, Any, Any]] = OrderedDict()
+_EXACT: OrderedDict[str, tuple[ExactStage, Any]] = OrderedDict()  # same keys as _PREPARED
 _SCANS: OrderedDict[str, pl.LazyFrame] = OrderedDict()
 _CACHE_SIZE = 256
 
 
-def _prepared(spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None, mechanism: str,
-              scale: float, delta: float) -> tuple[Plan, Calibrated, dict[str, Any], list[Any]]:
-    key = json.dumps([spec, metadata, bounds, mechanism, scale, delta], sort_keys=True)
+def _prepared(key: str, spec: dict[str, Any], metadata: dict[str, Any], bounds: dict[str, Any] | None,
+              mechanism: str, scale: float, delta: float) -> tuple[Plan, Calibrated, dict[str, Any], list[Any]]:
     if key in _PREPARED:
         _PREPARED.move_to_end(key)
         return _PREPARED[key]
@@ -73,7 +70,7 @@ def _scan(parquet_path: str) -> pl.LazyFrame:
     return _SCANS[parquet_path]
 
 
-def _exact_prepared(key: str, plan: Plan, calibrated: Calibrated) -> tuple[ExactStage, Any, Any]:
+def _exact_prepared(key: str, plan: Plan, calibrated: Calibrated) -> tuple[ExactStage, Any]:
     if key not in _EXACT:
         _EXACT[key] = _exact_entry(plan, calibrated)
         if len(_EXACT) > _CACHE_SIZE:
@@ -94,15 +91,14 @@ def release_task(
     cost changed. The polars backend runs OpenDP's plan on the data; the others run the exact stage in their
     engine, then add the noise here."""
     plan_doc = price["plan"]
-    plan, calibrated, described, tables = _prepared(spec, metadata, bounds, plan_doc["mechanism"],
+    key = json.dumps([spec, metadata, bounds, plan_doc["mechanism"], plan_doc["scale"], price["delta_target"]],
+                     sort_keys=True)
+    plan, calibrated, described, tables = _prepared(key, spec, metadata, bounds, plan_doc["mechanism"],
                                                     plan_doc["scale"], price["delta_target"])
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
     if backend != engines.POLARS:
-        key = json.dumps([spec, metadata, bounds, plan_doc["mechanism"], plan_doc["scale"], price["delta_target"]],
-                         sort_keys=True)
-        stage, runs, charged = _exact_prepared(key, plan, calibrated)
-        _check_noise_cost(plan, calibrated, charged)
+        stage, runs = _exact_prepared(key, plan, calibrated)
     if not locations.available(parquet_path):  # moved, deleted or unreachable: nothing was read
         raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
                                  "was released")
