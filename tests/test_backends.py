@@ -14,10 +14,9 @@ import pytest
 
 from lomas_jupyter_server import engine
 from lomas_jupyter_server.engine import engines, exact, noise
-from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.metadata import EMBEDDED, effective_bounds, parse_metadata
 from lomas_jupyter_server.engine.plan import Plan
 from lomas_jupyter_server.engine.sql import compile_sql
-from lomas_jupyter_server.engine.statistics import effective_bounds
 from lomas_jupyter_server.errors import QueryRejected
 
 META_DOC = {
@@ -310,7 +309,7 @@ def test_neighbouring_tables_give_no_deterministic_sign(tmp_path: Path) -> None:
     runs, _ = noise.noise_measurement(plan, calibrated, stage)
     seen: dict[str, list[tuple[Any, Any]]] = {}
     for name in ("t", "t2"):
-        result = engines.run_stage(stage, str(tmp_path / f"{name}.parquet"), engines.EMBEDDED)
+        result = engines.run_stage(stage, str(tmp_path / f"{name}.parquet"), EMBEDDED)
         rows = [next(r for r in _release(plan, calibrated, result, runs)["rows"] if r["g"] == "e")
                 for _ in range(300)]
         seen[name] = [(r["n"], r["cx"]) for r in rows]
@@ -331,7 +330,7 @@ def test_at_vanishing_noise_quantiles_pick_what_opendps_plan_picks(table: tuple[
     calibrated = plan.calibrate_mechanism(engine.LAPLACE, 1e7)
     stage = exact.compile_stage(plan)
     runs, _ = noise.noise_measurement(plan, calibrated, stage)
-    ours = noise.release_frame(plan, stage, runs, engines.run_stage(stage, str(path), engines.EMBEDDED))
+    ours = noise.release_frame(plan, stage, runs, engines.run_stage(stage, str(path), EMBEDDED))
     theirs = calibrated.release(pl.scan_parquet(path))
     j = next(n for n, s in enumerate(plan.statistics) if s.kind == "quantile")
     num, den = noise.score_weights(plan.statistics[j].quantile, META.max_rows)  # type: ignore[arg-type]

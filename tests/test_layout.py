@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "server_ext" / "lomas_jupyter_server"
 KERNEL = ROOT / "lomas_jupyter"
 
-# room -> the rooms it may import (besides itself). app, cli and demo are the top: wiring and entry points.
+# room -> the rooms it may import (besides itself). app, cli, demo and launch are the top: wiring and entry points.
 MAY_IMPORT = {
     "api": {"service", "store", "errors"},
     "hub": {"service", "store", "errors"},
@@ -19,7 +19,7 @@ MAY_IMPORT = {
     "store": {"errors"},
     "errors": set(),
 }
-TOP = {"app", "cli", "demo", "__init__"}
+TOP = {"app", "cli", "demo", "launch", "__init__"}
 
 
 def _modules(package_dir: Path, package: str) -> dict[str, Path]:

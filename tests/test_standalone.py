@@ -25,6 +25,20 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield {"url": url, **tokens, "storage": str(storage)}
 
 
+def test_the_service_process_leaves_the_engines_libraries_to_its_workers() -> None:
+    """A fast start: `jupyter lomas` imports neither what only workers run (the tasks, OpenDP's plans, SciPy) nor
+    the optional IRI grammar that jsonschema would build at import; the workers import the tasks by name."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lomas_jupyter_server import launch; launch.skip_slow_optional_imports(); "
+            "import lomas_jupyter_server.app; "
+            "loaded = [m for m in ('lomas_jupyter_server.engine.tasks', 'lomas_jupyter_server.engine.plan', "
+            "'lomas_jupyter_server.engine.noise', 'scipy', 'rfc3987_syntax') if sys.modules.get(m) is not None]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def test_tokens_identify_users_and_roles(service: dict[str, str]) -> None:
     alice = Client(service["url"], service["alice"])
     assert alice.whoami()["username"] == "alice" and alice.whoami()["role"] == "analyst"

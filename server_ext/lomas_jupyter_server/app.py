@@ -25,8 +25,8 @@ from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Type, 
 from .api import API_PREFIX, ROUTES
 from .api.forward import ForwardToHubServiceHandler
 from .api.identity import LomasTokenIdentityProvider
-from .engine.engines import BackendSettings
 from .engine.locations import object_store_environment
+from .engine.metadata import BackendSettings
 from .engine.sql import DEFAULT_MAX_GROUPS
 from .engine.workers import WorkerPool, die_with_parent
 from .errors import Forbidden

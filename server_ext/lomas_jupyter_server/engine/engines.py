@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,7 @@ import polars as pl
 from ..errors import QueryRejected
 from . import locations
 from .exact import ExactResult, ExactStage, aggregations, balanced, densify
-from .metadata import BACKEND_NAMES
-
-AUTO, POLARS, EMBEDDED, SPARK = BACKEND_NAMES  # what a dataset's metadata may name
-
-
-@dataclass(frozen=True)
-class BackendSettings:
-    """The service's engine settings (LomasApp.embedded_from_rows and spark_remote)."""
-
-    embedded_from_rows: int = 0
-    spark_remote: str | None = None
-
-    def choose(self, metadata: dict[str, Any]) -> str:
-        """A dataset's backend: its metadata's `backend`; auto means the embedded engine from embedded_from_rows
-        rows of public max_rows (0: never), OpenDP's polars plan below. Public: it depends on metadata only."""
-        named = metadata.get("backend", AUTO)
-        if named == SPARK and not self.spark_remote:
-            raise QueryRejected("this dataset is served by Spark, but the service has no Spark cluster "
-                                "configured (LomasApp.spark_remote)")
-        if named != AUTO:
-            return named
-        if self.embedded_from_rows and metadata["max_rows"] >= self.embedded_from_rows:
-            return EMBEDDED
-        return POLARS
-
+from .metadata import SPARK
 
 DUCKDB, POLARS_STREAMING = "duckdb", "polars-streaming"  # the embedded backend's two engines
 

@@ -9,9 +9,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MetadataError
+import polars as pl
+
+from ..errors import BadRequest, MetadataError, QueryRejected
 
 COLUMN_TYPES = ("int", "float", "string", "bool")
+POLARS_TYPES: dict[str, pl.DataType] = {
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "string": pl.String(),
+    "bool": pl.Boolean(),
+}
 MAX_CATEGORIES = 1000
 MAX_CANDIDATES = 2000
 DEFAULT_QUANTILE_CANDIDATES = 101
@@ -94,6 +102,7 @@ class DatasetMetadata:
 
 _DATASET_KEYS = {"description", "privacy_unit", "max_rows", "columns", "backend"}
 BACKEND_NAMES = ("auto", "polars", "embedded", "spark")  # the engines a dataset may name (engines.py)
+AUTO, POLARS, EMBEDDED, SPARK = BACKEND_NAMES
 _COLUMN_KEYS = {"type", "nullable", "bounds", "categories", "candidates", "description"}
 
 
@@ -205,3 +214,61 @@ def parse_metadata(doc: Any) -> DatasetMetadata:
         raise MetadataError(f"backend must be one of {list(BACKEND_NAMES)}")
     return DatasetMetadata(privacy_unit, max_rows, tuple(columns), description, backend)
 
+
+def polars_schema(metadata: DatasetMetadata) -> pl.Schema:
+    return pl.Schema({c.name: POLARS_TYPES[c.type] for c in metadata.columns})
+
+
+def effective_bounds(
+    metadata: DatasetMetadata, overrides: dict[str, Any] | None
+) -> dict[str, tuple[float, float]]:
+    """Metadata bounds, narrowed (never widened) by the user's overrides."""
+    bounds = {c.name: c.bounds for c in metadata.columns if c.bounds is not None}
+    for name, raw in (overrides or {}).items():
+        col = metadata.column(name)
+        if col is None:
+            raise BadRequest(f"bounds: unknown column '{name}'")
+        if col.bounds is None:
+            raise BadRequest(f"bounds: column '{name}' has no public bounds to narrow")
+        if (
+            not isinstance(raw, (list, tuple))
+            or len(raw) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        ):
+            raise BadRequest(f"bounds for '{name}' must be [lower, upper]")
+        lo, hi = raw
+        meta_lo, meta_hi = col.bounds
+        if not (meta_lo <= lo < hi <= meta_hi):
+            raise BadRequest(
+                f"bounds for '{name}' may only narrow the public bounds [{meta_lo}, {meta_hi}], "
+                "with lower below upper"
+            )
+        if col.type == "int":
+            if not (float(lo).is_integer() and float(hi).is_integer()):
+                raise BadRequest(f"bounds for int column '{name}' must be whole numbers")
+            lo, hi = int(lo), int(hi)
+        else:
+            lo, hi = float(lo), float(hi)
+        bounds[name] = (lo, hi)
+    return bounds
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The service's engine settings (LomasApp.embedded_from_rows and spark_remote)."""
+
+    embedded_from_rows: int = 0
+    spark_remote: str | None = None
+
+    def choose(self, metadata: dict[str, Any]) -> str:
+        """A dataset's backend: its metadata's `backend`; auto means the embedded engine from embedded_from_rows
+        rows of public max_rows (0: never), OpenDP's polars plan below. Public: it depends on metadata only."""
+        named = metadata.get("backend", AUTO)
+        if named == SPARK and not self.spark_remote:
+            raise QueryRejected("this dataset is served by Spark, but the service has no Spark cluster "
+                                "configured (LomasApp.spark_remote)")
+        if named != AUTO:
+            return named
+        if self.embedded_from_rows and metadata["max_rows"] >= self.embedded_from_rows:
+            return EMBEDDED
+        return POLARS

@@ -20,8 +20,9 @@ import opendp.prelude as dp
 import polars as pl
 
 from .exact import ExactResult, ExactStage, compile_stage
+from .metadata import POLARS_TYPES
 from .plan import LAPLACE
-from .statistics import POLARS_TYPES, statistic_name
+from .statistics import statistic_name
 
 dp.enable_features("contrib", "honest-but-curious")
 

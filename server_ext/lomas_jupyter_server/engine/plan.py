@@ -11,7 +11,7 @@ from typing import Any
 import opendp.prelude as dp
 import polars as pl
 
-from ..errors import BadRequest, QueryRejected
+from ..errors import QueryRejected
 from .accuracy import (
     DISTRIBUTIONS,
     Noise,
@@ -20,7 +20,7 @@ from .accuracy import (
     ratio_grid,
     ratio_interval,
 )
-from .metadata import DatasetMetadata, parse_metadata
+from .metadata import DatasetMetadata, effective_bounds, parse_metadata
 from .polars_backend import build_plan, collect_release, input_domain
 from .sql import Aggregate, QuerySpec
 from .statistics import (
@@ -29,7 +29,6 @@ from .statistics import (
     Recipe,
     Statistic,
     centre,
-    effective_bounds,
     fixed_point_step,
     plan_statistics,
     quantile_candidates,
@@ -565,12 +564,3 @@ def _opendp_message(err: Exception) -> str:
     text = getattr(err, "message", None) or str(err)
     text = text.strip().splitlines()[0] if text.strip() else "unknown reason"
     return text[:300]
-
-
-def check_epsilon(epsilon: Any, max_epsilon: float) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
-        raise BadRequest("epsilon must be a number")
-    if not 0 < epsilon <= max_epsilon:
-        raise BadRequest(f"epsilon must be above 0 and at most {max_epsilon} per query")
-    return float(epsilon)
-

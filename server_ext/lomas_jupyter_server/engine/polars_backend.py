@@ -14,16 +14,14 @@ import opendp.prelude as dp
 import polars as pl
 
 from ..errors import QueryRejected
-from .metadata import ColumnMetadata, DatasetMetadata
+from .metadata import POLARS_TYPES, ColumnMetadata, DatasetMetadata, polars_schema
 from .sql import QuerySpec
 from .statistics import (
-    POLARS_TYPES,
     QUANTILES,
     Statistic,
     centre,
     fixed_point_bounds,
     fixed_point_offset,
-    polars_schema,
     quantile_candidates,
     statistic_name,
     sum_range,

@@ -12,58 +12,15 @@ from typing import Any
 import opendp.prelude as dp
 import polars as pl
 
-from ..errors import BadRequest, QueryRejected
+from ..errors import QueryRejected
 from .metadata import ColumnMetadata, DatasetMetadata, parse_metadata
 from .sql import SPREAD_KINDS, QuerySpec
 
 dp.enable_features("contrib")
 
 
-POLARS_TYPES: dict[str, pl.DataType] = {
-    "int": pl.Int64(),
-    "float": pl.Float64(),
-    "string": pl.String(),
-    "bool": pl.Boolean(),
-}
 PLAIN, QUANTILES = "plain", "quantiles"  # the parts a plan runs in (Plan.parts)
 
-
-def polars_schema(metadata: DatasetMetadata) -> pl.Schema:
-    return pl.Schema({c.name: POLARS_TYPES[c.type] for c in metadata.columns})
-
-
-def effective_bounds(
-    metadata: DatasetMetadata, overrides: dict[str, Any] | None
-) -> dict[str, tuple[float, float]]:
-    """Metadata bounds, narrowed (never widened) by the user's overrides."""
-    bounds = {c.name: c.bounds for c in metadata.columns if c.bounds is not None}
-    for name, raw in (overrides or {}).items():
-        col = metadata.column(name)
-        if col is None:
-            raise BadRequest(f"bounds: unknown column '{name}'")
-        if col.bounds is None:
-            raise BadRequest(f"bounds: column '{name}' has no public bounds to narrow")
-        if (
-            not isinstance(raw, (list, tuple))
-            or len(raw) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
-        ):
-            raise BadRequest(f"bounds for '{name}' must be [lower, upper]")
-        lo, hi = raw
-        meta_lo, meta_hi = col.bounds
-        if not (meta_lo <= lo < hi <= meta_hi):
-            raise BadRequest(
-                f"bounds for '{name}' may only narrow the public bounds [{meta_lo}, {meta_hi}], "
-                "with lower below upper"
-            )
-        if col.type == "int":
-            if not (float(lo).is_integer() and float(hi).is_integer()):
-                raise BadRequest(f"bounds for int column '{name}' must be whole numbers")
-            lo, hi = int(lo), int(hi)
-        else:
-            lo, hi = float(lo), float(hi)
-        bounds[name] = (lo, hi)
-    return bounds
 
 
 

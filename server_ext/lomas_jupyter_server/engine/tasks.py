@@ -12,17 +12,18 @@ import polars as pl
 from ..errors import DatasetUnavailable, QueryRejected
 from . import engines, locations, noise
 from .exact import ExactStage, compile_stage
+from .metadata import POLARS
 from .plan import Calibrated, Plan
 from .workers import note_data_access
 
 
 def preview_task(
     spec: dict[str, Any], metadata: dict[str, Any], epsilon: float, delta: float, bounds: dict[str, Any] | None,
-    backend: str = engines.POLARS,
+    backend: str = POLARS,
 ) -> dict[str, Any]:
     plan = Plan.from_json(spec, metadata, bounds)
     calibrated = plan.calibrate(epsilon, delta)
-    if backend != engines.POLARS:
+    if backend != POLARS:
         # the exact stage's own refusals (a sum that could overflow int64) come now, before anything is charged
         _exact_entry(plan, calibrated)
     return {"epsilon": calibrated.epsilon, "delta": calibrated.delta, "delta_target": calibrated.delta_target,
@@ -84,7 +85,7 @@ def release_task(
     bounds: dict[str, Any] | None,
     parquet_path: str,
     price: dict[str, Any],
-    backend: str = engines.POLARS,
+    backend: str = POLARS,
     spark_remote: str | None = None,
 ) -> dict[str, Any]:
     """Run the query with the mechanism and scale a preview fixed and whose cost was reserved; refuse if the
@@ -97,13 +98,13 @@ def release_task(
                                                     plan_doc["scale"], price["delta_target"])
     if calibrated.epsilon > price["epsilon"] or calibrated.delta > price["delta"]:
         raise QueryRejected("the query's privacy cost changed since it was reserved; nothing was released")
-    if backend != engines.POLARS:
+    if backend != POLARS:
         stage, runs = _exact_prepared(key, plan, calibrated)
     if not locations.available(parquet_path):  # moved, deleted or unreachable: nothing was read
         raise DatasetUnavailable("the dataset's data is missing on the service (an admin has been told); nothing "
                                  "was released")
     note_data_access()  # from here on, a failure can depend on the data: it will be charged
-    if backend == engines.POLARS:
+    if backend == POLARS:
         raw = calibrated.release(_scan(parquet_path))
     else:
         raw = noise.release_frame(plan, stage, runs, engines.run_stage(stage, parquet_path, backend, spark_remote))

@@ -42,6 +42,9 @@ START_TIMEOUT = 300.0  # seconds a fresh worker may take to import OpenDP on a v
 WATCH_INTERVAL = 0.02  # seconds between the parent's memory readings of busy workers
 TASKS_MODULE = "lomas_jupyter_server.engine.tasks"  # what workers run; imported by name in the worker only
 _task_conn: Connection | None = None  # inside a worker: the pipe of the task that is running
+# a task is a module-level function, or its name as "module:function": a name lets the service ask for a task
+# without importing what it needs (OpenDP, the engines), which only the worker imports
+Task = Callable[..., Any] | str
 
 
 def note_data_access() -> None:
@@ -93,14 +96,21 @@ def _serve(conn: Connection, log_path: str | None, parent_pid: int, preload: tup
             return
         _task_conn = conn
         try:
-            conn.send(("ok", fn(*args)))
+            conn.send(("ok", _task_function(fn)(*args)))
         except LomasError as err:
             conn.send(("error", (type(err).__name__, err.message)))
         except Exception:
-            log.exception("lomas: engine failure in %s", getattr(fn, "__name__", "task"))
+            log.exception("lomas: engine failure in %s", getattr(fn, "__name__", fn))
             conn.send(("error", ("EngineFailure", "the query failed inside the DP engine")))
         finally:
             _task_conn = None
+
+
+def _task_function(task: Task) -> Callable[..., Any]:
+    if callable(task):
+        return task
+    module, _, function = task.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 _MAIN_SWAP = threading.Lock()
@@ -174,7 +184,8 @@ def _rebuild_error(kind: str, message: str) -> LomasError:
 
 
 class WorkerPool:
-    """`await pool.run(fn, *args)` runs a module-level function in a worker and returns its result."""
+    """`await pool.run(task, *args)` runs a task (a module-level function or its "module:function" name) in a
+    worker and returns its result."""
 
     def __init__(self, workers: int, timeout: float, memory_limit_mb: int = 0, log_path: str | None = None,
                  start_timeout: float = START_TIMEOUT, preload: tuple[str, ...] = (TASKS_MODULE,)) -> None:
@@ -230,7 +241,7 @@ class WorkerPool:
             fresh = self._new_worker()
         self._idle.put(fresh)
 
-    def _run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None = None) -> Any:
+    def _run_sync(self, fn: Task, args: tuple[Any, ...], timeout: float | None = None) -> Any:
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         for _ in range(3):  # a worker that died while starting is replaced; its task never began
             worker = self._acquire()
@@ -269,7 +280,7 @@ class WorkerPool:
         error.data_accessed = data_accessed
         raise error
 
-    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    async def run(self, fn: Task, *args: Any, timeout: float | None = None) -> Any:
         """`timeout` (seconds) may shorten the pool's own limit for this task (free requests get less)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._waiters, self._run_sync, fn, args, timeout)

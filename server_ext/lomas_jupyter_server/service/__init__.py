@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.engines import BackendSettings
+from ..engine.metadata import BackendSettings
 from ..engine.sql import DEFAULT_MAX_GROUPS
 from ..engine.workers import WorkerPool
 from ..store import AdminStore

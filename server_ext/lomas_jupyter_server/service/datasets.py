@@ -96,7 +96,7 @@ class DatasetAdmin:
             raise
         if upload is not None:
             self.uploads.discard(admin.username, upload.upload_id)
-        warnings = await self.pricing_pool.run(engine.metadata_warnings, record.metadata)
+        warnings = await self.pricing_pool.run(engine.METADATA_WARNINGS_TASK, record.metadata)
         return record.to_public_json() | {"warnings": warnings}
 
     async def draft_metadata(self, admin: UserRecord, body: dict[str, Any]) -> dict[str, Any]:

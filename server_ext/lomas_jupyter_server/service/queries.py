@@ -49,7 +49,11 @@ class QueryRequest:
             raise BadRequest("'sql' is required: the SELECT query to run")
         if "epsilon" not in body:
             raise BadRequest("'epsilon' is required: the privacy budget to spend on this query")
-        epsilon = engine.check_epsilon(body["epsilon"], max_epsilon)
+        epsilon = body["epsilon"]
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
+            raise BadRequest("epsilon must be a number")
+        if not 0 < epsilon <= max_epsilon:
+            raise BadRequest(f"epsilon must be above 0 and at most {max_epsilon} per query")
         delta = body.get("delta", 0.0)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
             raise BadRequest("delta must be a number")
@@ -61,7 +65,7 @@ class QueryRequest:
         fresh = body.get("fresh", False)
         if not isinstance(fresh, bool):
             raise BadRequest("fresh must be true or false")
-        return cls(dataset, sql, epsilon, float(delta), bounds, fresh)
+        return cls(dataset, sql, float(epsilon), float(delta), bounds, fresh)
 
     def params(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "bounds": self.bounds}
@@ -211,7 +215,7 @@ class QueryService:
         if key in self._prices:
             self._prices.move_to_end(key)
             return self._prices[key]
-        price = await self.pricing_pool.run(engine.preview_task, spec.to_json(), record.metadata, request.epsilon,
+        price = await self.pricing_pool.run(engine.PREVIEW_TASK, spec.to_json(), record.metadata, request.epsilon,
                                             request.delta, request.bounds, backend, timeout=self.free_timeout)
         self._prices[key] = price
         while len(self._prices) > PRICE_CACHE_SIZE:
@@ -248,7 +252,7 @@ class QueryService:
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run the priced query on a parquet file in a worker: (the worker's answer, the answer's public part)."""
         released = await self.pool.run(
-            engine.release_task, spec.to_json(), record.metadata, request.bounds, parquet_path, price,
+            engine.RELEASE_TASK, spec.to_json(), record.metadata, request.bounds, parquet_path, price,
             backend or self.backends.choose(record.metadata), self.backends.spark_remote, timeout=timeout,
         )
         answer = {
