@@ -13,6 +13,7 @@ import polars as pl
 import requests
 import yaml
 
+from .builder import Query
 from .charts import Chart, plot_spec
 from .errors import LomasError
 
@@ -180,15 +181,23 @@ class Client:
     def describe(self, dataset: str) -> dict[str, Any]:
         return self._call("GET", f"datasets/{dataset}")
 
-    def preview(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
-                bounds: dict[str, list[float]] | None = None) -> dict[str, Any]:
-        return self._call("POST", "preview", _query_body(dataset, sql, epsilon, delta, bounds))
+    def table(self, dataset: str) -> Query:
+        """A query on `dataset` in the polars-shaped builder: `.filter(...)`, `.group_by(...)`, `.agg(...)`."""
+        return Query(self, dataset)
 
-    def query(self, dataset: str, sql: str, epsilon: float, delta: float = 0.0,
-              bounds: dict[str, list[float]] | None = None, dummy: bool = False, fresh: bool = False) -> Release:
+    def preview(self, dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0,
+                bounds: dict[str, list[float]] | None = None, *, query: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """Free: what the query would cost and how accurate it would be. `sql`, or a builder's `query`."""
+        return self._call("POST", "preview", _query_body(dataset, sql, query, epsilon, delta, bounds))
+
+    def query(self, dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0,
+              bounds: dict[str, list[float]] | None = None, dummy: bool = False, fresh: bool = False, *,
+              query: dict[str, Any] | None = None) -> Release:
         """A DP release, charged. Asking the same again returns the earlier release for free (a replay) unless
-        `fresh=True`. With `dummy=True`: the same query on dummy rows, free and labelled."""
-        body = _query_body(dataset, sql, epsilon, delta, bounds)
+        `fresh=True`. With `dummy=True`: the same query on dummy rows, free and labelled. `sql`, or a builder's
+        `query` (its description)."""
+        body = _query_body(dataset, sql, query, epsilon, delta, bounds)
         if fresh and not dummy:
             body["fresh"] = True
         release = Release.from_json(self._call("POST", "dummy" if dummy else "query", body))
@@ -289,8 +298,14 @@ class Client:
         return self._call("GET", f"admin/courses/{course}/spending/{dataset}")
 
 
-def _query_body(dataset: str, sql: str, epsilon: float, delta: float, bounds: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"dataset": dataset, "sql": sql, "epsilon": epsilon, "delta": delta}
+def _query_body(dataset: str, sql: str | None, query: dict[str, Any] | None, epsilon: float | None, delta: float,
+                bounds: Any) -> dict[str, Any]:
+    if (sql is None) == (query is None):
+        raise LomasError("give either sql or a builder query")
+    if epsilon is None:
+        raise LomasError("epsilon is required: the privacy budget to spend on this query")
+    body: dict[str, Any] = {"dataset": dataset, "epsilon": epsilon, "delta": delta}
+    body.update({"sql": sql} if query is None else {"query": query})
     if bounds is not None:
         body["bounds"] = bounds
     return body

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine
+from ..engine.builder import description_to_sql
 from ..engine.metadata import parse_metadata
 from ..engine.post import NOTE as POST_NOTE
 from ..engine.post import apply_post
@@ -37,14 +38,17 @@ class QueryRequest:
 
     @classmethod
     def parse(cls, body: dict[str, Any], max_epsilon: float) -> QueryRequest:
-        allowed = {"dataset", "sql", "epsilon", "delta", "bounds", "fresh"}
+        allowed = {"dataset", "sql", "query", "epsilon", "delta", "bounds", "fresh"}
         unknown = set(body) - allowed
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a query takes {sorted(allowed)}")
         dataset = body.get("dataset")
         if not isinstance(dataset, str) or not dataset:
             raise BadRequest("'dataset' is required: the name of the dataset to query")
-        sql = body.get("sql")
+        if ("sql" in body) == ("query" in body):
+            raise BadRequest("send either 'sql' (the SELECT query to run) or 'query' (its description as JSON)")
+        # a description becomes SQL here, so that both forms go through the one compiler (engine.builder)
+        sql = body["sql"] if "sql" in body else description_to_sql(body["query"], dataset)
         if not isinstance(sql, str) or not sql.strip():
             raise BadRequest("'sql' is required: the SELECT query to run")
         if "epsilon" not in body:
