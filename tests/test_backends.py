@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from lomas_jupyter_server import engine
-from lomas_jupyter_server.engine import engines, exact, noise
+from lomas_jupyter_server.engine import engines, exact, expressions, noise
 from lomas_jupyter_server.engine.metadata import EMBEDDED, effective_bounds, parse_metadata
 from lomas_jupyter_server.engine.plan import Plan
 from lomas_jupyter_server.engine.sql import compile_sql
@@ -32,7 +32,7 @@ META_DOC = {
 }
 META = parse_metadata(META_DOC)
 
-# (sql, narrowed bounds): 34 shapes
+# (sql, narrowed bounds): 39 shapes
 SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*) FROM t", None),
     ("SELECT COUNT(x) FROM t", None),
@@ -68,6 +68,12 @@ SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*), AVG(x) FROM t WHERE y < -100", None),
     ("SELECT k, SUM(y) FROM t WHERE b = TRUE GROUP BY k", None),
     ("SELECT k, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY x) FROM t GROUP BY k", None),
+    # values computed before aggregation, from clipped columns (issue 21)
+    ("SELECT SUM(x * y), COUNT(x * y) FROM t", None),
+    ("SELECT g, AVG(y - 18), SUM(2 * y + 1) FROM t GROUP BY g", None),
+    ("SELECT AVG(x / 4 - y), VAR_SAMP(x + y) FROM t WHERE k > 1", None),
+    ("SELECT k, MEDIAN(x * 2 + y) FROM t GROUP BY k", None),
+    ("SELECT SUM(x * y) FROM t", {"x": [2.0, 8.0], "y": [-10, 20]}),
 ]
 
 
@@ -141,6 +147,13 @@ def _term(stat: exact.ExactStatistic, value: Any) -> int:
     return int(math.copysign(rounded, units))
 
 
+def _value(stage: exact.ExactStage, column: str, row: dict[str, Any]) -> Any:
+    for name, tree, bounds in stage.derived:
+        if name == column:
+            return expressions.evaluate(tree, row, dict(bounds))
+    return row[column]
+
+
 def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
     """What the exact stage means, computed the slow and obvious way."""
     index = {key: n for n, key in enumerate(stage.keys)}
@@ -155,7 +168,7 @@ def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
         if n is None or _holds(stage.where, row) is not True:
             continue
         for j, stat in enumerate(stage.statistics):
-            value = row[stat.column] if stat.column else 0
+            value = _value(stage, stat.column, row) if stat.column else 0
             if value is None:
                 continue
             if stat.kind == "count":

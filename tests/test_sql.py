@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from lomas_jupyter_server.demo import penguins_metadata
-from lomas_jupyter_server.engine.metadata import parse_metadata
+from lomas_jupyter_server.engine.metadata import effective_bounds, parse_metadata
+from lomas_jupyter_server.engine.plan import Plan
 from lomas_jupyter_server.engine.sql import compile_sql
 from lomas_jupyter_server.errors import QueryRejected
 
@@ -74,8 +75,14 @@ REFUSED = [
     ("SELECT COUNT(DISTINCT species) FROM penguins", "DISTINCT"),
     ("SELECT DISTINCT species FROM penguins", "DISTINCT"),
     ("SELECT SUM(species) FROM penguins", "not numeric"),
-    ("SELECT SUM(body_mass_g * 2) FROM penguins", "plain column"),
-    ("SELECT body_mass_g / 2 FROM penguins", "arithmetic is on aggregates after release"),
+    ("SELECT SUM(body_mass_g / bill_length_mm) FROM penguins", "divide by a non-zero number only"),
+    ("SELECT SUM(body_mass_g / 0) FROM penguins", "divide by a non-zero number only"),
+    ("SELECT SUM(species || 'x') FROM penguins", "unsupported expression inside SUM"),
+    ("SELECT AVG(species * 2) FROM penguins", "column 'species' is string"),
+    ("SELECT SUM(SUM(body_mass_g)) FROM penguins", "aggregates cannot be nested"),
+    ("SELECT SUM(2 * 3) FROM penguins", "is a constant"),
+    ("SELECT SUM(body_mass_g * 0) FROM penguins", "takes a single value"),
+    ("SELECT body_mass_g / 2 FROM penguins", "put the arithmetic inside the aggregate"),
     ("SELECT 2 + 3 FROM penguins", "computes no aggregate"),
     ("SELECT COUNT(*) FROM penguins WHERE species > 3", "quoted string"),
     ("SELECT COUNT(*) FROM penguins WHERE year = 'x'", "compare it with a number"),
@@ -101,6 +108,23 @@ def test_refused_with_a_message_naming_the_problem(sql: str, expected: str) -> N
     with pytest.raises(QueryRejected) as info:
         compile_sql(sql, "penguins", META)
     assert expected.lower() in info.value.message.lower()
+
+
+def test_arithmetic_inside_an_aggregate_is_a_derived_column_with_bounds_from_metadata() -> None:
+    """Issue 21.2: SUM(a * b), AVG(x - 18): one derived value per distinct expression, its bounds by interval
+    arithmetic on the columns' (narrowed) bounds, never from data; the canonical query names the expression."""
+    spec = compile_sql("SELECT SUM(body_mass_g * 2) AS s, AVG((body_mass_g * 2)), SUM(bill_length_mm - 18) "
+                       "FROM penguins", "penguins", META)
+    assert [d.expression for d in spec.derived] == [
+        {"op": "*", "args": [{"col": "body_mass_g"}, {"const": 2}]},
+        {"op": "-", "args": [{"col": "bill_length_mm"}, {"const": 18}]}]
+    assert [a.column for a in spec.aggregates] == ["__d0", "__d0", "__d1"]
+    assert [o.name for o in spec.outputs] == ["s", "AVG((body_mass_g * 2))", "SUM(bill_length_mm - 18)"]
+    lo, hi = META.column("body_mass_g").bounds
+    plan = Plan(spec, META, effective_bounds(META, {"body_mass_g": [3000, 5000]}))
+    assert plan.bounds["__d0"] == (6000.0, 10000.0) and plan.bounds["__d0"] != (2 * lo, 2 * hi)
+    blo, bhi = META.column("bill_length_mm").bounds
+    assert plan.bounds["__d1"] == (blo - 18, bhi - 18)
 
 
 def test_group_by_needs_public_categories_even_with_metadata_from_yaml() -> None:

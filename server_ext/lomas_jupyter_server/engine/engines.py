@@ -64,11 +64,11 @@ class PolarsWords:
     def when(self, condition: pl.Expr, then: pl.Expr, otherwise: pl.Expr) -> pl.Expr:
         return pl.when(condition).then(then).otherwise(otherwise)
 
-    def present(self, column: str) -> pl.Expr:
-        return pl.col(column).is_not_null()
+    def present(self, value: pl.Expr) -> pl.Expr:
+        return value.is_not_null()
 
-    def count(self, column: str, name: str) -> pl.Expr:
-        return pl.col(column).count().cast(pl.Int64).alias(name)
+    def count(self, value: pl.Expr, name: str) -> pl.Expr:
+        return value.count().cast(pl.Int64).alias(name)
 
     def clip(self, value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
         return value.clip(lo, hi)
@@ -108,11 +108,11 @@ class DuckDBWords:
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
         return self.duckdb.CaseExpression(condition, then).otherwise(otherwise)
 
-    def present(self, column: str) -> Any:
-        return self.col(column).isnotnull()
+    def present(self, value: Any) -> Any:
+        return value.isnotnull()
 
-    def count(self, column: str, name: str) -> Any:
-        return self.duckdb.FunctionExpression("count", self.col(column)).alias(name)
+    def count(self, value: Any, name: str) -> Any:
+        return self.duckdb.FunctionExpression("count", value).alias(name)
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.duckdb.CaseExpression(value < lo, lo).when(value > hi, hi).otherwise(value)
@@ -218,11 +218,11 @@ class SparkWords:
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any:
         return self.f.when(condition, then).otherwise(otherwise)
 
-    def present(self, column: str) -> Any:
-        return self.col(column).isNotNull()
+    def present(self, value: Any) -> Any:
+        return value.isNotNull()
 
-    def count(self, column: str, name: str) -> Any:
-        return self.f.count(self.col(column)).alias(name)
+    def count(self, value: Any, name: str) -> Any:
+        return self.f.count(value).alias(name)
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import QueryRejected
+from . import expressions
 from .statistics import (
     Statistic,
     centre,
@@ -35,11 +36,11 @@ class Vocabulary(Protocol):
     def lit(self, value: Any) -> Any: ...
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any: ...
     def clip(self, value: Any, lo: Any, hi: Any) -> Any: ...  # NULL stays NULL
-    def present(self, column: str) -> Any: ...  # IS NOT NULL
+    def present(self, value: Any) -> Any: ...  # IS NOT NULL
     def round_int64(self, value: Any) -> Any: ...  # to the nearest whole number, halves away from zero
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
-    def count(self, column: str, name: str) -> Any: ...  # COUNT(column): its non-null values
+    def count(self, value: Any, name: str) -> Any: ...  # COUNT(value): its non-null values
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,19 @@ class ExactStage:
     keys: tuple[tuple[Any, ...], ...]  # the public key set, in the order released frames list it
     statistics: tuple[ExactStatistic, ...]
     where: dict[str, Any] | None
+    # values computed before aggregation: (name, `expressions` tree, the bounds its columns are clipped to)
+    derived: tuple[tuple[str, dict[str, Any], tuple[tuple[str, tuple[Any, Any]], ...]], ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.keys)
+
+    def value(self, v: Vocabulary, column: str) -> Any:
+        """A column, or a derived value computed from its columns, in the engine's vocabulary."""
+        for name, tree, bounds in self.derived:
+            if name == column:
+                return expressions.build(v, tree, dict(bounds))
+        return v.col(column)
 
 
 def compile_stage(plan: Any) -> ExactStage:
@@ -81,7 +91,9 @@ def compile_stage(plan: Any) -> ExactStage:
         statistics.append(exact)
     key_lists = [metadata.column(k).group_keys for k in spec.group_by]
     keys = tuple(itertools.product(*key_lists)) if spec.group_by else ((),)
-    return ExactStage(tuple(spec.group_by), keys, tuple(statistics), spec.where)
+    derived = tuple((d.name, d.expression, tuple((c, tuple(bounds[c])) for c in expressions.columns_of(d.expression)))
+                    for d in spec.derived)
+    return ExactStage(tuple(spec.group_by), keys, tuple(statistics), spec.where, derived)
 
 
 def _exact_statistic(stat: Statistic, step: float | None, metadata: Any, bounds: dict[str, Any]) -> ExactStatistic:
@@ -134,7 +146,7 @@ def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
 
 
 def _is_null(v: Vocabulary, column: str, negate: bool) -> Any:
-    present = v.present(column)
+    present = v.present(v.col(column))
     return present if negate else ~present
 
 
@@ -157,30 +169,29 @@ def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
     for j, stat in enumerate(stage.statistics):
         name = statistic_name(j)
         if stat.kind == "quantile":
-            x = v.col(stat.column)
-            condition = v.present(stat.column) if kept is None else v.present(stat.column) & kept
+            x = stage.value(v, stat.column)  # type: ignore[arg-type]
+            condition = v.present(x) if kept is None else v.present(x) & kept
             for i, candidate in enumerate(stat.candidates):
                 c = v.lit(candidate)
                 out.append(v.sum(v.when(condition & (x < c), v.lit(1), v.lit(0)), f"{name}_lt_{i}"))
                 out.append(v.sum(v.when(condition & (x > c), v.lit(1), v.lit(0)), f"{name}_gt_{i}"))
         elif stat.kind == "count" and kept is None:
-            out.append(v.rows(name) if stat.column is None else v.count(stat.column, name))
+            out.append(v.rows(name) if stat.column is None else v.count(stage.value(v, stat.column), name))
         elif stat.kind == "count":
-            condition = kept if stat.column is None else v.present(stat.column) & kept
+            condition = kept if stat.column is None else v.present(stage.value(v, stat.column)) & kept
             out.append(v.sum(v.when(condition, v.lit(1), v.lit(0)), name))
         else:
-            term = _sum_term(v, stat)
+            term = _sum_term(v, stat, stage.value(v, stat.column))  # type: ignore[arg-type]
             out.append(v.sum(term if kept is None else v.when(kept, term, v.lit(0)), name))
     return out
 
 
-def _sum_term(v: Vocabulary, stat: ExactStatistic) -> Any:
+def _sum_term(v: Vocabulary, stat: ExactStatistic, x: Any) -> Any:
     """clip(x) - shift, squared for a sum of squares; in fixed point, that / step rounded to a whole number
     (halves away from zero) as int64: each term moves by at most half a step, within the rounding allowance every
     SUM interval carries. (OpenDP's polars plan, which has no round, rounds by adding an offset and truncating:
     the same but for halves below zero.) The clip is a CASE, not LEAST and GREATEST, which skip NULLs in SQL
     engines (a NULL would become the lower bound)."""
-    x = v.col(stat.column)
     lo, hi = (v.lit(b) for b in stat.clip)  # type: ignore[union-attr]
     term = v.clip(x, lo, hi) - v.lit(stat.shift)
     if stat.square:

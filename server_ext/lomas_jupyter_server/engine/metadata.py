@@ -79,9 +79,11 @@ class DatasetMetadata:
     columns: tuple[ColumnMetadata, ...]
     description: str = ""
     backend: str = "auto"  # which engine runs its queries (engines.choose_backend); public, as the rest
+    # a query's values computed before aggregation (sql.Derived), as columns with derived bounds: a plan's own
+    derived: tuple[ColumnMetadata, ...] = ()
 
     def column(self, name: str) -> ColumnMetadata | None:
-        for col in self.columns:
+        for col in (*self.columns, *self.derived):
             if col.name == name:
                 return col
         return None

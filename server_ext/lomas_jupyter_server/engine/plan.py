@@ -3,6 +3,7 @@ every released number is worth (its 95% interval, derived from the public plan, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .accuracy import (
     ratio_grid,
     ratio_interval,
 )
+from .expressions import derived_column
 from .metadata import DatasetMetadata, effective_bounds, parse_metadata
 from .polars_backend import build_plan, collect_release, input_domain
 from .sql import Aggregate, QuerySpec
@@ -124,6 +126,11 @@ class Plan:
     steps: list[float | None] = field(init=False)  # per statistic: its fixed-point step, None if exact as is
 
     def __post_init__(self) -> None:
+        if self.spec.derived:  # each derived value is one more column, bounded from its columns' bounds
+            derived = tuple(derived_column(d.name, d.expression, self.metadata, self.bounds)
+                            for d in self.spec.derived)
+            self.metadata = dataclasses.replace(self.metadata, derived=derived)
+            self.bounds = self.bounds | {c.name: c.bounds for c in derived}  # type: ignore[misc]
         self.statistics, self.recipes = plan_statistics(self.spec, self.metadata)
         self.steps = [fixed_point_step(stat, self.metadata, self.bounds) for stat in self.statistics]
 
@@ -268,25 +275,27 @@ class Plan:
 
     def _label(self, j: int) -> str:
         stat, step = self.statistics[j], self.steps[j]
+        name = self.spec.label(stat.column)
         rounded = f", in steps of {step:g}" if step else ""
         if stat.kind == "rows":
             return "COUNT(*)"
         if stat.kind == "count":
-            return f"COUNT({stat.column})"
+            return f"COUNT({name})"
         lo, hi = self.bounds[stat.column]  # type: ignore[index]
         if stat.kind == "sum":
-            return f"SUM({stat.column}) clipped to [{lo:g}, {hi:g}]{rounded}"
+            return f"SUM({name}) clipped to [{lo:g}, {hi:g}]{rounded}"
         if stat.kind == "centred_sum":
             col = self.metadata.column(stat.column)  # type: ignore[arg-type]
-            return f"SUM({stat.column} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]{rounded}"  # type: ignore[arg-type]
+            return f"SUM({name} - {centre(col, self.bounds):g}) clipped to [{lo:g}, {hi:g}]{rounded}"  # type: ignore[arg-type]
         if stat.kind == "centred_sumsq":
             col = self.metadata.column(stat.column)  # type: ignore[arg-type]
-            return f"SUM(({stat.column} - {centre(col, self.bounds):g})^2), {stat.column} clipped to [{lo:g}, {hi:g}]"  # type: ignore[arg-type]
-        return f"PERCENTILE({stat.quantile:g}) of {stat.column}"
+            return f"SUM(({name} - {centre(col, self.bounds):g})^2), {name} clipped to [{lo:g}, {hi:g}]"  # type: ignore[arg-type]
+        return f"PERCENTILE({stat.quantile:g}) of {name}"
 
     def _describe_aggregate(self, agg: Aggregate, recipe: Recipe, released: list[dict[str, Any]],
                             summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": agg.column, "alpha": ALPHA}
+        name = self.spec.label(agg.column)  # a derived value's expression, as written
+        info: dict[str, Any] = {"name": agg.alias, "kind": agg.kind, "column": name, "alpha": ALPHA}
         if agg.quantile is not None:
             info["quantile"] = agg.quantile
         parts = [released[j] for j in recipe.uses]
@@ -304,10 +313,10 @@ class Plan:
         if recipe.how == "count":
             info["accuracy"] = parts[0]["accuracy"]
             info["covers"] = ("the number of rows" if agg.kind == "count_star"
-                              else f"the number of non-null values of {agg.column}")
+                              else f"the number of non-null values of {name}")
         elif recipe.how == "sum":
             info["accuracy"] = parts[0]["accuracy"]
-            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+            info["covers"] = f"the sum of non-null {name}{clipped}"
         elif recipe.how == "centred_sum":
             col = self.metadata.column(agg.column)  # type: ignore[arg-type]
             total, count = (_noise(summary[statistic_name(j)]) for j in recipe.uses)
@@ -315,10 +324,10 @@ class Plan:
             middle = centre(col, self.bounds)  # type: ignore[arg-type]
             info["accuracy"] = combined_half_width(total, count, middle / unit, ALPHA) * unit \
                 + self._rounding(recipe.uses[0])  # type: ignore[arg-type]
-            info["covers"] = f"the sum of non-null {agg.column}{clipped}"
+            info["covers"] = f"the sum of non-null {name}{clipped}"
         elif recipe.how == "avg":
             info["accuracy"] = None  # it depends on the group's count: each interval is computed per group
-            info["covers"] = f"the mean of non-null {agg.column}{clipped}"
+            info["covers"] = f"the mean of non-null {name}{clipped}"
         elif recipe.how == "var":
             info["accuracy"] = None  # per group, from its count
             # a union bound: each of the three noisy statistics within its 1 - alpha/3 half-width
@@ -326,7 +335,7 @@ class Plan:
                                      + self._rounding(j) for j in recipe.uses]
             what = ("variance" if agg.kind.startswith("var") else "standard deviation")
             sample = "sample" if agg.kind.endswith("samp") else "population"
-            info["covers"] = (f"the {sample} {what} of non-null {agg.column}{clipped}; a conservative interval "
+            info["covers"] = (f"the {sample} {what} of non-null {name}{clipped}; a conservative interval "
                               "(each of its three noisy statistics within its 98.3% range)")
         else:
             col = self.metadata.column(agg.column)  # type: ignore[arg-type]
@@ -337,7 +346,7 @@ class Plan:
             info["rank_error_rows"] = rows
             info["candidates"] = len(candidates)
             info["covers"] = (
-                f"the rank of the value among non-null {agg.column}: with 95% confidence it is within "
+                f"the rank of the value among non-null {name}: with 95% confidence it is within "
                 f"{rows:,.1f} rows of the requested position, beyond the best of the {len(candidates)} "
                 f"candidates over [{candidates[0]:g}, {candidates[-1]:g}]"
             )

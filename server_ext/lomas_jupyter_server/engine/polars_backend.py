@@ -14,6 +14,8 @@ import opendp.prelude as dp
 import polars as pl
 
 from ..errors import QueryRejected
+from . import expressions
+from .engines import PolarsWords
 from .metadata import POLARS_TYPES, ColumnMetadata, DatasetMetadata, polars_schema
 from .sql import QuerySpec
 from .statistics import (
@@ -147,6 +149,9 @@ def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tup
                statistics: list[Statistic], steps: list[float | None], only: list[int] | None = None) -> pl.LazyFrame:
     """The OpenDP plan releasing the statistics (those numbered in `only`, if given), each named by its index."""
     frame = pl.LazyFrame(schema=polars_schema(metadata))  # every row is read: a WHERE is a mask (_statistic_expr)
+    if spec.derived:  # values computed before aggregation: each column clipped to its bounds, then the arithmetic
+        frame = frame.with_columns([expressions.build(PolarsWords(), d.expression, bounds).alias(d.name)
+                                    for d in spec.derived])
     exprs = [_statistic_expr(stat, metadata, bounds, step, spec.where).alias(statistic_name(j))
              for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
     if not spec.group_by:

@@ -18,6 +18,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError
 
 from ..errors import QueryRejected
+from .expressions import derived_column
 from .metadata import ColumnMetadata, DatasetMetadata
 
 MAX_SQL_CHARS = 20_000
@@ -30,7 +31,8 @@ DEFAULT_MAX_GROUPS = 10_000
 SUPPORTED = (
     "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE/VAR_POP/STDDEV/STDDEV_POP(col), "
     "MEDIAN(col), "
-    "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases; FROM <dataset>; "
+    "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases, of a column or of arithmetic on bounded columns "
+    "(SUM(a * b)); arithmetic between aggregates; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories; HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
     "the released values, free)."
@@ -77,6 +79,15 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A value computed from columns before aggregation (`SUM(price * qty)`): aggregates name it as their column."""
+
+    name: str  # __d0, __d1, ...
+    expression: dict[str, Any]  # an `expressions` tree
+    text: str  # how the query wrote it, for labels
+
+
+@dataclass(frozen=True)
 class OutputColumn:
     name: str
     key: str | None = None  # a group-by column
@@ -95,9 +106,12 @@ class QuerySpec:
     where: dict[str, Any] | None = None
     # HAVING / ORDER BY / LIMIT: applied to the released values, never to the data (engine.post)
     post: dict[str, Any] | None = None
+    derived: tuple[Derived, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
+        if not doc["derived"]:
+            doc.pop("derived")
         for output in doc["outputs"]:  # absent unless used: the canonical text of older queries is unchanged
             if output.get("expression") is None:
                 output.pop("expression", None)
@@ -119,7 +133,15 @@ class QuerySpec:
             outputs=tuple(OutputColumn(**o) for o in doc["outputs"]),
             where=doc.get("where"),
             post=doc.get("post"),
+            derived=tuple(Derived(**d) for d in doc.get("derived", ())),
         )
+
+    def label(self, column: str | None) -> str | None:
+        """A column's name as the query wrote it (a derived value's expression)."""
+        for derived in self.derived:
+            if derived.name == column:
+                return derived.text
+        return column
 
 
 def _reject(message: str) -> QueryRejected:
@@ -131,6 +153,7 @@ class _Compiler:
         self.metadata = metadata
         self.table = table
         self.conditions = 0
+        self.derived: list[Derived] = []
 
     def column(self, node: exp.Expression, purpose: str) -> ColumnMetadata:
         if not isinstance(node, exp.Column):
@@ -242,6 +265,10 @@ class _Compiler:
         return {"op": "is_null", "column": col.name, "negate": negate}
 
     def numeric_column(self, node: exp.Expression, fn: str) -> ColumnMetadata:
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if not isinstance(node, exp.Column):
+            return self.derive(node, fn)
         col = self.column(node, f"the argument of {fn}")
         if not col.numeric:
             raise QueryRejected(f"{fn}({col.name}): column '{col.name}' is {col.type}, not numeric")
@@ -250,6 +277,55 @@ class _Compiler:
                 f"{fn}({col.name}): column '{col.name}' has no public bounds in the metadata, so it cannot be aggregated"
             )
         return col
+
+    def derive(self, node: exp.Expression, fn: str) -> ColumnMetadata:
+        """Arithmetic on bounded columns inside an aggregate, as one more (derived) column with bounds derived
+        from the columns' public bounds; identical expressions share one."""
+        tree = self.value_tree(node, fn, 0)
+        for derived in self.derived:
+            if derived.expression == tree:
+                break
+        else:
+            derived = Derived(f"__d{len(self.derived)}", tree, node.sql(dialect="postgres"))
+            self.derived.append(derived)
+        bounds = {c.name: c.bounds for c in self.metadata.columns if c.bounds is not None}
+        return derived_column(derived.name, tree, self.metadata, bounds)  # type: ignore[arg-type]
+
+    def value_tree(self, node: exp.Expression, fn: str, depth: int) -> dict[str, Any]:
+        if depth > MAX_NESTING:
+            raise QueryRejected(f"an expression inside {fn} nests more than {MAX_NESTING} levels deep")
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Column):
+            col = self.column(node, f"a column inside {fn}")
+            if not col.numeric or col.bounds is None:
+                why = f"is {col.type}" if not col.numeric else "has no public bounds"
+                raise QueryRejected(f"{fn}({_short(node)}...): column '{col.name}' {why}, so it cannot be used in "
+                                    "arithmetic")
+            return {"col": col.name}
+        if isinstance(node, exp.Literal) and not node.is_string:
+            return {"const": _number(node.this)}
+        if isinstance(node, exp.Neg):
+            inner = self.value_tree(node.this, fn, depth + 1)
+            if "const" in inner:
+                return {"const": -inner["const"]}
+            return {"op": "*", "args": [{"const": -1}, inner]}
+        ops = {exp.Add: "+", exp.Sub: "-", exp.Mul: "*", exp.Div: "/"}
+        for cls, op in ops.items():
+            if isinstance(node, cls):
+                left = self.value_tree(node.left, fn, depth + 1)
+                right = self.value_tree(node.right, fn, depth + 1)
+                if op == "/" and ("const" not in right or right["const"] == 0):
+                    raise _reject(f"inside {fn}, divide by a non-zero number only, not '{_short(node.right)}' "
+                                  "(a ratio of aggregates, e.g. SUM(a) / SUM(b), is computed after release)")
+                tree = {"op": op, "args": [left, right]}
+                if "const" in left and "const" in right:
+                    raise _reject(f"'{_short(node)}' inside {fn} is a constant: aggregate a column")
+                return tree
+        if isinstance(node, (exp.AggFunc, exp.Window)):
+            raise _reject(f"aggregates cannot be nested: '{_short(node)}' inside {fn}")
+        raise _reject(f"unsupported expression inside {fn}: '{_short(node)}'; inside an aggregate, arithmetic "
+                      "(+ - * and / by a number) on bounded numeric columns is supported")
 
     def quantile_value(self, node: exp.Expression) -> float:
         if not isinstance(node, exp.Literal) or node.is_string:
@@ -269,6 +345,10 @@ class _Compiler:
                 raise _reject("COUNT(DISTINCT ...) is not supported")
             if isinstance(arg, exp.Literal) and not arg.is_string and arg.this == "1":
                 return "count_star", None, None
+            while isinstance(arg, exp.Paren):
+                arg = arg.this
+            if not isinstance(arg, exp.Column):
+                return "count", self.derive(arg, "COUNT").name, None
             return "count", self.column(arg, "the argument of COUNT").name, None
         if isinstance(node, exp.Sum):
             return "sum", self.numeric_column(node.this, "SUM").name, None
@@ -303,6 +383,16 @@ class _Compiler:
             name = node.sql_name() if isinstance(node, exp.Func) else _short(node)
             raise _reject(f"aggregate function {name} is not supported")
         raise _reject(f"unsupported select item '{_short(node)}'")
+
+
+_VALUE_OPERATORS = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Neg)
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise _reject(f"'{text}' is not a number") from None
 
 
 def _short(node: exp.Expression) -> str:
@@ -431,7 +521,8 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             output = OutputColumn(alias or _short(node), expression=expression)
         else:
             kind, column, quantile = compiler.aggregate(node)
-            name = alias or _default_alias(kind, column, quantile)
+            derived = column is not None and column.startswith("__")
+            name = alias or (_short(node) if derived else _default_alias(kind, column, quantile))
             aggregates.append(Aggregate(kind, column, name, quantile))
             output = OutputColumn(name, aggregate=len(aggregates) - 1)
         if output.name in names:
@@ -446,7 +537,8 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
     where = select.args.get("where")
     predicate = compiler.predicate(where.this) if where is not None else None
     post = _post_processing(select, compiler, outputs, aggregates)
-    return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate, post)
+    return QuerySpec(table, tuple(group_by), tuple(aggregates), tuple(outputs), predicate, post,
+                     tuple(compiler.derived))
 
 
 def _arithmetic(node: exp.Expression, compiler: _Compiler, aggregates: list[Aggregate], depth: int) -> dict[str, Any]:
@@ -470,8 +562,9 @@ def _arithmetic(node: exp.Expression, compiler: _Compiler, aggregates: list[Aggr
         except ValueError:
             raise _reject(f"'{node.this}' is not a number") from None
     if isinstance(node, exp.Column):
-        raise QueryRejected(f"'{node.name}' in an expression: arithmetic is on aggregates after release (e.g. "
-                            f"SUM({node.name}) / COUNT(*)); arithmetic inside an aggregate is not supported yet")
+        raise QueryRejected(f"'{node.name}' in an expression outside an aggregate: rows are never released. Put the "
+                            f"arithmetic inside the aggregate (e.g. SUM({node.name} * 2)) or between aggregates "
+                            f"(e.g. SUM({node.name}) / COUNT(*))")
     kind, column, quantile = compiler.aggregate(node)
     for i, agg in enumerate(aggregates):
         if (agg.kind, agg.column, agg.quantile) == (kind, column, quantile):
