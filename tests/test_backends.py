@@ -32,7 +32,7 @@ META_DOC = {
 }
 META = parse_metadata(META_DOC)
 
-# (sql, narrowed bounds): 39 shapes
+# (sql, narrowed bounds): 43 shapes
 SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*) FROM t", None),
     ("SELECT COUNT(x) FROM t", None),
@@ -74,6 +74,13 @@ SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT AVG(x / 4 - y), VAR_SAMP(x + y) FROM t WHERE k > 1", None),
     ("SELECT k, MEDIAN(x * 2 + y) FROM t GROUP BY k", None),
     ("SELECT SUM(x * y) FROM t", {"x": [2.0, 8.0], "y": [-10, 20]}),
+    # a CASE as a group key: its labels are the public key set, NULL where no branch holds and there is no ELSE
+    ("SELECT CASE WHEN y < 0 THEN 'neg' WHEN y = 0 THEN 'zero' ELSE 'pos' END AS s, COUNT(*), AVG(x) FROM t "
+     "GROUP BY s", None),
+    ("SELECT g, CASE WHEN x >= 5 OR x IS NULL THEN 1 WHEN x < 1 THEN 2 END, SUM(y) FROM t GROUP BY g, 2", None),
+    ("SELECT CASE g WHEN 'a' THEN 'A' WHEN 'e' THEN 'E' ELSE 'other' END AS h, MEDIAN(x) FROM t GROUP BY h", None),
+    ("SELECT CASE WHEN k IN (1, 2) THEN 'low' ELSE 'high' END AS band, VAR_POP(y), SUM(x * 2) FROM t "
+     "WHERE b = TRUE GROUP BY band", None),
 ]
 
 
@@ -150,7 +157,7 @@ def _term(stat: exact.ExactStatistic, value: Any) -> int:
 def _value(stage: exact.ExactStage, column: str, row: dict[str, Any]) -> Any:
     for name, tree, bounds in stage.derived:
         if name == column:
-            return expressions.evaluate(tree, row, dict(bounds))
+            return expressions.evaluate(tree, row, dict(bounds), _holds)
     return row[column]
 
 
@@ -164,7 +171,7 @@ def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
         else:
             values.append([0] * stage.size)
     for row in frame.iter_rows(named=True):
-        n = index.get(tuple(row[k] for k in stage.group_by))
+        n = index.get(tuple(_value(stage, k, row) for k in stage.group_by))
         if n is None or _holds(stage.where, row) is not True:
             continue
         for j, stat in enumerate(stage.statistics):

@@ -83,6 +83,12 @@ REFUSED = [
     ("SELECT SUM(2 * 3) FROM penguins", "is a constant"),
     ("SELECT SUM(body_mass_g * 0) FROM penguins", "takes a single value"),
     ("SELECT body_mass_g / 2 FROM penguins", "put the arithmetic inside the aggregate"),
+    ("SELECT CASE WHEN year > 2008 THEN 'late' END AS p, COUNT(*) FROM penguins", "not in GROUP BY"),
+    ("SELECT CASE WHEN year > 2008 THEN body_mass_g END AS p, COUNT(*) FROM penguins GROUP BY p",
+     "text or whole-number literal"),
+    ("SELECT CASE WHEN year > 2008 THEN 'late' ELSE 1 END AS p, COUNT(*) FROM penguins GROUP BY p",
+     "all be text, or all whole numbers"),
+    ("SELECT COUNT(*) FROM penguins GROUP BY 2", "there are 1 select items"),
     ("SELECT 2 + 3 FROM penguins", "computes no aggregate"),
     ("SELECT COUNT(*) FROM penguins WHERE species > 3", "quoted string"),
     ("SELECT COUNT(*) FROM penguins WHERE year = 'x'", "compare it with a number"),
@@ -108,6 +114,23 @@ def test_refused_with_a_message_naming_the_problem(sql: str, expected: str) -> N
     with pytest.raises(QueryRejected) as info:
         compile_sql(sql, "penguins", META)
     assert expected.lower() in info.value.message.lower()
+
+
+def test_a_case_is_a_group_key_named_by_itself_its_alias_or_its_position() -> None:
+    """Issue 21.2: CASE WHEN maps rows into public labels; the three spellings are one query (one replay key)."""
+    case = "CASE WHEN year < 2008 THEN 'early' WHEN year = 2008 THEN 'mid' ELSE 'late' END"
+    spellings = [f"SELECT {case} AS period, COUNT(*) FROM penguins GROUP BY {case}",
+                 f"SELECT {case} AS period, COUNT(*) FROM penguins GROUP BY period",
+                 f"SELECT {case} AS period, COUNT(*) FROM penguins GROUP BY 1"]
+    specs = [compile_sql(sql, "penguins", META) for sql in spellings]
+    assert len({spec.canonical() for spec in specs}) == 1
+    spec = specs[0]
+    assert spec.group_by == ("__k0",) and spec.outputs[0].name == "period"
+    plan = Plan(spec, META, effective_bounds(META, None))
+    assert plan.metadata.column("__k0").group_keys == ("early", "mid", "late")  # no NULL group: there is an ELSE
+    no_else = compile_sql("SELECT CASE species WHEN 'Adelie' THEN 1 END AS a, COUNT(*) FROM penguins GROUP BY a",
+                          "penguins", META)
+    assert Plan(no_else, META, {}).metadata.column("__k0").group_keys == (1, None)
 
 
 def test_arithmetic_inside_an_aggregate_is_a_derived_column_with_bounds_from_metadata() -> None:

@@ -84,8 +84,12 @@ class PolarsWords:
 
 
 def _run_polars_streaming(stage: ExactStage, location: str) -> list[dict[str, Any]]:
+    words = PolarsWords()
     frame = locations.scan(location)
-    aggs = aggregations(PolarsWords(), stage)
+    computed = stage.computed_keys(words)
+    if computed:
+        frame = frame.with_columns([value.alias(name) for name, value in computed])
+    aggs = aggregations(words, stage)
     query = frame.group_by(list(stage.group_by)).agg(aggs) if stage.group_by else frame.select(aggs)
     return query.collect(engine="streaming").to_dicts()
 
@@ -158,6 +162,9 @@ def _run_duckdb(stage: ExactStage, location: str) -> list[dict[str, Any]]:
     con = _duckdb_connection().cursor()
     try:
         relation = con.read_parquet(locations.parquet_files(location))
+        computed = stage.computed_keys(words)
+        if computed:
+            relation = relation.select(words.duckdb.StarExpression(), *[v.alias(n) for n, v in computed])
         aggs = aggregations(words, stage)
         if stage.group_by:
             keys = [words.col(k) for k in stage.group_by]
@@ -282,6 +289,9 @@ def _run_spark(stage: ExactStage, location: str, remote: str | None) -> list[dic
     # s3a://, a path only the cluster has) as the cluster sees it
     local = Path(location).exists() and not locations.is_remote(location)
     frame = spark_session(remote).read.parquet(*(locations.parquet_files(location) if local else [location]))
+    computed = stage.computed_keys(words)
+    if computed:
+        frame = frame.select("*", *[value.alias(name) for name, value in computed])
     aggs = aggregations(words, stage)
     query = frame.groupBy(*[words.col(k) for k in stage.group_by]).agg(*aggs) if stage.group_by else frame.agg(*aggs)
     return [row.asDict() for row in query.collect()]

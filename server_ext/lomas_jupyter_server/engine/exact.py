@@ -73,9 +73,18 @@ class ExactStage:
     def value(self, v: Vocabulary, column: str) -> Any:
         """A column, or a derived value computed from its columns, in the engine's vocabulary."""
         for name, tree, bounds in self.derived:
+            if name == column and "case" in tree:  # the first branch that holds; unknown is not true
+                value = v.lit(tree["else"])
+                for branch in reversed(tree["case"]):
+                    value = v.when(predicate(v, branch["when"]), v.lit(branch["then"]), value)
+                return value
             if name == column:
                 return expressions.build(v, tree, dict(bounds))
         return v.col(column)
+
+    def computed_keys(self, v: Vocabulary) -> list[tuple[str, Any]]:
+        """The group keys computed from columns (a CASE), by name: engines add them before grouping."""
+        return [(name, self.value(v, name)) for name, _, _ in self.derived if name in self.group_by]
 
 
 def compile_stage(plan: Any) -> ExactStage:

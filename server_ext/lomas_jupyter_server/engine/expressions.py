@@ -1,10 +1,12 @@
-"""Values computed from columns before aggregation (`SUM(price * qty)`, `AVG(age - 18)`): a small tree of bounded
-numeric columns, numbers and + - * / (by a number only), whose bounds follow from the columns' public bounds by
-interval arithmetic, never from the data.
+"""Values computed from columns before aggregation, as one more column of the query with public metadata derived
+from the columns' metadata alone, never from the data:
 
-A tree is {"col": name} | {"const": number} | {"op": "+" | "-" | "*" | "/", "args": [tree, tree]}. Each column is
-clipped to its bounds before the arithmetic, so every value lies within the derived bounds; the aggregate then
-treats the tree as one more column (`derived_column`), with those bounds, on every backend alike.
+- arithmetic (`SUM(price * qty)`, `AVG(age - 18)`): {"col": name} | {"const": number} |
+  {"op": "+" | "-" | "*" | "/", "args": [tree, tree]} (division by a number only). Each column is clipped to its
+  bounds before the arithmetic, so every value lies within the bounds interval arithmetic derives.
+- a CASE that maps rows into public categories (`CASE WHEN age < 18 THEN 'minor' ELSE 'adult' END`, for GROUP
+  BY): {"case": [{"when": condition, "then": label}, ...], "else": label | None}, conditions as in WHERE. Its
+  categories are its labels (and NULL when it has no ELSE).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ MAX_MAGNITUDE = 2.0**52  # beyond this a float no longer holds every whole numbe
 OPERATORS = ("+", "-", "*", "/")
 
 
+MAX_CASES = 50  # WHEN branches in one CASE
+
+
 def columns_of(tree: dict[str, Any]) -> list[str]:
+    """The columns an arithmetic tree clips (a CASE's conditions clip nothing)."""
+    if "case" in tree:
+        return []
     if "col" in tree:
         return [tree["col"]]
     if "const" in tree:
@@ -27,8 +35,15 @@ def columns_of(tree: dict[str, Any]) -> list[str]:
     return [name for arg in tree["args"] for name in columns_of(arg)]
 
 
+def labels(tree: dict[str, Any]) -> list[Any]:
+    """A CASE's labels, by branch: the ELSE (None without one) first, then each WHEN's."""
+    return [tree.get("else"), *(branch["then"] for branch in tree["case"])]
+
+
 def text(tree: dict[str, Any]) -> str:
     """A canonical spelling of the tree, for labels: fully parenthesised below the top."""
+    if "case" in tree:
+        return "CASE ... END"
     if "col" in tree:
         return tree["col"]
     if "const" in tree:
@@ -70,7 +85,13 @@ def value_range(tree: dict[str, Any], bounds: dict[str, tuple[float, float]]) ->
 
 def derived_column(name: str, tree: dict[str, Any], metadata: DatasetMetadata,
                    bounds: dict[str, tuple[float, float]]) -> ColumnMetadata:
-    """The column a tree stands for: its type, nullability (NULL if any of its columns is) and public bounds."""
+    """The column a tree stands for: its type, nullability (NULL if any of its columns is) and public bounds; for a
+    CASE, its categories."""
+    if "case" in tree:
+        values = labels(tree)  # the groups in the order the CASE lists them, its ELSE last
+        categories = tuple(dict.fromkeys(v for v in (*values[1:], values[0]) if v is not None))
+        kind = "string" if isinstance(categories[0], str) else "int"
+        return ColumnMetadata(name, kind, None in values, None, categories)
     integer = is_integer(tree, metadata)
     lo, hi = value_range(tree, bounds)
     if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_MAGNITUDE:
@@ -105,8 +126,15 @@ def build(v: Any, tree: dict[str, Any], bounds: dict[str, tuple[float, float]]) 
     return left / right
 
 
-def evaluate(tree: dict[str, Any], row: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> Any:
-    """The tree's value on one row, the slow and obvious way (NULL if any column is): for references in tests."""
+def evaluate(tree: dict[str, Any], row: dict[str, Any], bounds: dict[str, tuple[float, float]],
+             holds: Any = None) -> Any:
+    """The tree's value on one row, the slow and obvious way (NULL if any column is): for references in tests.
+    `holds(condition, row)` judges a CASE's conditions (True, False or None for unknown)."""
+    if "case" in tree:
+        for branch in tree["case"]:
+            if holds(branch["when"], row) is True:
+                return branch["then"]
+        return tree.get("else")
     if "col" in tree:
         value = row[tree["col"]]
         if value is None:

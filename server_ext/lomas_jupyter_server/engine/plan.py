@@ -130,7 +130,7 @@ class Plan:
             derived = tuple(derived_column(d.name, d.expression, self.metadata, self.bounds)
                             for d in self.spec.derived)
             self.metadata = dataclasses.replace(self.metadata, derived=derived)
-            self.bounds = self.bounds | {c.name: c.bounds for c in derived}  # type: ignore[misc]
+            self.bounds = self.bounds | {c.name: c.bounds for c in derived if c.bounds}  # type: ignore[misc]
         self.statistics, self.recipes = plan_statistics(self.spec, self.metadata)
         self.steps = [fixed_point_step(stat, self.metadata, self.bounds) for stat in self.statistics]
 

@@ -145,13 +145,28 @@ def _key_frame(spec: QuerySpec, metadata: DatasetMetadata) -> pl.LazyFrame:
     return pl.LazyFrame(rows, schema=schema, orient="row")
 
 
+def _derived(tree: dict[str, Any], metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]]) -> pl.Expr:
+    if "case" not in tree:
+        return expressions.build(PolarsWords(), tree, bounds)
+    # OpenDP 0.16 has no conditional expression: the first branch that holds, as arithmetic on 0/1 masks (an
+    # unknown condition is not true, as in SQL), numbers the label, and replace_strict names it (0: the ELSE)
+    one = pl.lit(1, dtype=pl.Int64)
+    masks = [_predicate(branch["when"]).cast(pl.Int64).fill_null(0) for branch in tree["case"]]
+    index, none_before = pl.lit(0, dtype=pl.Int64), one
+    for i, mask in enumerate(masks, start=1):
+        index = index + pl.lit(i, dtype=pl.Int64) * mask * none_before
+        none_before = none_before * (one - mask)
+    values = expressions.labels(tree)
+    dtype = pl.String if any(isinstance(v, str) for v in values) else pl.Int64
+    return index.replace_strict(list(range(len(values))), values, return_dtype=dtype)
+
+
 def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tuple[float, float]],
                statistics: list[Statistic], steps: list[float | None], only: list[int] | None = None) -> pl.LazyFrame:
     """The OpenDP plan releasing the statistics (those numbered in `only`, if given), each named by its index."""
     frame = pl.LazyFrame(schema=polars_schema(metadata))  # every row is read: a WHERE is a mask (_statistic_expr)
     if spec.derived:  # values computed before aggregation: each column clipped to its bounds, then the arithmetic
-        frame = frame.with_columns([expressions.build(PolarsWords(), d.expression, bounds).alias(d.name)
-                                    for d in spec.derived])
+        frame = frame.with_columns([_derived(d.expression, metadata, bounds).alias(d.name) for d in spec.derived])
     exprs = [_statistic_expr(stat, metadata, bounds, step, spec.where).alias(statistic_name(j))
              for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
     if not spec.group_by:
@@ -170,7 +185,9 @@ def input_domain(spec: QuerySpec, metadata: DatasetMetadata) -> Any:
         ]
     )
     domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=metadata.max_rows))
-    if spec.group_by:
+    if spec.group_by and not any(d.name in spec.group_by for d in spec.derived):
+        # (a key computed by the plan is not in the input's domain: the plan's join with the public key set bounds
+        # its groups)
         groups = math.prod(len(metadata.column(k).group_keys) for k in spec.group_by)  # type: ignore[union-attr]
         domain = dp.with_margin(
             domain,

@@ -18,7 +18,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError
 
 from ..errors import QueryRejected
-from .expressions import derived_column
+from .expressions import MAX_CASES, derived_column
 from .metadata import ColumnMetadata, DatasetMetadata
 
 MAX_SQL_CHARS = 20_000
@@ -34,7 +34,8 @@ SUPPORTED = (
     "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases, of a column or of arithmetic on bounded columns "
     "(SUM(a * b)); arithmetic between aggregates; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
-    "GROUP BY on columns with public categories; HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
+    "GROUP BY on columns with public categories or on a CASE WHEN ... THEN 'label' ... END (by the CASE, its alias "
+    "or position); HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
     "the released values, free)."
 )
 
@@ -291,6 +292,46 @@ class _Compiler:
         bounds = {c.name: c.bounds for c in self.metadata.columns if c.bounds is not None}
         return derived_column(derived.name, tree, self.metadata, bounds)  # type: ignore[arg-type]
 
+    def case_key(self, node: exp.Case) -> str:
+        """A CASE that maps rows into labels, as a group key (a derived column whose categories are its labels);
+        identical CASEs share one."""
+        branches = node.args.get("ifs") or []
+        if not branches or len(branches) > MAX_CASES:
+            raise QueryRejected(f"a CASE needs 1 to {MAX_CASES} WHEN branches")
+        subject = node.this
+        cases = []
+        for branch in branches:
+            condition = branch.this
+            if subject is not None:  # CASE col WHEN value THEN ...: an equality on that column
+                condition = exp.EQ(this=subject.copy(), expression=condition.copy())
+            cases.append({"when": self.predicate(condition), "then": self.label(branch.args.get("true"))})
+        default = node.args.get("default")
+        tree: dict[str, Any] = {"case": cases, "else": None if default is None else self.label(default)}
+        values = [v for v in (tree["else"], *(c["then"] for c in cases)) if v is not None]
+        if not values or len({type(v) for v in values}) > 1:
+            raise _reject("a CASE's THEN and ELSE values must all be text, or all whole numbers")
+        for derived in self.derived:
+            if derived.expression == tree:
+                return derived.name
+        derived = Derived(f"__k{len(self.derived)}", tree, node.sql(dialect="postgres"))
+        self.derived.append(derived)
+        return derived.name
+
+    def label(self, node: exp.Expression | None) -> Any:
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Null):
+            return None
+        if isinstance(node, exp.Literal):
+            if node.is_string:
+                return node.this
+            if node.this.isdigit():
+                return int(node.this)
+        if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and node.this.this.isdigit():
+            return -int(node.this.this)
+        raise _reject(f"a CASE's THEN and ELSE take a text or whole-number literal (its groups are public), not "
+                      f"'{_short(node) if node is not None else ''}'")
+
     def value_tree(self, node: exp.Expression, fn: str, depth: int) -> dict[str, Any]:
         if depth > MAX_NESTING:
             raise QueryRejected(f"an expression inside {fn} nests more than {MAX_NESTING} levels deep")
@@ -388,6 +429,32 @@ class _Compiler:
 _VALUE_OPERATORS = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Neg)
 
 
+def _select_item_named(node: exp.Expression, items: list[exp.Expression], metadata: DatasetMetadata
+                       ) -> exp.Expression:
+    """A GROUP BY item as written, or the CASE it names: by position (GROUP BY 1) or by its alias where no column
+    has that name (as PostgreSQL resolves it)."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    target = None
+    if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
+        position = int(node.this)
+        if not 1 <= position <= len(items):
+            raise QueryRejected(f"GROUP BY {position}: there are {len(items)} select items")
+        target = items[position - 1]
+    elif isinstance(node, exp.Column) and not node.table and metadata.column(node.name) is None:
+        target = next((i for i in items if isinstance(i, exp.Alias) and i.alias == node.name), None)
+    if target is None:
+        return node
+    target = target.this if isinstance(target, exp.Alias) else target
+    while isinstance(target, exp.Paren):
+        target = target.this
+    return target
+
+
+def _key_columns(derived: list[Derived], metadata: DatasetMetadata) -> list[ColumnMetadata]:
+    return [derived_column(d.name, d.expression, metadata, {}) for d in derived if "case" in d.expression]
+
+
 def _number(text: str) -> int | float:
     try:
         return int(text) if text.isdigit() else float(text)
@@ -477,6 +544,13 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
         if any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets")):
             raise _reject("ROLLUP, CUBE and GROUPING SETS are not supported")
         for node in group.expressions:
+            node = _select_item_named(node, select.expressions, metadata)
+            if isinstance(node, exp.Case):
+                name = compiler.case_key(node)
+                if name in group_by:
+                    raise _reject("GROUP BY lists one CASE twice")
+                group_by.append(name)
+                continue
             col = compiler.column(node, "GROUP BY items")
             if col.categories is None:
                 raise QueryRejected(
@@ -486,7 +560,8 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             if col.name in group_by:
                 raise _reject(f"GROUP BY lists '{col.name}' twice")
             group_by.append(col.name)
-        sizes = [len(metadata.column(name).group_keys) for name in group_by]  # type: ignore[union-attr]
+        keys = {c.name: c for c in _key_columns(compiler.derived, metadata)}
+        sizes = [len((metadata.column(name) or keys[name]).group_keys) for name in group_by]  # type: ignore[union-attr]
         groups = math.prod(sizes)
         if groups > max_groups:
             product = " x ".join(f"{size:,}" for size in sizes)
@@ -505,7 +580,13 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             node = node.this
         if isinstance(node, exp.Star):
             raise _reject("SELECT * would release rows; select aggregates instead")
-        if isinstance(node, exp.Column):
+        if isinstance(node, exp.Case):
+            name = compiler.case_key(node)
+            if name not in group_by:
+                raise QueryRejected(f"'{_short(node)}' is selected but not in GROUP BY: group by it (GROUP BY its "
+                                    "alias, position or the same CASE) to release a count per label")
+            output = OutputColumn(alias or _short(node), key=name)
+        elif isinstance(node, exp.Column):
             col = compiler.column(node, "select items")
             if col.name not in group_by:
                 raise QueryRejected(
