@@ -32,7 +32,7 @@ META_DOC = {
 }
 META = parse_metadata(META_DOC)
 
-# (sql, narrowed bounds): 43 shapes
+# (sql, narrowed bounds): 45 shapes
 SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*) FROM t", None),
     ("SELECT COUNT(x) FROM t", None),
@@ -79,6 +79,8 @@ SHAPES: list[tuple[str, dict[str, Any] | None]] = [
      "GROUP BY s", None),
     ("SELECT g, CASE WHEN x >= 5 OR x IS NULL THEN 1 WHEN x < 1 THEN 2 END, SUM(y) FROM t GROUP BY g, 2", None),
     ("SELECT CASE g WHEN 'a' THEN 'A' WHEN 'e' THEN 'E' ELSE 'other' END AS h, MEDIAN(x) FROM t GROUP BY h", None),
+    ("SELECT COUNT(DISTINCT k), COUNT(DISTINCT g), COUNT(*) FROM t", None),
+    ("SELECT g, COUNT(DISTINCT y) FROM t WHERE x > 2 GROUP BY g", None),
     ("SELECT CASE WHEN k IN (1, 2) THEN 'low' ELSE 'high' END AS band, VAR_POP(y), SUM(x * 2) FROM t "
      "WHERE b = TRUE GROUP BY band", None),
 ]
@@ -170,6 +172,7 @@ def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
             values.append([([0] * len(stat.candidates), [0] * len(stat.candidates)) for _ in stage.keys])
         else:
             values.append([0] * stage.size)
+    seen: dict[tuple[int, int], set[Any]] = {}
     for row in frame.iter_rows(named=True):
         n = index.get(tuple(_value(stage, k, row) for k in stage.group_by))
         if n is None or _holds(stage.where, row) is not True:
@@ -180,6 +183,8 @@ def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
                 continue
             if stat.kind == "count":
                 values[j][n] += 1
+            elif stat.kind == "distinct":
+                seen.setdefault((j, n), set()).add(value)
             elif stat.kind == "sum":
                 values[j][n] += _term(stat, value)
             else:
@@ -187,6 +192,8 @@ def reference(stage: exact.ExactStage, frame: pl.DataFrame) -> list[Any]:
                 for i, candidate in enumerate(stat.candidates):
                     below[i] += value < candidate
                     above[i] += value > candidate
+    for (j, n), values_seen in seen.items():
+        values[j][n] = len(values_seen)
     return values
 
 
@@ -207,7 +214,8 @@ def _check_engine(table: tuple[Path, pl.DataFrame], engine_name: str, remote: st
 
 def test_there_are_thirty_shapes_and_they_touch_every_kind() -> None:
     kinds = {s.kind for sql, b in SHAPES for s in _plan(sql, b).statistics}
-    assert len(SHAPES) >= 30 and kinds == {"rows", "count", "sum", "centred_sum", "centred_sumsq", "quantile"}
+    assert len(SHAPES) >= 30 and kinds == {"rows", "count", "distinct", "sum", "centred_sum", "centred_sumsq",
+                                           "quantile"}
 
 
 def test_duckdb_exact_stage_equals_the_reference(table: tuple[Path, pl.DataFrame]) -> None:

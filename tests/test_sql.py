@@ -72,7 +72,7 @@ REFUSED = [
     ("SELECT COUNT(*) FROM other", "FROM other"),
     ("SELECT COUNT(*) FROM main.penguins", "without a schema"),
     ("SELECT MAX(body_mass_g) FROM penguins", "MAX is not supported"),
-    ("SELECT COUNT(DISTINCT species) FROM penguins", "DISTINCT"),
+    ("SELECT COUNT(DISTINCT species, island) FROM penguins", "takes one column"),
     ("SELECT DISTINCT species FROM penguins", "DISTINCT"),
     ("SELECT SUM(species) FROM penguins", "not numeric"),
     ("SELECT SUM(body_mass_g / bill_length_mm) FROM penguins", "divide by a non-zero number only"),

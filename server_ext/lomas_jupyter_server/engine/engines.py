@@ -70,6 +70,9 @@ class PolarsWords:
     def count(self, value: pl.Expr, name: str) -> pl.Expr:
         return value.count().cast(pl.Int64).alias(name)
 
+    def count_distinct(self, value: pl.Expr, name: str) -> pl.Expr:
+        return value.drop_nulls().n_unique().cast(pl.Int64).alias(name)
+
     def clip(self, value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
         return value.clip(lo, hi)
 
@@ -117,6 +120,12 @@ class DuckDBWords:
 
     def count(self, value: Any, name: str) -> Any:
         return self.duckdb.FunctionExpression("count", value).alias(name)
+
+    def count_distinct(self, value: Any, name: str) -> Any:
+        # the expression API has no DISTINCT flag: the number of entries of the value histogram (memory grows
+        # with the distinct values, not the rows; NULL is skipped; no rows give NULL, which densify reads as 0)
+        histogram = self.duckdb.FunctionExpression("histogram", value)
+        return self.duckdb.FunctionExpression("cardinality", histogram).alias(name)
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.duckdb.CaseExpression(value < lo, lo).when(value > hi, hi).otherwise(value)
@@ -230,6 +239,9 @@ class SparkWords:
 
     def count(self, value: Any, name: str) -> Any:
         return self.f.count(value).alias(name)
+
+    def count_distinct(self, value: Any, name: str) -> Any:
+        return self.f.countDistinct(value).alias(name)
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)

@@ -41,13 +41,14 @@ class Vocabulary(Protocol):
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
     def count(self, value: Any, name: str) -> Any: ...  # COUNT(value): its non-null values
+    def count_distinct(self, value: Any, name: str) -> Any: ...  # COUNT(DISTINCT value), NULL skipped
 
 
 @dataclass(frozen=True)
 class ExactStatistic:
     """One statistic's per-row term, all from public metadata. The engine sums it per key."""
 
-    kind: str  # count | sum | quantile
+    kind: str  # count | distinct | sum | quantile
     column: str | None = None  # None: every row (COUNT(*))
     clip: tuple[Any, Any] | None = None  # the term is clip(x) - shift (squared if `square`)
     shift: Any = 0
@@ -109,8 +110,8 @@ def _exact_statistic(stat: Statistic, step: float | None, metadata: Any, bounds:
     if stat.kind == "rows":
         return ExactStatistic("count")
     col = metadata.column(stat.column)
-    if stat.kind == "count":
-        return ExactStatistic("count", col.name)
+    if stat.kind in ("count", "distinct"):
+        return ExactStatistic(stat.kind, col.name)
     if stat.kind == "quantile":
         return ExactStatistic("quantile", col.name, candidates=tuple(quantile_candidates(col, bounds)))
     lo, hi = bounds[col.name]
@@ -184,6 +185,9 @@ def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
                 c = v.lit(candidate)
                 out.append(v.sum(v.when(condition & (x < c), v.lit(1), v.lit(0)), f"{name}_lt_{i}"))
                 out.append(v.sum(v.when(condition & (x > c), v.lit(1), v.lit(0)), f"{name}_gt_{i}"))
+        elif stat.kind == "distinct":  # a row the WHERE drops counts as NULL
+            x = stage.value(v, stat.column)  # type: ignore[arg-type]
+            out.append(v.count_distinct(x if kept is None else v.when(kept, x, v.lit(None)), name))
         elif stat.kind == "count" and kept is None:
             out.append(v.rows(name) if stat.column is None else v.count(stage.value(v, stat.column), name))
         elif stat.kind == "count":

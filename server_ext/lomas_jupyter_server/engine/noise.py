@@ -97,7 +97,7 @@ def noise_measurement(plan: Any, calibrated: Any, stage: ExactStage | None = Non
         if exact.kind == "quantile":
             parts.append(_quantile(j, list(exact.candidates), stat.quantile, plan.metadata.max_rows, stage.size,
                                    scale, measure, bool(stage.group_by)))
-        else:
+        else:  # a count, a distinct count (per_row 1: a row adds or removes one value of its group) or a sum
             parts.append(_plain(j, exact.per_row, stage.size, scale, laplace))
     runs = parts[0] if len(parts) == 1 else dp.c.make_composition(parts)
     if laplace:

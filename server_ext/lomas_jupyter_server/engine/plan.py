@@ -281,6 +281,8 @@ class Plan:
             return "COUNT(*)"
         if stat.kind == "count":
             return f"COUNT({name})"
+        if stat.kind == "distinct":
+            return f"COUNT(DISTINCT {name})"
         lo, hi = self.bounds[stat.column]  # type: ignore[index]
         if stat.kind == "sum":
             return f"SUM({name}) clipped to [{lo:g}, {hi:g}]{rounded}"
@@ -313,6 +315,7 @@ class Plan:
         if recipe.how == "count":
             info["accuracy"] = parts[0]["accuracy"]
             info["covers"] = ("the number of rows" if agg.kind == "count_star"
+                              else f"the number of distinct non-null values of {name}" if agg.kind == "count_distinct"
                               else f"the number of non-null values of {name}")
         elif recipe.how == "sum":
             info["accuracy"] = parts[0]["accuracy"]

@@ -84,6 +84,10 @@ def _statistic_expr(stat: Statistic, metadata: DatasetMetadata, bounds: dict[str
     col = metadata.column(stat.column)  # type: ignore[arg-type]
     assert col is not None
     c = pl.col(col.name)
+    if stat.kind == "distinct":  # SQL's COUNT(DISTINCT x) skips NULL. OpenDP 0.16 has no conditional expression, so
+        # a WHERE filters at the expression, as for a quantile (its work follows the rows matched)
+        values = c if where is None else c.filter(_predicate(where))
+        return values.drop_nulls().dp.n_unique(signed=True)
     if stat.kind == "count":  # non-null values, as SQL's COUNT(x)
         return c.dp.count(signed=True) if mask is None else (c.is_not_null().cast(pl.Int64) * mask).dp.sum((0, 1))
     number = int if col.type == "int" else float

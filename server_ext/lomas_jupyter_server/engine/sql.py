@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,14 +30,14 @@ MAX_NESTING = 12  # levels of AND/OR/NOT inside one another (a chain of ORs is o
 DEFAULT_MAX_GROUPS = 10_000
 
 SUPPORTED = (
-    "Supported: SELECT with COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE/VAR_POP/STDDEV/STDDEV_POP(col), "
+    "Supported: SELECT with COUNT(*), COUNT(col), COUNT(DISTINCT col), SUM(col), AVG(col), VARIANCE/VAR_POP/STDDEV/STDDEV_POP(col), "
     "MEDIAN(col), "
     "PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) and aliases, of a column or of arithmetic on bounded columns "
     "(SUM(a * b)); arithmetic between aggregates; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories or on a CASE WHEN ... THEN 'label' ... END (by the CASE, its alias "
-    "or position); HAVING, ORDER BY and LIMIT on the selected outputs (applied to "
-    "the released values, free)."
+    "or position); HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
+    "to the released values, free)."
 )
 
 _CLAUSE_NAMES = {
@@ -67,7 +68,7 @@ _CLAUSE_NAMES = {
 _ALLOWED_ARGS = {"expressions", "from_", "from", "where", "group", "having", "order", "limit"}
 MAX_LIMIT = 1_000_000
 
-AGG_KINDS = ("count_star", "count", "sum", "avg", "quantile", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
+AGG_KINDS = ("count_star", "count", "count_distinct", "sum", "avg", "quantile", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
 SPREAD_KINDS = ("var_samp", "var_pop", "stddev_samp", "stddev_pop")
 
 
@@ -383,7 +384,9 @@ class _Compiler:
             if isinstance(arg, exp.Star):
                 return "count_star", None, None
             if isinstance(arg, exp.Distinct):
-                raise _reject("COUNT(DISTINCT ...) is not supported")
+                if len(arg.expressions) != 1:
+                    raise _reject("COUNT(DISTINCT ...) takes one column")
+                return "count_distinct", self.column(arg.expressions[0], "the argument of COUNT(DISTINCT ...)").name, None
             if isinstance(arg, exp.Literal) and not arg.is_string and arg.this == "1":
                 return "count_star", None, None
             while isinstance(arg, exp.Paren):
@@ -404,6 +407,9 @@ class _Compiler:
                 if col.bounds is None:
                     raise QueryRejected(f"{fn}({col.name}): column '{col.name}' has no public bounds")
                 return kind, col.name, None
+        if isinstance(node, exp.Anonymous) and node.name.upper() in _SPREAD_ALIASES and len(node.expressions) == 1:
+            kind = _SPREAD_ALIASES[node.name.upper()]  # SQL Server's names: VAR, VARP, STDEV, STDEVP
+            return kind, self.numeric_column(node.expressions[0], node.name.upper()).name, None
         if isinstance(node, exp.Median):
             return "quantile", self.numeric_column(node.this, "MEDIAN").name, 0.5
         if isinstance(node, exp.Quantile):
@@ -421,11 +427,12 @@ class _Compiler:
         if isinstance(node, exp.Window):
             raise _reject("window functions (OVER ...) are not supported")
         if isinstance(node, exp.AggFunc) or isinstance(node, exp.Anonymous):
-            name = node.sql_name() if isinstance(node, exp.Func) else _short(node)
+            name = node.name.upper() if isinstance(node, exp.Anonymous) else node.sql_name()
             raise _reject(f"aggregate function {name} is not supported")
         raise _reject(f"unsupported select item '{_short(node)}'")
 
 
+_SPREAD_ALIASES = {"VAR": "var_samp", "VARP": "var_pop", "STDEV": "stddev_samp", "STDEVP": "stddev_pop"}
 _VALUE_OPERATORS = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Neg)
 
 
@@ -487,6 +494,7 @@ def compile_sql(sql: str, table: str, metadata: DatasetMetadata,
         raise QueryRejected("the query is nested too deeply") from None
 
 
+_TOP = re.compile(r"\s*SELECT\s+TOP\s*\(?\s*\d+", re.IGNORECASE)
 STATEMENT_WORDS = {"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "COPY", "ATTACH",
                    "PRAGMA", "EXPLAIN", "SET", "SHOW", "DESCRIBE", "VALUES", "TABLE", "GRANT", "TRUNCATE", "CALL"}
 
@@ -508,8 +516,9 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
         raise QueryRejected("the query is empty. " + SUPPORTED)
     if len(sql) > MAX_SQL_CHARS:
         raise QueryRejected(f"the query is longer than {MAX_SQL_CHARS} characters")
+    dialect = "tsql" if _TOP.match(sql) else "postgres"  # SELECT TOP n: SQL Server's LIMIT, as peers' corpora use
     try:
-        trees = [t for t in sqlglot.parse(sql, read="postgres") if t is not None]
+        trees = [t for t in sqlglot.parse(sql, read=dialect) if t is not None]
     except ParseError as err:
         raise QueryRejected(f"the query is not valid SQL: {_parse_problem(sql, err)}. {SUPPORTED}") from None
     except Exception:  # sqlglot tokenizer errors have several types

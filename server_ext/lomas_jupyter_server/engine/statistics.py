@@ -32,7 +32,7 @@ class Statistic:
     """One noisy number per group that a plan releases. Aggregates are computed from these, so a statistic two
     aggregates need (the count behind COUNT(x) and AVG(x), say) is released, and paid for, once."""
 
-    kind: str  # rows | count | sum | centred_sum | centred_sumsq | quantile
+    kind: str  # rows | count | distinct | sum | centred_sum | centred_sumsq | quantile
     column: str | None = None
     quantile: float | None = None
 
@@ -83,6 +83,8 @@ def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[St
         assert agg.column is not None
         if agg.kind == "count":
             recipes.append(Recipe("count", (use(count_of(agg.column)),)))
+        elif agg.kind == "count_distinct":  # one row adds or removes at most one distinct value of its group
+            recipes.append(Recipe("count", (use(Statistic("distinct", agg.column)),)))
         elif agg.kind in SPREAD_KINDS:
             # C, S1 = sum(x - c), S2 = sum((x - c)^2): var = S2/C - (S1/C)^2, shared with AVG's S1 and C
             parts = (use(Statistic("centred_sum", agg.column)), use(count_of(agg.column)),
