@@ -115,6 +115,10 @@ class Expr:
         """Non-null values (polars' `count`); `lj.len()` counts rows."""
         return self._fn("count")
 
+    def n_unique(self) -> Expr:
+        """Distinct non-null values (SQL's COUNT(DISTINCT ...))."""
+        return self._fn("n_unique")
+
     def median(self) -> Expr:
         return self._fn("median")
 

@@ -43,6 +43,9 @@ TWINS = [
      .agg(((lj.col("bill_depth_mm").mean() - 1) * 10).alias("scaled")),
      "SELECT (AVG(bill_depth_mm) - 1) * 10 AS scaled FROM penguins "
      "WHERE bill_depth_mm IS NOT NULL AND bill_depth_mm < 18.5"),
+    (lambda q: q.group_by("sex").agg((lj.col("body_mass_g") * 2 - 100).sum().alias("s"),
+                                     lj.col("island").n_unique().alias("k")),
+     "SELECT sex, SUM(body_mass_g * 2 - 100) AS s, COUNT(DISTINCT island) AS k FROM penguins GROUP BY sex"),
 ]
 
 

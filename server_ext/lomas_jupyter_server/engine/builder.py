@@ -10,7 +10,7 @@ other for free. The form (also in the OpenAPI document, `QueryDescription`):
      "having": EXPR, "sort": [{"by": "n", "descending": true}], "limit": 5}   # on the released table, free
 
     EXPR: {"col": "year"} | {"lit": 2008} | {"len": true}                       # COUNT(*)
-          {"fn": "sum" | "mean" | "count" | "median" | "var" | "std" | "quantile", "arg": EXPR,
+          {"fn": "sum" | "mean" | "count" | "n_unique" | "median" | "var" | "std" | "quantile", "arg": EXPR,
            "ddof": 1, "q": 0.25}                                                   # ddof: var and std; q: quantile
           {"op": "==" | "!=" | "<" | "<=" | ">" | ">=" | "+" | "-" | "*" | "/" | "and" | "or", "args": [EXPR, EXPR]}
           {"op": "not" | "is_null" | "is_not_null", "args": [EXPR]}
@@ -34,7 +34,7 @@ _COMPARISONS: dict[str, type[exp.Expression]] = {
 _ARITHMETIC: dict[str, type[exp.Expression]] = {"+": exp.Add, "-": exp.Sub, "*": exp.Mul, "/": exp.Div}
 _UNARY = ("not", "is_null", "is_not_null")
 OPERATORS = (*_COMPARISONS, *_ARITHMETIC, "and", "or", *_UNARY, "is_in", "is_between")
-FUNCTIONS = ("sum", "mean", "count", "median", "var", "std", "quantile")
+FUNCTIONS = ("sum", "mean", "count", "n_unique", "median", "var", "std", "quantile")
 
 
 def description_to_sql(doc: Any, table: str) -> str:
@@ -149,6 +149,8 @@ def _function(node: dict[str, Any], where: str, depth: int) -> exp.Expression:
             raise BadRequest(f"{where}: quantile needs q, a number between 0 and 1")
         order = exp.Order(expressions=[exp.Ordered(this=arg)])
         return exp.WithinGroup(this=exp.PercentileCont(this=_literal(float(q), where)), expression=order)
+    if fn == "n_unique":  # COUNT(DISTINCT arg)
+        return exp.Count(this=exp.Distinct(expressions=[arg]))
     cls = {"sum": exp.Sum, "mean": exp.Avg, "count": exp.Count, "median": exp.Median}[fn]
     return cls(this=arg)
 

@@ -20,6 +20,7 @@ from sqlglot.errors import ParseError
 
 from ..errors import QueryRejected
 from .expressions import MAX_CASES, derived_column
+from .expressions import text as expression_text
 from .metadata import ColumnMetadata, DatasetMetadata
 
 MAX_SQL_CHARS = 20_000
@@ -124,6 +125,8 @@ class QuerySpec:
         post-processing (HAVING, ORDER BY, LIMIT), which is computed from the same release for free."""
         doc = self.to_json()
         doc.pop("post", None)
+        for derived in doc.get("derived", ()):  # its spelling is for labels; the tree is what is computed
+            derived.pop("text")
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -288,7 +291,7 @@ class _Compiler:
             if derived.expression == tree:
                 break
         else:
-            derived = Derived(f"__d{len(self.derived)}", tree, node.sql(dialect="postgres"))
+            derived = Derived(f"__d{len(self.derived)}", tree, expression_text(tree))
             self.derived.append(derived)
         bounds = {c.name: c.bounds for c in self.metadata.columns if c.bounds is not None}
         return derived_column(derived.name, tree, self.metadata, bounds)  # type: ignore[arg-type]
