@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
+from .engine.metadata_formats import FORMATS
+from .engine.metadata_formats import convert as convert_metadata
 from .errors import LomasError
 from .paths import default_storage_dir
 from .store import SQLStore, database_url
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use Parquet data where it is, a local file or folder or in an object store (checked, "
                      "streamed, not copied: for big data); it must not change afterwards")
     imp.add_argument("--metadata", type=Path, required=True, help="public metadata, YAML or JSON (see README)")
+    imp.add_argument("--metadata-format", default="auto", choices=FORMATS,
+                     help="the metadata's format: ours, Lomas's metadata YAML or SmartNoise SQL's (default: detected); "
+                     "what a peer's format has and lomas does not is printed as notes")
     imp.add_argument("--description", default=None, help="overrides the metadata's description")
     dataset.add_parser("list", help="all datasets with their public metadata")
     draft = dataset.add_parser("draft", help="print metadata proposed from the data, as YAML with a REVIEW comment "
@@ -236,7 +241,9 @@ def run(argv: list[str] | None = None) -> int:
             if args.action == "import":
                 from .service.importing import import_dataset
 
-                doc = yaml.safe_load(args.metadata.read_text())
+                doc, notes = convert_metadata(yaml.safe_load(args.metadata.read_text()), args.metadata_format)
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
                 from .engine.locations import is_remote
 
                 source = args.data if is_remote(args.data) else Path(args.data)
