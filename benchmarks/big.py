@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -124,23 +125,23 @@ def timed_import(storage: Path, name: str, folder: Path, meta: Path) -> dict[str
             "progress_lines": sum(line.startswith("... checked part") for line in err.splitlines())}
 
 
-def plain_duckdb(files: list[str], repeats: int) -> dict[str, float]:
+def duckdb_runner(files: list[str]) -> Callable[[str], float]:
+    """Times one plain DuckDB answer to a question."""
     import duckdb
 
     con = duckdb.connect()
     listed = "[" + ", ".join(f"'{f}'" for f in files) + "]"
-    out = {}
-    for question, (_, sql) in QUESTIONS.items():
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            con.execute(sql.format(files=listed)).fetchall()
-            times.append(time.perf_counter() - started)
-        out[question] = statistics.median(times)
-    return out
+
+    def run(question: str) -> float:
+        started = time.perf_counter()
+        con.execute(QUESTIONS[question][1].format(files=listed)).fetchall()
+        return time.perf_counter() - started
+
+    return run
 
 
-def plain_spark(folder: Path, url: str, repeats: int) -> dict[str, float]:
+def spark_runner(folder: Path, url: str, stack: ExitStack) -> Callable[[str], float]:
+    """Times one plain Spark answer to a question, on a session kept open (and warmed) until the stack closes."""
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
@@ -150,23 +151,30 @@ def plain_spark(folder: Path, url: str, repeats: int) -> dict[str, float]:
              # the cores the service's driver may take (tests/spark.py sets it): a like-for-like comparison
              .config("spark.cores.max", os.environ.get("LOMAS_SPARK_CORES_MAX", "2"))
              .getOrCreate())
+    stack.callback(spark.stop)
     frame = spark.read.parquet(*[str(p) for p in sorted(folder.glob("*.parquet"))])
     runs = {"COUNT(*)": lambda: frame.agg(F.count(F.lit(1))).collect(),
             "grouped COUNT + AVG": lambda: frame.groupBy("cat").agg(F.count(F.lit(1)), F.avg("x")).collect()}
-    out = {}
-    for question, run in runs.items():
+    for run in runs.values():
         run()  # warm, as the service's warm queries are
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        out[question] = statistics.median(times)
-    spark.stop()
-    return out
+
+    def timed(question: str) -> float:
+        started = time.perf_counter()
+        runs[question]()
+        return time.perf_counter() - started
+
+    return timed
 
 
-def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int) -> dict[str, Any]:
+def plain_times(run: Callable[[str], float], repeats: int) -> dict[str, float]:
+    return {question: statistics.median(run(question) for _ in range(repeats)) for question in QUESTIONS}
+
+
+def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int,
+            plain: dict[str, Callable[[str], float]]) -> dict[str, Any]:
+    """Each backend's answers through the service. Each warm query alternates with the plain engine's answer to
+    the same question (`plain`, by backend), so a machine whose speed drifts during the run (this VM's does, by up
+    to 3x between runs) slows both sides of a ratio alike."""
     root.mkdir(parents=True, exist_ok=True)
     token = add_analyst(storage, "bench", {f"big_{b}": 1e6 for b in backends} | {"penguins": 1e6})
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
@@ -189,8 +197,10 @@ def service(storage: Path, root: Path, backends: list[str], spark_url: str | Non
             result: dict[str, Any] = {}
             with PeakMemory(pid) as memory, PeakMemory(pid, only_children=True) as workers:
                 for question, (sql, _) in QUESTIONS.items():
-                    times = []
-                    for _ in range(repeats + 1):
+                    times, plain_times_ = [], []
+                    for n in range(repeats + 1):
+                        if n:  # the plain engine's answer just before each warm query
+                            plain_times_.append(plain[backend](question))
                         started = time.perf_counter()
                         answer = session.post(url + "lomas/api/query", timeout=3600, json={
                             "dataset": name, "sql": sql.format(t=name), "epsilon": 1.0, "fresh": True})
@@ -200,7 +210,8 @@ def service(storage: Path, root: Path, backends: list[str], spark_url: str | Non
                             result[question] = {"error": answer.json().get("message", answer.text)[:200]}
                             break
                     if times:
-                        result[question] = {"cold": times[0], "warm": statistics.median(times[1:])}
+                        result[question] = {"cold": times[0], "warm": statistics.median(times[1:]),
+                                            "plain": statistics.median(plain_times_)}
             result["peak_mb"], result["workers_peak_mb"] = memory.peak, workers.peak
             out["backends"][backend] = result
             print(f"... {backend}: {result}", file=sys.stderr)
@@ -240,9 +251,11 @@ def main() -> None:
         cluster = SparkCluster(root / "spark").start()  # plain Spark runs on it either way
         stack.callback(cluster.stop)
         spark_url = cluster.url
-        out["duckdb"] = plain_duckdb(files, args.repeats)
-        out["spark_plain"] = plain_spark(table, spark_url, args.repeats)
-        out |= service(storage, root / "service", backends, spark_url, args.repeats)
+        plain_duckdb, plain_spark = duckdb_runner(files), spark_runner(table, spark_url, stack)
+        out["duckdb"] = plain_times(plain_duckdb, args.repeats)
+        out["spark_plain"] = plain_times(plain_spark, args.repeats)
+        plain = {"polars": plain_duckdb, "embedded": plain_duckdb, "spark": plain_spark}
+        out |= service(storage, root / "service", backends, spark_url, args.repeats, plain)
     write(out, ROOT / "benchmarks" / "results" / args.results)
     print((ROOT / "benchmarks" / "results" / f"{args.results}.md").read_text())
 
@@ -261,13 +274,15 @@ def write(out: dict[str, Any], stem: Path) -> None:
             r = result[question]
             cells.append(r["error"] if "error" in r else f"{r['warm']:.3f} (cold {r['cold']:.2f})")
         lines.append(f"| {question} | " + " | ".join(cells) + " |")
-    lines += ["", "## Ratios to the plain engine (warm)", "", "| question | lomas embedded / DuckDB | "
-              "lomas spark / plain Spark |", "|---|---|---|"]
+    lines += ["", "## Ratios to the plain engine (warm)", "",
+              "Each warm lomas query alternated with the plain engine's answer to the same question; the ratio is of "
+              "their medians (in brackets: the plain engine's median in those pairs, in seconds).", "",
+              "| question | lomas embedded / DuckDB | lomas spark / plain Spark |", "|---|---|---|"]
     for question in QUESTIONS:
         cells = []
-        for backend, plain in (("embedded", "duckdb"), ("spark", "spark_plain")):
+        for backend in ("embedded", "spark"):
             r = out["backends"].get(backend, {}).get(question, {})
-            cells.append(f"{r['warm'] / out[plain][question]:.2f}x" if "warm" in r else "-")
+            cells.append(f"{r['warm'] / r['plain']:.2f}x ({r['plain']:.3f})" if "warm" in r else "-")
         lines.append(f"| {question} | " + " | ".join(cells) + " |")
     lines += ["", "## Peak memory (MB) while each backend answered", "",
               "| backend | service + workers | workers |", "|---|---|---|"]

@@ -234,3 +234,30 @@ def test_every_query_answers_and_the_intervals_cover_the_truth_at_their_rate(cen
     bound = checked * 0.05 + math.sqrt(3 * checked * 0.05 * math.log(1e6))
     print(f"{misses} of {checked} intervals missed the truth (bound {bound:.0f})")
     assert misses <= bound, (misses, checked, bound)
+
+
+def test_distinct_counts_derived_sums_and_case_bands_cover_over_1000_releases(census: pl.DataFrame) -> None:
+    """Issue 21's mechanisms on their own: each 95% interval covers the truth in at least 91.3% of 1,000 releases
+    (5.3 sigma below 95%), and the charge is the measurement's privacy map, the whole epsilon asked for."""
+    sql = ("SELECT CASE WHEN age < 40 THEN 'young' ELSE 'older' END AS a, COUNT(DISTINCT hours) AS d, "
+           "SUM(hours * 2 - 10) AS s, AVG(age - 17) AS m FROM census GROUP BY a")
+    plan = Plan(compile_sql(sql, "census", META), META, effective_bounds(META, None))
+    calibrated = plan.calibrate(EPSILON)
+    assert calibrated.epsilon == float(calibrated.measurement.map(META.privacy_unit))
+    assert EPSILON - 1e-9 < calibrated.epsilon <= EPSILON
+    con = duckdb.connect()
+    con.register("census", census.to_arrow())
+    truth = {row[0]: row[1:] for row in con.execute(_truth_sql(sql)).fetchall()}
+    described, tables = plan.describe(calibrated), plan.interval_tables(calibrated)
+    lf = census.lazy()
+    hits: dict[tuple[str, str], int] = {}
+    releases = 1000
+    for _ in range(releases):
+        out = plan.postprocess(calibrated.release(lf), described, tables)
+        for row, interval in zip(out["rows"], out["intervals"]):
+            for n, name in enumerate(("d", "s", "m")):
+                low, high = interval[name]
+                hits[row["a"], name] = hits.get((row["a"], name), 0) + (low <= truth[row["a"]][n] <= high)
+    assert len(hits) == 6
+    for key, hit in hits.items():
+        assert hit >= 0.95 * releases - 5.3 * math.sqrt(releases * 0.95 * 0.05), (key, hit)
