@@ -92,7 +92,7 @@ def _table(path: Path, rows: int = 4000, seed: int = 7) -> pl.DataFrame:
     x = rng.uniform(0, 10, rows)
     x[rng.random(rows) < 0.15] = np.nan  # nulls (written as null below)
     # values exactly half a fixed-point step from the grid, above and below the centre: every engine must round
-    # them the same way (halves away from zero)
+    # them the same way (halves up: floor(t + 0.5))
     bounds = effective_bounds(META, None)
     for kind, base, at in (("centred_sum", 5.0, 0), ("sum", 0.0, 4)):
         step = engine.fixed_point_step(engine.Statistic(kind, "x"), META, bounds)
@@ -151,9 +151,7 @@ def _term(stat: exact.ExactStatistic, value: Any) -> int:
     if stat.step is None:
         return int(term)
     units = term / stat.step
-    whole = math.floor(abs(units))
-    rounded = whole + (abs(units) - whole >= 0.5)  # halves away from zero (the subtraction is exact)
-    return int(math.copysign(rounded, units))
+    return math.floor(units + 0.5)  # halves up (exact: |units| is far below 2^52)
 
 
 def _value(stage: exact.ExactStage, column: str, row: dict[str, Any]) -> Any:

@@ -77,7 +77,7 @@ class PolarsWords:
         return value.clip(lo, hi)
 
     def round_int64(self, value: pl.Expr) -> pl.Expr:
-        return value.round(0, mode="half_away_from_zero").cast(pl.Int64)
+        return (value + 0.5).floor().cast(pl.Int64)
 
     def sum(self, value: pl.Expr, name: str) -> pl.Expr:
         return value.sum().alias(name)
@@ -131,8 +131,9 @@ class DuckDBWords:
         return self.duckdb.CaseExpression(value < lo, lo).when(value > hi, hi).otherwise(value)
 
     def round_int64(self, value: Any) -> Any:
-        # DuckDB rounds a double's halves away from zero
-        return self.duckdb.FunctionExpression("round", value).cast(self.duckdb.sqltype("BIGINT"))
+        # floor(v + 0.5): exact here (|v| <= 2^40, a float's step below 2^52), and a BIGINT in DuckDB
+        half = self.duckdb.ConstantExpression(0.5)
+        return self.duckdb.FunctionExpression("floor", value + half).cast(self.duckdb.sqltype("BIGINT"))
 
     def sum(self, value: Any, name: str) -> Any:
         # int64 throughout: compile_stage proved max_rows terms cannot overflow, so DuckDB's 128-bit SUM is not
@@ -247,12 +248,9 @@ class SparkWords:
         return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)
 
     def round_int64(self, value: Any) -> Any:
-        # halves away from zero, in double arithmetic (Spark's own round goes through a decimal per value, 6x
-        # slower over 10^9 rows); |x| - floor(|x|) is exact, so the half is judged exactly
-        size = self.f.abs(value)
-        whole = self.f.floor(size)
-        rounded = self.f.when(size - whole >= 0.5, whole + 1).otherwise(whole)
-        return self.f.when(value < 0, -rounded).otherwise(rounded)
+        # floor(v + 0.5), a long in Spark: one addition and a floor per value, in double arithmetic (Spark's own
+        # round goes through a decimal per value, 6x slower over 10^9 rows); exact, as |v| <= 2^40
+        return self.f.floor(value + self.f.lit(0.5))
 
     def sum(self, value: Any, name: str) -> Any:
         return self.f.sum(value).alias(name)

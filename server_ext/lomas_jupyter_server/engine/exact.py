@@ -37,7 +37,7 @@ class Vocabulary(Protocol):
     def when(self, condition: Any, then: Any, otherwise: Any) -> Any: ...
     def clip(self, value: Any, lo: Any, hi: Any) -> Any: ...  # NULL stays NULL
     def present(self, value: Any) -> Any: ...  # IS NOT NULL
-    def round_int64(self, value: Any) -> Any: ...  # to the nearest whole number, halves away from zero
+    def round_int64(self, value: Any) -> Any: ...  # floor(value + 0.5): the nearest whole number, halves up
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
     def count(self, value: Any, name: str) -> Any: ...  # COUNT(value): its non-null values
@@ -201,9 +201,9 @@ def aggregations(v: Vocabulary, stage: ExactStage) -> list[Any]:
 
 def _sum_term(v: Vocabulary, stat: ExactStatistic, x: Any) -> Any:
     """clip(x) - shift, squared for a sum of squares; in fixed point, that / step rounded to a whole number
-    (halves away from zero) as int64: each term moves by at most half a step, within the rounding allowance every
-    SUM interval carries. (OpenDP's polars plan, which has no round, rounds by adding an offset and truncating:
-    the same but for halves below zero.) The clip is a CASE, not LEAST and GREATEST, which skip NULLs in SQL
+    (floor(t + 0.5), halves up) as int64: each term moves by at most half a step, within the rounding allowance
+    every SUM interval carries. OpenDP's polars plan, which has no round, adds an offset and truncates: the same
+    numbers, so every backend sums the same integers. The clip is a CASE, not LEAST and GREATEST, which skip NULLs in SQL
     engines (a NULL would become the lower bound)."""
     lo, hi = (v.lit(b) for b in stat.clip)  # type: ignore[union-attr]
     term = v.clip(x, lo, hi) - v.lit(stat.shift)
