@@ -179,6 +179,9 @@ def _footer(release: Release, epsilon_note: str = "") -> str:
     post = release.raw.get("post_processing")
     if post:
         footer += f" · {html.escape(post['note'])}"
+    threshold = (release.raw.get("plan") or {}).get("threshold")
+    if threshold and not release.dummy:
+        footer += f" · {html.escape(threshold['note'])}"
     return footer
 
 
@@ -229,6 +232,9 @@ def preview_text(preview: dict[str, Any]) -> str:
     lines = [f"Preview (nothing spent): this query would cost ε={fmt(cost['epsilon'])}"
              + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
              + (f"; you have ε={fmt(budget['epsilon_remaining'])} left" if budget else "")]
+    choice = ((preview.get("plan") or {}).get("choice") or {}).get("reason")
+    if choice:
+        lines.append(f"Mechanism: {choice}")
     for agg in preview["aggregates"]:
         lines.append(f"  {agg['name']}: {_accuracy_words(agg)}; covers {agg.get('covers', '')}")
     if preview.get("post_processing"):

@@ -153,8 +153,9 @@ def test_arithmetic_inside_an_aggregate_is_a_derived_column_with_bounds_from_met
 def test_group_by_needs_public_categories_even_with_metadata_from_yaml() -> None:
     doc = yaml.safe_load("privacy_unit: 1\nmax_rows: 10\ncolumns:\n  g: {type: string}\n  x: {type: int, bounds: [0, 5]}")
     meta = parse_metadata(doc)
-    with pytest.raises(QueryRejected, match="no public category list"):
-        compile_sql("SELECT g, COUNT(*) FROM t GROUP BY g", "t", meta)
+    spec = compile_sql("SELECT g, COUNT(*) FROM t GROUP BY g", "t", meta)  # private keys: only with delta
+    with pytest.raises(QueryRejected, match="no public category list.*pass a delta > 0"):
+        Plan(spec, meta, effective_bounds(meta, None)).calibrate(1.0)
     with pytest.raises(QueryRejected, match="no public bounds"):
         compile_sql("SELECT SUM(x) FROM t", "t", parse_metadata(
             yaml.safe_load("privacy_unit: 1\nmax_rows: 10\ncolumns:\n  x: {type: int}")))

@@ -22,6 +22,7 @@ from .statistics import (
     Statistic,
     centre,
     fixed_point_bounds,
+    private_keys,
     quantile_candidates,
     statistic_name,
 )
@@ -92,6 +93,11 @@ def compile_stage(plan: Any) -> ExactStage:
     """The exact stage of a `Plan` (its statistics, steps and bounds). Refuses, before any data is read, a sum
     whose total over max_rows rows might not fit in int64 (an engine would fail, or wrap, on the data)."""
     metadata, bounds, spec = plan.metadata, plan.bounds, plan.spec
+    if private_keys(spec, metadata):
+        keys = ", ".join(private_keys(spec, metadata))
+        raise QueryRejected(f"GROUP BY {keys} (without public categories, released by a threshold) runs only on "
+                            "OpenDP's polars plan, not on the out-of-core engines (embedded, Spark) this dataset's "
+                            "queries run on; group by columns with public categories")
     statistics = []
     for stat, step in zip(plan.statistics, plan.steps):
         exact = _exact_statistic(stat, step, metadata, bounds)

@@ -33,6 +33,7 @@ from .statistics import (
     centre,
     fixed_point_step,
     plan_statistics,
+    private_keys,
     quantile_candidates,
     statistic_name,
 )
@@ -69,6 +70,7 @@ class Calibrated:
     parts: list[tuple[str, Any]]  # (kind, measurement) of each part that runs; their composition is charged
     group_by: tuple[str, ...] = ()
     choice: dict[str, Any] | None = None
+    threshold: int | None = None  # private GROUP BY keys: a group is released when its noisy count reaches this
 
     def release(self, data: pl.LazyFrame) -> pl.DataFrame:
         """Run each part on the data, once (what `measurement` composes and charges): the released statistics,
@@ -139,8 +141,16 @@ class Plan:
         meta = parse_metadata(metadata)
         return cls(QuerySpec.from_json(spec), meta, effective_bounds(meta, bounds))
 
-    def base_measurement(self, scale: float, mechanism: str = LAPLACE, only: list[int] | None = None) -> Any:
+    @property
+    def private_keys(self) -> list[str]:
+        return private_keys(self.spec, self.metadata)
+
+    def base_measurement(self, scale: float, mechanism: str = LAPLACE, only: list[int] | None = None,
+                         threshold: int | None = None) -> Any:
         measure = dp.max_divergence() if mechanism == LAPLACE else dp.zero_concentrated_divergence()
+        if self.private_keys:  # the threshold's chance of releasing a group one row made is charged as delta
+            measure = dp.approximate(measure)
+            threshold = threshold or 2**30  # epsilon does not depend on it (threshold_for picks the real one)
         try:
             return dp.polars.make_private_lazyframe(
                 input_domain(self.spec, self.metadata),
@@ -148,9 +158,32 @@ class Plan:
                 measure,
                 build_plan(self.spec, self.metadata, self.bounds, self.statistics, self.steps, only),
                 global_scale=scale,
+                threshold=threshold,
             )
         except dp.OpenDPException as err:
             raise QueryRejected(f"the DP engine refused the query: {_opendp_message(err)}") from None
+
+    def threshold_for(self, scale: float, delta: float) -> int:
+        """The least threshold whose delta (OpenDP's map at this scale) is within the delta offered: it falls as
+        the threshold rises, so a doubling then a bisection over whole numbers finds it."""
+        def delta_at(threshold: int) -> float:
+            try:
+                return self.cost(self.base_measurement(scale, threshold=threshold))[1]
+            except dp.OpenDPException:  # a threshold too low for the privacy unit has no finite delta
+                return math.inf
+
+        low, high = 0, 1  # delta_at(low) > delta (or low is 0), delta_at(high) <= delta
+        while delta_at(high) > delta:
+            low, high = high, high * 2
+            if high > 2**31:
+                raise QueryRejected(f"no threshold keeps delta within {delta:g} at this epsilon; offer more delta")
+        while high - low > 1:
+            mid = (low + high) // 2
+            if delta_at(mid) <= delta:
+                high = mid
+            else:
+                low = mid
+        return high
 
     @property
     def parts(self) -> list[tuple[str, list[int]]]:
@@ -162,10 +195,14 @@ class Plan:
         return [(kind, part) for kind, part in ((PLAIN, plain), (QUANTILES, quantiles)) if part]
 
     def measurement(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0
-                    ) -> tuple[Any, Any, list[tuple[str, Any]]]:
-        """(base, charged, parts): the parts that run (each its own plan at the same scale) and their composition,
-        which is charged (its loss is the sum of theirs, as the joint plan's is); a zCDP measurement is charged
-        through OpenDP's conversion to (epsilon, delta)."""
+                    ) -> tuple[Any, Any, list[tuple[str, Any]], int | None]:
+        """(base, charged, parts, threshold): the parts that run (each its own plan at the same scale) and their
+        composition, which is charged (its loss is the sum of theirs, as the joint plan's is); a zCDP measurement
+        is charged through OpenDP's conversion to (epsilon, delta). Private keys spend the delta on a threshold."""
+        threshold = self.threshold_for(scale, delta) if self.private_keys else None
+        if threshold is not None:  # one part: quantiles are refused with private keys (plan_statistics)
+            base = self.base_measurement(scale, mechanism, threshold=threshold)
+            return base, base, [(PLAIN, base)], threshold
         base = self.base_measurement(scale, mechanism)
         split = self.parts
         if len(split) == 1:
@@ -174,22 +211,25 @@ class Plan:
             parts = [(kind, self.base_measurement(scale, mechanism, only)) for kind, only in split]
             composed = dp.c.make_composition([m for _, m in parts])
         if mechanism == LAPLACE:
-            return base, composed, parts
-        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(composed), delta), parts
+            return base, composed, parts, None
+        return base, dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(composed), delta), parts, None
 
     def cost(self, measurement: Any) -> tuple[float, float]:
         loss = measurement.map(self.metadata.privacy_unit)
         return (float(loss[0]), float(loss[1])) if isinstance(loss, tuple) else (float(loss), 0.0)
 
     def at_scale(self, scale: float, mechanism: str = LAPLACE, delta: float = 0.0) -> Calibrated:
-        base, charged, parts = self.measurement(scale, mechanism, delta)
+        base, charged, parts, threshold = self.measurement(scale, mechanism, delta)
         epsilon, spent_delta = self.cost(charged)
         return Calibrated(mechanism, scale, delta, base, charged, epsilon, spent_delta, parts,
-                          tuple(self.spec.group_by))
+                          tuple(self.spec.group_by), threshold=threshold)
 
     def calibrate(self, epsilon: float, delta: float = 0.0) -> Calibrated:
         """The least noise within (epsilon, delta): Laplace under pure DP and, when delta > 0 is offered,
-        Gaussian under zCDP converted to (epsilon, delta); whichever adds less noise (RMSE)."""
+        Gaussian under zCDP converted to (epsilon, delta); whichever adds less noise (RMSE). With private GROUP BY
+        keys, Laplace noise and a threshold that spends the delta."""
+        if self.private_keys:
+            return self._calibrate_threshold(epsilon, delta)
         laplace = self.calibrate_mechanism(LAPLACE, epsilon)
         if delta <= 0:
             return laplace
@@ -214,11 +254,27 @@ class Plan:
         }
         return chosen
 
+    def _calibrate_threshold(self, epsilon: float, delta: float) -> Calibrated:
+        keys = ", ".join(self.private_keys)
+        if delta <= 0:
+            raise QueryRejected(
+                f"GROUP BY {keys}: {keys} has no public category list, so which groups exist is private. They can "
+                "be released only where a noisy count clears a threshold, which costs delta: pass a delta > 0 "
+                "(e.g. delta=1e-6, or --delta 1e-6)")
+        calibrated = self.calibrate_mechanism(LAPLACE, epsilon, delta)
+        calibrated.choice = {
+            "mechanism": LAPLACE, "gaussian_to_laplace_noise": None, "threshold": calibrated.threshold,
+            "reason": (f"GROUP BY {keys} has no public categories: Laplace noise, and only the groups whose noisy "
+                       f"count is at least {calibrated.threshold:,} are released; that threshold spends "
+                       f"δ={calibrated.delta:.3g}"),
+        }
+        return calibrated
+
     def calibrate_mechanism(self, mechanism: str, epsilon: float, delta: float = 0.0) -> Calibrated:
         """Pure-DP loss is proportional to 1/scale and zCDP's rho to 1/scale^2, so one build at scale 1 gives
         the answer in closed form; float rounding terms can leave it a hair above target, so we verify and
         nudge upward."""
-        at_unit = self.cost(self.base_measurement(1.0, mechanism))[0]
+        at_unit = self.cost(self.base_measurement(1.0, mechanism))[0]  # a threshold changes delta, not epsilon
         if mechanism == LAPLACE:
             scale = at_unit / epsilon
         else:
@@ -251,13 +307,21 @@ class Plan:
             })
         aggregates = [self._describe_aggregate(agg, recipe, released, summary)
                       for agg, recipe in zip(self.spec.aggregates, self.recipes)]
-        return {
+        described = {
             "mechanism": calibrated.mechanism,
             "scale": calibrated.scale,
             "choice": calibrated.choice,
             "statistics": released,
             "aggregates": aggregates,
         }
+        if calibrated.threshold is not None:
+            described["threshold"] = {
+                "keys": self.private_keys, "threshold": calibrated.threshold, "delta": calibrated.delta,
+                "note": (f"groups of {', '.join(self.private_keys)} whose noisy count was below "
+                         f"{calibrated.threshold:,} are suppressed (not released); the groups released are those of "
+                         "the data with a noisy count at or above it"),
+            }
+        return described
 
     def _unit(self, j: int) -> float:
         """What one unit of statistic j's released number is worth: 1, or its fixed-point step."""
@@ -396,9 +460,12 @@ class Plan:
 
     def postprocess(self, raw: pl.DataFrame, described: dict[str, Any], tables: list[Any]) -> dict[str, Any]:
         """Released statistics -> the user's columns, each value with the 95% interval of what it covers."""
-        order = {k: {v: n for n, v in enumerate(self.metadata.column(k).group_keys)} for k in self.spec.group_by}  # type: ignore[union-attr]
         records = raw.to_dicts()
-        records.sort(key=lambda r: tuple(order[k].get(r[k], len(order[k])) for k in self.spec.group_by))
+        if self.private_keys:  # no public order: by value, NULL last (the order OpenDP returns them in is shuffled)
+            records.sort(key=lambda r: tuple((r[k] is None, "" if r[k] is None else r[k]) for k in self.spec.group_by))
+        else:
+            order = {k: {v: n for n, v in enumerate(self.metadata.column(k).group_keys)} for k in self.spec.group_by}  # type: ignore[union-attr]
+            records.sort(key=lambda r: tuple(order[k].get(r[k], len(order[k])) for k in self.spec.group_by))
         rows, intervals = [], []
         for record in records:
             row: dict[str, Any] = {}

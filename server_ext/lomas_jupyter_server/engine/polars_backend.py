@@ -24,6 +24,7 @@ from .statistics import (
     centre,
     fixed_point_bounds,
     fixed_point_offset,
+    private_keys,
     quantile_candidates,
     statistic_name,
     sum_range,
@@ -171,10 +172,17 @@ def build_plan(spec: QuerySpec, metadata: DatasetMetadata, bounds: dict[str, tup
     frame = pl.LazyFrame(schema=polars_schema(metadata))  # every row is read: a WHERE is a mask (_statistic_expr)
     if spec.derived:  # values computed before aggregation: each column clipped to its bounds, then the arithmetic
         frame = frame.with_columns([_derived(d.expression, metadata, bounds).alias(d.name) for d in spec.derived])
-    exprs = [_statistic_expr(stat, metadata, bounds, step, spec.where).alias(statistic_name(j))
+    where = spec.where
+    if private_keys(spec, metadata) and where is not None:
+        # a group's rows, as its threshold counts them, are the rows the WHERE keeps: a filter, not a mask (a masked
+        # group of no matching rows would still clear the threshold on its other rows)
+        frame, where = frame.filter(_predicate(where)), None
+    exprs = [_statistic_expr(stat, metadata, bounds, step, where).alias(statistic_name(j))
              for j, (stat, step) in enumerate(zip(statistics, steps)) if only is None or j in only]
     if not spec.group_by:
         return frame.select(exprs)
+    if private_keys(spec, metadata):  # no key set to join: OpenDP keeps the groups whose noisy count clears the threshold
+        return frame.group_by(list(spec.group_by)).agg(exprs)
     grouped = frame.group_by(list(spec.group_by)).agg(exprs)
     # The public key set, built here from metadata: every category (and NULL for a nullable column) appears,
     # seen in the data or not.
@@ -189,7 +197,10 @@ def input_domain(spec: QuerySpec, metadata: DatasetMetadata) -> Any:
         ]
     )
     domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=metadata.max_rows))
-    if spec.group_by and not any(d.name in spec.group_by for d in spec.derived):
+    if private_keys(spec, metadata):  # the groups are as many as the rows at most; no key set is public
+        domain = dp.with_margin(
+            domain, dp.polars.Margin(by=list(spec.group_by), max_length=metadata.max_rows, max_groups=metadata.max_rows))
+    elif spec.group_by and not any(d.name in spec.group_by for d in spec.derived):
         # (a key computed by the plan is not in the input's domain: the plan's join with the public key set bounds
         # its groups)
         groups = math.prod(len(metadata.column(k).group_keys) for k in spec.group_by)  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ SUPPORTED = (
     "(SUM(a * b)); arithmetic between aggregates; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories or on a CASE WHEN ... THEN 'label' ... END (by the CASE, its alias "
-    "or position); HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
+    "or position), or (with delta > 0, by a threshold) on string or int columns without public categories; HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
     "to the released values, free)."
 )
 
@@ -564,16 +564,18 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
                 group_by.append(name)
                 continue
             col = compiler.column(node, "GROUP BY items")
-            if col.categories is None:
+            if col.categories is None and col.type == "float":
                 raise QueryRejected(
-                    f"GROUP BY {col.name}: column '{col.name}' has no public category list, so its groups "
-                    "cannot be released. Group by a column with public categories."
+                    f"GROUP BY {col.name}: column '{col.name}' is a float with no public category list, so its "
+                    "values are not groups. Group by a CASE WHEN band of it, or by a column with public categories."
                 )
             if col.name in group_by:
                 raise _reject(f"GROUP BY lists '{col.name}' twice")
             group_by.append(col.name)
         keys = {c.name: c for c in _key_columns(compiler.derived, metadata)}
-        sizes = [len((metadata.column(name) or keys[name]).group_keys) for name in group_by]  # type: ignore[union-attr]
+        # a key without public categories (private keys, released by a threshold) has no known size here
+        sizes = [len((metadata.column(name) or keys[name]).group_keys) for name in group_by  # type: ignore[union-attr]
+                 if (metadata.column(name) or keys[name]).categories is not None]
         groups = math.prod(sizes)
         if groups > max_groups:
             product = " x ".join(f"{size:,}" for size in sizes)

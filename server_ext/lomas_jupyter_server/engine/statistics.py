@@ -51,6 +51,12 @@ def centre(col: ColumnMetadata, bounds: dict[str, tuple[float, float]]) -> float
     return (int(lo) + int(hi)) // 2 if col.type == "int" else (lo + hi) / 2
 
 
+def private_keys(spec: QuerySpec, metadata: DatasetMetadata) -> list[str]:
+    """The GROUP BY columns with no public category list: which of their values occur is private, so their
+    groups are released only where a noisy count clears a threshold (which needs delta), never from a key set."""
+    return [k for k in spec.group_by if (col := metadata.column(k)) is not None and col.categories is None]
+
+
 def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[Statistic], list[Recipe]]:
     """The fewest statistics that answer every aggregate, and how each aggregate is derived from them.
 
@@ -71,9 +77,22 @@ def plan_statistics(spec: QuerySpec, metadata: DatasetMetadata) -> tuple[list[St
         assert col is not None
         return Statistic("count", column) if col.nullable else Statistic("rows")
 
+    if private_keys(spec, metadata):
+        # the threshold is on a noisy count of each group's rows (OpenDP's key release needs it), so it is always
+        # released first and answers COUNT(*) too
+        if any(a.kind == "quantile" for a in spec.aggregates):
+            raise QueryRejected(
+                f"PERCENTILE or MEDIAN with GROUP BY {', '.join(private_keys(spec, metadata))} (a column without "
+                "public categories) is not supported: group by columns with public categories for quantiles")
+        if any(d.name in spec.group_by for d in spec.derived):
+            raise QueryRejected(
+                f"GROUP BY a CASE band together with {', '.join(private_keys(spec, metadata))} (a column without "
+                "public categories) is not supported: group by the band with columns that have public categories, "
+                "or by the column alone")
+        use(Statistic("rows"))
     counted = {count_of(a.column) for a in spec.aggregates
                if a.kind in ("count", "avg", *SPREAD_KINDS) and a.column}
-    if any(a.kind == "count_star" for a in spec.aggregates):
+    if any(a.kind == "count_star" for a in spec.aggregates) or Statistic("rows") in statistics:
         counted.add(Statistic("rows"))
     recipes = []
     for agg in spec.aggregates:
