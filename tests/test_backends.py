@@ -32,7 +32,7 @@ META_DOC = {
 }
 META = parse_metadata(META_DOC)
 
-# (sql, narrowed bounds): 45 shapes
+# (sql, narrowed bounds): 48 shapes
 SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*) FROM t", None),
     ("SELECT COUNT(x) FROM t", None),
@@ -83,6 +83,10 @@ SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT g, COUNT(DISTINCT y) FROM t WHERE x > 2 GROUP BY g", None),
     ("SELECT CASE WHEN k IN (1, 2) THEN 'low' ELSE 'high' END AS band, VAR_POP(y), SUM(x * 2) FROM t "
      "WHERE b = TRUE GROUP BY band", None),
+    # FLOOR bands and CASTs of categories: CASEs with edges and labels from the public bounds and categories
+    ("SELECT FLOOR(y / 10) * 10 AS decade, COUNT(*), AVG(x) FROM t GROUP BY decade", None),
+    ("SELECT g, FLOOR((x - 1) / 2.5) AS band, SUM(y) FROM t GROUP BY g, band", None),
+    ("SELECT CAST(k AS VARCHAR) AS kk, CAST(b AS INT) AS bb, COUNT(*) FROM t GROUP BY kk, bb", None),
 ]
 
 

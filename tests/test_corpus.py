@@ -109,6 +109,12 @@ ANSWERED = [
     "SELECT CASE WHEN income >= 50000 THEN 'high' END AS bracket, COUNT(*) FROM census GROUP BY bracket",
     "SELECT CASE WHEN age < 40 THEN 'under 40' ELSE '40+' END AS a, STDDEV(hours) FROM census GROUP BY a "
     "ORDER BY a",
+    # FLOOR bands and CASTs of categories as group keys
+    "SELECT FLOOR(age / 10) * 10 AS decade, COUNT(*) AS n, AVG(hours) FROM census GROUP BY decade ORDER BY decade",
+    "SELECT FLOOR(income / 25000) AS bracket, SUM(gain) FROM census GROUP BY 1",
+    "SELECT CAST(married AS INT) AS m, COUNT(*) FROM census GROUP BY CAST(married AS INT)",
+    "SELECT CAST(FLOOR((age - 17) / 25) AS INT) AS q, sex, AVG(income) FROM census GROUP BY q, sex",
+    "SELECT CAST(education AS VARCHAR) AS e, COUNT(*) FROM census GROUP BY e",
 ]
 
 REFUSED = [
@@ -130,6 +136,12 @@ REFUSED = [
     ("SELECT COUNT(*) FROM census UNION SELECT COUNT(*) FROM census", "only SELECT"),
     ("SELECT CASE WHEN age < 30 THEN age END AS a, COUNT(*) FROM census GROUP BY a", "literal"),
     ("SELECT sex, COUNT(*) FROM census GROUP BY sex HAVING MAX(age) > 3", "may use the selected"),
+    ("SELECT CAST(age / 10 AS INT) AS a, COUNT(*) FROM census GROUP BY a", "band it with FLOOR"),
+    ("SELECT FLOOR(age * hours) AS b, COUNT(*) FROM census GROUP BY b", "linear function of one column"),
+    ("SELECT FLOOR(age) AS b, COUNT(*) FROM census GROUP BY b", "makes 74 bands"),
+    ("SELECT CAST(hours AS VARCHAR) AS h, COUNT(*) FROM census GROUP BY h", "no public categories"),
+    ("SELECT CAST(sex AS INT) AS s, COUNT(*) FROM census GROUP BY s", "not a whole number"),
+    ("SELECT CAST(sex AS DATE) AS s, COUNT(*) FROM census GROUP BY s", "to text (varchar) or a whole number"),
 ]
 
 
@@ -185,7 +197,7 @@ def _releases(sql: str, frame: pl.DataFrame) -> list[dict[str, Any]]:
 
 def test_the_corpus_has_sixty_queries_of_every_kind() -> None:
     assert len(ANSWERED) + len(REFUSED) >= 60
-    for word in ("HAVING", "ORDER BY", "LIMIT", "TOP", "CASE", "DISTINCT", "STDDEV", "VAR", "MEDIAN", "/"):
+    for word in ("HAVING", "ORDER BY", "LIMIT", "TOP", "CASE", "DISTINCT", "STDDEV", "VAR", "MEDIAN", "FLOOR", "CAST", "/"):
         assert any(word in sql for sql in ANSWERED), word
 
 

@@ -188,3 +188,23 @@ def test_variance_and_stddev_compile_with_their_kinds() -> None:
     spec = compile_sql("SELECT VARIANCE(bill_length_mm), VAR_POP(bill_length_mm), STDDEV(bill_length_mm), "
                        "STDDEV_SAMP(bill_length_mm) AS s2, STDDEV_POP(bill_length_mm) FROM penguins", "penguins", META)
     assert [a.kind for a in spec.aggregates] == ["var_samp", "var_pop", "stddev_samp", "stddev_samp", "stddev_pop"]
+
+
+def test_floor_bands_and_casts_are_case_keys_with_edges_from_public_bounds() -> None:
+    """Issue 21.2: FLOOR(x / w) * w over bounds [2500, 6500] is the CASE of bands 2000..6000 (a NULL group for a
+    nullable column); each edge is exact, so a value on an edge goes to the upper band as FLOOR puts it."""
+    spec = compile_sql("SELECT FLOOR(body_mass_g / 1000) * 1000 AS band, COUNT(*) FROM penguins GROUP BY band",
+                       "penguins", META)
+    plan = Plan(spec, META, effective_bounds(META, None))
+    assert plan.metadata.column("__k0").group_keys == (2000, 3000, 4000, 5000, 6000, None)
+    edges = [case["when"].get("value") for case in spec.derived[0].expression["case"]]
+    assert edges == [None, 3000, 4000, 5000, 6000]  # body_mass_g < 3000 is the band 2000, and so on
+    shifted = compile_sql("SELECT FLOOR((flipper_length_mm - 1) / 20) AS b, COUNT(*) FROM penguins GROUP BY b",
+                          "penguins", META)
+    assert [c["when"].get("value") for c in shifted.derived[0].expression["case"]][1:] == [181, 201, 221]
+    cast = compile_sql("SELECT CAST(year AS VARCHAR) AS y, COUNT(*) FROM penguins GROUP BY 1", "penguins", META)
+    assert Plan(cast, META, {}).metadata.column("__k0").group_keys == ("2007", "2008", "2009")
+    with pytest.raises(QueryRejected, match="makes 4001 bands"):
+        compile_sql("SELECT FLOOR(body_mass_g), COUNT(*) FROM penguins GROUP BY 1", "penguins", META)
+    with pytest.raises(QueryRejected, match="no public categories"):
+        compile_sql("SELECT CAST(body_mass_g AS VARCHAR), COUNT(*) FROM penguins GROUP BY 1", "penguins", META)

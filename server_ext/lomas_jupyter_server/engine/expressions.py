@@ -12,6 +12,7 @@ from the columns' metadata alone, never from the data:
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from ..errors import QueryRejected
@@ -38,6 +39,33 @@ def columns_of(tree: dict[str, Any]) -> list[str]:
 def labels(tree: dict[str, Any]) -> list[Any]:
     """A CASE's labels, by branch: the ELSE (None without one) first, then each WHEN's."""
     return [tree.get("else"), *(branch["then"] for branch in tree["case"])]
+
+
+def affine(tree: dict[str, Any]) -> tuple[Fraction, Fraction] | None:
+    """(slope, offset), exactly, when the tree is slope * column + offset (one column, + - and * or / by numbers);
+    None for anything else (a product of columns). FLOOR bands invert it to find their edges."""
+    if "col" in tree:
+        return Fraction(1), Fraction(0)
+    if "const" in tree:
+        return Fraction(0), Fraction(str(tree["const"]))
+    if "op" not in tree:
+        return None
+    left, right = (affine(a) for a in tree["args"])
+    if left is None or right is None:
+        return None
+    op = tree["op"]
+    if op == "+":
+        return left[0] + right[0], left[1] + right[1]
+    if op == "-":
+        return left[0] - right[0], left[1] - right[1]
+    if op == "*":
+        if left[0] and right[0]:
+            return None
+        (slope, offset), factor = (left, right[1]) if not right[0] else (right, left[1])
+        return slope * factor, offset * factor
+    if right[0] or not right[1]:
+        return None
+    return left[0] / right[1], left[1] / right[1]
 
 
 def text(tree: dict[str, Any]) -> str:

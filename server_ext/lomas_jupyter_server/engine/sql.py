@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 import sqlglot
@@ -19,6 +20,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError
 
 from ..errors import QueryRejected
+from . import expressions
 from .expressions import MAX_CASES, derived_column
 from .expressions import text as expression_text
 from .metadata import ColumnMetadata, DatasetMetadata
@@ -37,7 +39,8 @@ SUPPORTED = (
     "(SUM(a * b)); arithmetic between aggregates; FROM <dataset>; "
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories or on a CASE WHEN ... THEN 'label' ... END (by the CASE, its alias "
-    "or position), or (with delta > 0, by a threshold) on string or int columns without public categories; HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
+    "or position), on FLOOR bands of a numeric column (FLOOR(age / 10) * 10) and CASTs of a column with categories, "
+    "or (with delta > 0, by a threshold) on string or int columns without public categories; HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
     "to the released values, free)."
 )
 
@@ -321,6 +324,98 @@ class _Compiler:
         self.derived.append(derived)
         return derived.name
 
+    def band_key(self, node: exp.Expression) -> str | None:
+        """FLOOR bands and CASTs of categories as group keys, or None if `node` is neither. Each is rewritten as the
+        CASE it stands for, with edges and labels from public metadata alone: `FLOOR(age / 10) * 10` over bounds
+        [17, 90] is the CASE of labels 10, 20, ..., 90; `CAST(year AS VARCHAR)` maps each category to its text."""
+        while isinstance(node, exp.Paren):
+            node = node.this
+        text = node.sql(dialect="postgres")
+        if isinstance(node, exp.Cast):
+            inner = node.this
+            while isinstance(inner, exp.Paren):
+                inner = inner.this
+            target = _cast_target(node)
+            if isinstance(inner, exp.Column):
+                return self._key(self.cast_categories(self.column(inner, "CAST"), target, text), text)
+            band = self.floor_band(inner, text)
+            if band is None:
+                raise QueryRejected(f"{_short(node)}: CAST of a computed value rounds differently across "
+                                    "SQL engines; band it with FLOOR(...) (e.g. FLOOR(age / 10) * 10)")
+            return self._key(_relabel(band, target, text), text)
+        band = self.floor_band(node, text)
+        return None if band is None else self._key(band, text)
+
+    def floor_band(self, node: exp.Expression, text: str) -> dict[str, Any] | None:
+        """FLOOR(e), FLOOR(e) * w or w * FLOOR(e), for e an increasing affine function of one bounded column, as a
+        CASE tree; None if `node` has another shape."""
+        width: Fraction = Fraction(1)
+        if isinstance(node, exp.Mul):
+            for floor, other in ((node.left, node.right), (node.right, node.left)):
+                while isinstance(floor, exp.Paren):
+                    floor = floor.this
+                if isinstance(floor, exp.Floor) and isinstance(other, exp.Literal) and not other.is_string:
+                    node, width = floor, Fraction(other.this)
+                    break
+            else:
+                return None
+        if not isinstance(node, exp.Floor):
+            return None
+        if node.args.get("decimals") is not None:
+            raise _reject(f"{text}: FLOOR takes one argument in a band")
+        tree = self.value_tree(node.this, "FLOOR", 0)
+        names = set(expressions.columns_of(tree))
+        affine = expressions.affine(tree)
+        if len(names) != 1 or affine is None or affine[0] <= 0:
+            raise QueryRejected(f"{text}: a FLOOR band takes an increasing linear function of one column, such as "
+                                "FLOOR(age / 10) or FLOOR((income - 1000) / 500)")
+        col = self.metadata.column(names.pop())
+        assert col is not None and col.bounds is not None  # value_tree checked both
+        slope, offset = affine
+        first = math.floor(slope * Fraction(col.bounds[0]) + offset)
+        last = math.floor(slope * Fraction(col.bounds[1]) + offset)
+        bands = last - first + 1
+        if bands < 2 or bands > MAX_CASES:
+            raise QueryRejected(f"{text} makes {bands} band{'s' if bands != 1 else ''} over {col.name}'s public bounds "
+                                f"{list(col.bounds)}; a band key needs 2 to {MAX_CASES}: change the width")
+        labels = [k * width for k in range(first, last + 1)]
+        if any(label.denominator != 1 for label in labels):
+            raise QueryRejected(f"{text}: band labels must be whole numbers; multiply FLOOR(...) by a whole number")
+        cases: list[dict[str, Any]] = []
+        if col.nullable:  # NULL is its own group, as the column's NULL is in SQL
+            cases.append({"when": {"op": "is_null", "column": col.name, "negate": False}, "then": None})
+        for k, label in zip(range(first, last), labels):
+            edge = (k + 1 - offset) / slope  # where band k ends: e < k + 1 exactly when the column < edge
+            value: Any = math.ceil(edge) if col.type == "int" else float(edge)
+            cases.append({"when": {"op": "cmp", "cmp": "<", "column": col.name, "value": value},
+                          "then": int(label)})
+        return {"case": cases, "else": int(labels[-1])}  # values beyond the bounds fall in the end bands (clipping)
+
+    def cast_categories(self, col: ColumnMetadata, target: str, text: str) -> dict[str, Any]:
+        if col.categories is None:
+            raise QueryRejected(f"GROUP BY {text}: column '{col.name}' has no public categories; band a numeric "
+                                "column with FLOOR(...) instead (e.g. FLOOR(age / 10) * 10)")
+        labels = [_cast_label(value, target, text) for value in col.categories]
+        if len(labels) > MAX_CASES:
+            raise QueryRejected(f"GROUP BY {text}: {col.name} has {len(labels)} categories; a CAST key takes at most "
+                                f"{MAX_CASES}")
+        # NULL is a group where the column may hold it; otherwise the last category is the ELSE (no NULL group)
+        listed = col.categories if col.nullable else col.categories[:-1]
+        cases = [{"when": {"op": "cmp", "cmp": "==", "column": col.name, "value": value}, "then": label}
+                 for value, label in zip(listed, labels)]
+        return {"case": cases, "else": None if col.nullable else labels[-1]}
+
+    def _key(self, tree: dict[str, Any], text: str) -> str:
+        values = [v for v in expressions.labels(tree) if v is not None]
+        if len({type(v) for v in values}) > 1:  # pragma: no cover - labels are converted to one type
+            raise _reject(f"{text}: its labels must be all text or all whole numbers")
+        for derived in self.derived:
+            if derived.expression == tree:
+                return derived.name
+        derived = Derived(f"__k{len(self.derived)}", tree, text)
+        self.derived.append(derived)
+        return derived.name
+
     def label(self, node: exp.Expression | None) -> Any:
         while isinstance(node, exp.Paren):
             node = node.this
@@ -461,6 +556,40 @@ def _select_item_named(node: exp.Expression, items: list[exp.Expression], metada
     return target
 
 
+_TEXT_TYPES = {"VARCHAR", "TEXT", "CHAR", "NVARCHAR", "NCHAR", "BPCHAR", "NAME"}
+_INT_TYPES = {"INT", "BIGINT", "SMALLINT", "TINYINT", "UBIGINT", "UINT", "USMALLINT", "UTINYINT"}
+
+
+def _cast_target(node: exp.Cast) -> str:
+    """'text' or 'int': the CAST targets a group key can have (its labels are text or whole numbers)."""
+    name = node.to.this.name if isinstance(node.to, exp.DataType) else ""
+    if name in _TEXT_TYPES:
+        return "text"
+    if name in _INT_TYPES:
+        return "int"
+    raise QueryRejected(f"{_short(node)}: a CAST in GROUP BY is to text (VARCHAR) or a whole number (INT), not "
+                        f"{node.to.sql(dialect='postgres')}")
+
+
+def _cast_label(value: Any, target: str, text: str) -> Any:
+    """A category as CAST makes it, as PostgreSQL writes it (TRUE as 'true' or 1)."""
+    if target == "text":
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise QueryRejected(f"{text}: the category {value!r} is not a whole number, so it cannot be CAST to INT")
+
+
+def _relabel(tree: dict[str, Any], target: str, text: str) -> dict[str, Any]:
+    """A band's CASE with its labels as the CAST makes them."""
+    def cast(value: Any) -> Any:
+        return None if value is None else _cast_label(value, target, text)
+
+    return {"case": [{"when": c["when"], "then": cast(c["then"])} for c in tree["case"]], "else": cast(tree["else"])}
+
+
 def _key_columns(derived: list[Derived], metadata: DatasetMetadata) -> list[ColumnMetadata]:
     return [derived_column(d.name, d.expression, metadata, {}) for d in derived if "case" in d.expression]
 
@@ -557,10 +686,10 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             raise _reject("ROLLUP, CUBE and GROUPING SETS are not supported")
         for node in group.expressions:
             node = _select_item_named(node, select.expressions, metadata)
-            if isinstance(node, exp.Case):
-                name = compiler.case_key(node)
+            if isinstance(node, exp.Case) or (band := compiler.band_key(node)) is not None:
+                name = compiler.case_key(node) if isinstance(node, exp.Case) else band
                 if name in group_by:
-                    raise _reject("GROUP BY lists one CASE twice")
+                    raise _reject(f"GROUP BY lists '{_short(node)}' twice")
                 group_by.append(name)
                 continue
             col = compiler.column(node, "GROUP BY items")
@@ -594,8 +723,8 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
             node = node.this
         if isinstance(node, exp.Star):
             raise _reject("SELECT * would release rows; select aggregates instead")
-        if isinstance(node, exp.Case):
-            name = compiler.case_key(node)
+        if isinstance(node, exp.Case) or (band := compiler.band_key(node)) is not None:
+            name = compiler.case_key(node) if isinstance(node, exp.Case) else band
             if name not in group_by:
                 raise QueryRejected(f"'{_short(node)}' is selected but not in GROUP BY: group by it (GROUP BY its "
                                     "alias, position or the same CASE) to release a count per label")
