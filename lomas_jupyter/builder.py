@@ -13,6 +13,7 @@ HAVING); `sort` and `limit` work on the released table too: all three are free a
 
 from __future__ import annotations
 
+import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Expr:
         return self._op("is_not_null")
 
     def is_in(self, values: list[Any] | tuple[Any, ...]) -> Expr:
-        return Expr({"op": "is_in", "args": [self.node], "values": list(values)})
+        return Expr({"op": "is_in", "args": [self.node], "values": [_node(v)["lit"] for v in values]})
 
     def is_between(self, lower: Any, upper: Any) -> Expr:
         return self._op("is_between", lower, upper)
@@ -134,13 +135,44 @@ class Expr:
     def alias(self, name: str) -> Expr:
         return Expr({"alias": name, "expr": self.node})
 
+    @property
+    def dt(self) -> DateParts:
+        """Date parts of a date column, as polars names them: `lj.col("visit").dt.year()`."""
+        return DateParts(self)
+
+
+class DateParts:
+    """`.dt` of a date column: each part is a whole number (a group key over the range the public dates allow)."""
+
+    def __init__(self, of: Expr) -> None:
+        self.of = of
+
+    def _part(self, part: str) -> Expr:
+        return Expr({"dt": part, "arg": self.of.node})
+
+    def year(self) -> Expr:
+        return self._part("year")
+
+    def quarter(self) -> Expr:
+        return self._part("quarter")
+
+    def month(self) -> Expr:
+        return self._part("month")
+
+    def day(self) -> Expr:
+        return self._part("day")
+
+    def weekday(self) -> Expr:
+        """1 Monday to 7 Sunday, as polars counts."""
+        return self._part("weekday")
+
 
 def col(name: str) -> Expr:
     return Expr({"col": name})
 
 
 def lit(value: Any) -> Expr:
-    return Expr({"lit": value})
+    return Expr(_node(value))
 
 
 def len() -> Expr:  # noqa: A001  # polars' name: pl.len()
@@ -149,6 +181,8 @@ def len() -> Expr:  # noqa: A001  # polars' name: pl.len()
 
 
 def _node(value: Any) -> dict[str, Any]:
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return {"lit": value.isoformat()}  # JSON has no dates: the service reads ISO text against a date column
     return value.node if isinstance(value, Expr) else {"lit": value}
 
 
@@ -173,8 +207,9 @@ class Query:
             condition = Expr({"op": "and", "args": [self.description[key], condition.node]})
         return self._with(**{key: condition.node})
 
-    def group_by(self, *columns: str) -> Query:
-        return self._with(group_by=list(columns))
+    def group_by(self, *keys: str | Expr) -> Query:
+        """Column names, or date parts (`lj.col("visit").dt.year().alias("year")`)."""
+        return self._with(group_by=[k.node if isinstance(k, Expr) else k for k in keys])
 
     def agg(self, *exprs: Expr) -> Query:
         return self._with(agg=[e.node for e in exprs])

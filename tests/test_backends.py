@@ -4,6 +4,7 @@ and releases computed from it cover the truth at their stated rate."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ META_DOC = {
         "b": {"type": "bool", "categories": [True, False], "nullable": True},
         "x": {"type": "float", "bounds": [0.0, 10.0], "nullable": True},
         "y": {"type": "int", "bounds": [-50, 50], "nullable": False},
+        "d": {"type": "date", "bounds": ["2007-03-01", "2009-12-31"], "nullable": True},
     },
 }
 META = parse_metadata(META_DOC)
 
-# (sql, narrowed bounds): 48 shapes
+# (sql, narrowed bounds): 54 shapes
 SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT COUNT(*) FROM t", None),
     ("SELECT COUNT(x) FROM t", None),
@@ -87,6 +89,14 @@ SHAPES: list[tuple[str, dict[str, Any] | None]] = [
     ("SELECT FLOOR(y / 10) * 10 AS decade, COUNT(*), AVG(x) FROM t GROUP BY decade", None),
     ("SELECT g, FLOOR((x - 1) / 2.5) AS band, SUM(y) FROM t GROUP BY g, band", None),
     ("SELECT CAST(k AS VARCHAR) AS kk, CAST(b AS INT) AS bb, COUNT(*) FROM t GROUP BY kk, bb", None),
+    # date parts: whole numbers whose range (and key set) follows from the column's public first and last dates
+    ("SELECT YEAR(d) AS yr, COUNT(*), AVG(x) FROM t GROUP BY yr", None),
+    ("SELECT EXTRACT(MONTH FROM d), QUARTER(d), SUM(y) FROM t GROUP BY 1, 2", None),
+    ("SELECT EXTRACT(ISODOW FROM d) AS dow, COUNT(*) FROM t WHERE k > 1 GROUP BY dow", None),
+    ("SELECT AVG(2010 - YEAR(d)), SUM(DAY(d)), COUNT(MONTH(d)) FROM t", None),
+    ("SELECT g, COUNT(*) FROM t WHERE d >= DATE '2008-06-01' AND d NOT BETWEEN '2009-01-01' AND '2009-01-31' "
+     "GROUP BY g", None),
+    ("SELECT MEDIAN(y) FROM t WHERE d IN ('2007-03-01', '2008-02-29') OR d < '2007-04-01'", None),
 ]
 
 
@@ -108,6 +118,8 @@ def _table(path: Path, rows: int = 4000, seed: int = 7) -> pl.DataFrame:
         "b": pl.Series([None if r < 0.1 else bool(r < 0.55) for r in rng.random(rows)], dtype=pl.Boolean),
         "x": pl.Series(x).fill_nan(None),
         "y": rng.integers(-50, 51, rows),
+        "d": pl.Series([None if r < 0.1 else datetime.date(2007, 3, 1) + datetime.timedelta(days=int(r * 1036))
+                        for r in rng.random(rows)], dtype=pl.Date),
     })
     frame.write_parquet(path)
     return frame
@@ -138,11 +150,12 @@ def _holds(node: dict[str, Any] | None, row: dict[str, Any]) -> bool | None:
         return (value is not None) if node["negate"] else (value is None)
     if value is None:
         return None
+    plain = expressions.literal_value
     if op == "in":
-        return value in node["values"]
+        return value in [plain(v) for v in node["values"]]
     if op == "between":
-        return node["low"] <= value <= node["high"]
-    other = node["value"]
+        return plain(node["low"]) <= value <= plain(node["high"])
+    other = plain(node["value"])
     return {"==": value == other, "!=": value != other, ">": value > other, ">=": value >= other,
             "<": value < other, "<=": value <= other}[node["cmp"]]
 

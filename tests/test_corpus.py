@@ -6,6 +6,7 @@ matched to the truth by their keys)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
@@ -32,6 +33,7 @@ META = parse_metadata({
         "income": {"type": "float", "bounds": [0.0, 150000.0]},
         "gain": {"type": "int", "bounds": [0, 10000], "nullable": False},
         "married": {"type": "bool", "categories": [True, False], "nullable": False},
+        "hired": {"type": "date", "bounds": ["2000-01-01", "2024-12-31"]},
         "country": {"type": "string"},  # no public categories: a group key only with delta (test_private_keys)
     },
 })
@@ -115,6 +117,14 @@ ANSWERED = [
     "SELECT CAST(married AS INT) AS m, COUNT(*) FROM census GROUP BY CAST(married AS INT)",
     "SELECT CAST(FLOOR((age - 17) / 25) AS INT) AS q, sex, AVG(income) FROM census GROUP BY q, sex",
     "SELECT CAST(education AS VARCHAR) AS e, COUNT(*) FROM census GROUP BY e",
+    # date parts of a date column with public first and last dates
+    "SELECT YEAR(hired) AS y, COUNT(*) FROM census GROUP BY y",
+    "SELECT EXTRACT(QUARTER FROM hired) AS q, AVG(income) FROM census GROUP BY q",
+    "SELECT AVG(2025 - YEAR(hired)) AS tenure FROM census",
+    "SELECT EXTRACT(ISODOW FROM hired) AS dow, COUNT(*) FROM census GROUP BY dow ORDER BY dow",
+    "SELECT MONTH(hired) AS m, SUM(hours) FROM census WHERE sex = 'Female' GROUP BY m",
+    "SELECT COUNT(*) FROM census WHERE hired >= DATE '2020-01-01'",
+    "SELECT sex, AVG(hours) FROM census WHERE hired BETWEEN '2010-01-01' AND '2014-12-31' GROUP BY sex",
 ]
 
 REFUSED = [
@@ -142,6 +152,12 @@ REFUSED = [
     ("SELECT CAST(hours AS VARCHAR) AS h, COUNT(*) FROM census GROUP BY h", "no public categories"),
     ("SELECT CAST(sex AS INT) AS s, COUNT(*) FROM census GROUP BY s", "not a whole number"),
     ("SELECT CAST(sex AS DATE) AS s, COUNT(*) FROM census GROUP BY s", "to text (varchar) or a whole number"),
+    ("SELECT hired, COUNT(*) FROM census GROUP BY hired", "group by a date part"),
+    ("SELECT EXTRACT(DOW FROM hired) AS d, COUNT(*) FROM census GROUP BY d", "ISODOW"),
+    ("SELECT YEAR(age) AS y, COUNT(*) FROM census GROUP BY y", "not a date"),
+    ("SELECT AVG(hired) FROM census", "not numeric"),
+    ("SELECT COUNT(*) FROM census WHERE hired > 2020", "compare it with a date written 'YYYY-MM-DD'"),
+    ("SELECT COUNT(*) FROM census WHERE hired > '2020-13-01'", "compare it with a date written 'YYYY-MM-DD'"),
 ]
 
 
@@ -162,6 +178,8 @@ def _table() -> pl.DataFrame:
         "income": pl.Series([None if m else float(v) for v, m in zip(income, income_nulls)], dtype=pl.Float64),
         "gain": gain, "married": (rng.random(n) < 0.5).tolist(),
         "country": rng.choice(["US", "MX", "DE"], n).tolist(),
+        "hired": pl.Series([None if r < 0.05 else datetime.date(2000, 1, 1) + datetime.timedelta(days=int(r * 9131))
+                            for r in rng.random(n)], dtype=pl.Date),
     })
 
 
@@ -197,7 +215,7 @@ def _releases(sql: str, frame: pl.DataFrame) -> list[dict[str, Any]]:
 
 def test_the_corpus_has_sixty_queries_of_every_kind() -> None:
     assert len(ANSWERED) + len(REFUSED) >= 60
-    for word in ("HAVING", "ORDER BY", "LIMIT", "TOP", "CASE", "DISTINCT", "STDDEV", "VAR", "MEDIAN", "FLOOR", "CAST", "/"):
+    for word in ("HAVING", "ORDER BY", "LIMIT", "TOP", "CASE", "DISTINCT", "STDDEV", "VAR", "MEDIAN", "FLOOR", "CAST", "YEAR", "/"):
         assert any(word in sql for sql in ANSWERED), word
 
 

@@ -155,11 +155,12 @@ def test_a_draft_of_many_distinct_strings_lists_no_categories(tmp_path: Path) ->
     draft = propose_metadata(path)
     columns = draft["metadata"]["columns"]
     assert "categories" not in columns["name"] and columns["ok"] == {"type": "bool", "nullable": False}
-    assert columns["born"]["type"] == "string"
+    assert columns["born"] == {"type": "date", "nullable": False, "bounds": ["1990-01-01", "1990-12-31"]}
     lo, hi = columns["score"]["bounds"]
     assert lo < 0.5 < hi  # a constant column still gets a proper interval
     notes = {(n["column"], n["field"]): n["note"] for n in draft["review"]}
-    assert "cannot group by" in notes[("name", "categories")] and "text" in notes[("born", "type")]
+    assert "cannot group by" in notes[("name", "categories")]
+    assert "first and last days of the years" in notes[("born", "bounds")]
     assert all("person1" not in n["note"] and "1990" not in n["note"] for n in draft["review"])
 
 

@@ -49,6 +49,7 @@ Zoo:
       sex: {type: string}
       year: {type: int}
       seen: {type: datetime}
+      tag: {type: uuid}
 """
 
 
@@ -73,7 +74,13 @@ def test_smartnoise_metadata_maps_its_one_table_and_says_what_it_could_not() -> 
     ours, notes = convert(doc)
     meta = parse_metadata(ours)
     assert (meta.privacy_unit, meta.max_rows) == (2, 1000)
-    assert meta.column("seen") is None and any("'seen' (datetime) is not imported" in n for n in notes)
+    assert meta.column("seen").type == "date" and meta.column("seen").bounds is None
+    assert any("'seen' is a datetime: imported as a date" in n for n in notes)
+    assert any("'seen' has no lower and upper: its date parts" in n for n in notes)
+    assert any("'tag' (uuid) is not imported" in n for n in notes) and meta.column("tag") is None
+    dated = yaml.safe_load(LOMAS_PENGUINS)
+    dated["columns"]["seen"] = {"type": "datetime", "lower": "2007-01-01T00:00:00", "upper": "2009-12-31T23:59:59"}
+    assert parse_metadata(convert(dated)[0]).column("seen").to_json()["bounds"] == ["2007-01-01", "2009-12-31"]
     assert meta.column("species").categories is None and meta.column("species").nullable  # SmartNoise's default
     assert any("'species' has no categories: it can be counted but not grouped by" in n for n in notes)
     assert any("'year' has no lower and upper" in n for n in notes)
@@ -90,7 +97,7 @@ def test_lomas_admin_imports_a_peers_metadata_and_prints_its_notes(tmp_path: Pat
     storage = tmp_path / "storage"
     lomas_admin(storage, "user", "add", "boss", "--role", "admin")
     for name, text in (("lomas", LOMAS_PENGUINS), ("smartnoise", SMARTNOISE_PENGUINS.replace(
-            "      seen: {type: datetime}\n", ""))):
+            "      seen: {type: datetime}\n      tag: {type: uuid}\n", ""))):
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
         out = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "dataset", "import",

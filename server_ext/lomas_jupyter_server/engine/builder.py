@@ -15,7 +15,9 @@ other for free. The form (also in the OpenAPI document, `QueryDescription`):
           {"op": "==" | "!=" | "<" | "<=" | ">" | ">=" | "+" | "-" | "*" | "/" | "and" | "or", "args": [EXPR, EXPR]}
           {"op": "not" | "is_null" | "is_not_null", "args": [EXPR]}
           {"op": "is_in", "args": [EXPR], "values": [...]} | {"op": "is_between", "args": [EXPR, EXPR, EXPR]}
+          {"dt": "year" | "quarter" | "month" | "day" | "weekday", "arg": EXPR}    # a date part (weekday: ISO's)
           {"alias": "name", "expr": EXPR}
+    group_by items are column names, or EXPRs (a date part, aliased or not).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _ARITHMETIC: dict[str, type[exp.Expression]] = {"+": exp.Add, "-": exp.Sub, "*":
 _UNARY = ("not", "is_null", "is_not_null")
 OPERATORS = (*_COMPARISONS, *_ARITHMETIC, "and", "or", *_UNARY, "is_in", "is_between")
 FUNCTIONS = ("sum", "mean", "count", "n_unique", "median", "var", "std", "quantile")
+DATE_PARTS = {"year": "YEAR", "quarter": "QUARTER", "month": "MONTH", "day": "DAY", "weekday": "ISODOW"}
 
 
 def description_to_sql(doc: Any, table: str) -> str:
@@ -49,15 +52,16 @@ def description_to_sql(doc: Any, table: str) -> str:
         raise BadRequest("query.agg: a non-empty list of aggregates is required (e.g. lj.len(), "
                          "lj.col('x').mean())")
     group_by = doc.get("group_by", [])
-    if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
-        raise BadRequest("query.group_by must be a list of column names")
-    items = [*(_identifier_column(g) for g in group_by),
-             *(_expr(a, f"query.agg[{i}]", 0) for i, a in enumerate(aggs))]
+    if not isinstance(group_by, list) or not all((isinstance(g, str) and g) or isinstance(g, dict) for g in group_by):
+        raise BadRequest("query.group_by must be a list of column names or date parts")
+    keys = [_identifier_column(g) if isinstance(g, str) else _expr(g, f"query.group_by[{i}]", 0)
+            for i, g in enumerate(group_by)]
+    items = [*keys, *(_expr(a, f"query.agg[{i}]", 0) for i, a in enumerate(aggs))]
     select = exp.select(*items).from_(exp.Table(this=exp.to_identifier(table, quoted=True)))
     if doc.get("filter") is not None:
         select = select.where(_expr(doc["filter"], "query.filter", 0))
-    if group_by:
-        select = select.group_by(*(_identifier_column(g) for g in group_by))
+    if group_by:  # each key by itself, its alias dropped (the compiler matches it to the selected one)
+        select = select.group_by(*(k.this.copy() if isinstance(k, exp.Alias) else k.copy() for k in keys))
     if doc.get("having") is not None:
         select = select.having(_expr(doc["having"], "query.having", 0))
     for i, item in enumerate(_list(doc.get("sort", []), "query.sort")):
@@ -120,11 +124,16 @@ def _expr(node: Any, where: str, depth: int) -> exp.Expression:
             raise BadRequest(f"{where}: 'alias' is a name")
         inner = _expr(node["expr"], where, depth + 1)
         return exp.Alias(this=inner, alias=exp.to_identifier(node["alias"], quoted=True))
+    if keys == {"dt", "arg"}:
+        if node["dt"] not in DATE_PARTS:
+            raise BadRequest(f"{where}: unknown date part {node['dt']!r}; use one of {list(DATE_PARTS)}")
+        arg = _expr(node["arg"], f"{where}.arg", depth + 1)
+        return exp.Extract(this=exp.Var(this=DATE_PARTS[node["dt"]]), expression=arg)
     if "fn" in node:
         return _function(node, where, depth)
     if "op" in node:
         return _operator(node, where, depth)
-    raise BadRequest(f"{where}: unknown expression {sorted(keys)}; expected col, lit, len, fn, op or alias")
+    raise BadRequest(f"{where}: unknown expression {sorted(keys)}; expected col, lit, len, fn, op, dt or alias")
 
 
 def _function(node: dict[str, Any], where: str, depth: int) -> exp.Expression:

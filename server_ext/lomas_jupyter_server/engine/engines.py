@@ -79,6 +79,11 @@ class PolarsWords:
     def round_int64(self, value: pl.Expr) -> pl.Expr:
         return (value + 0.5).floor().cast(pl.Int64)
 
+    def date_part(self, value: pl.Expr, part: str) -> pl.Expr:
+        dt = value.dt
+        return {"year": dt.year, "quarter": dt.quarter, "month": dt.month, "day": dt.day,
+                "dow": dt.weekday}[part]().cast(pl.Int64)  # polars' weekday is ISO's
+
     def sum(self, value: pl.Expr, name: str) -> pl.Expr:
         return value.sum().alias(name)
 
@@ -129,6 +134,10 @@ class DuckDBWords:
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.duckdb.CaseExpression(value < lo, lo).when(value > hi, hi).otherwise(value)
+
+    def date_part(self, value: Any, part: str) -> Any:
+        name = {"year": "year", "quarter": "quarter", "month": "month", "day": "day", "dow": "isodow"}[part]
+        return self.duckdb.FunctionExpression(name, value).cast(self.duckdb.sqltype("BIGINT"))
 
     def round_int64(self, value: Any) -> Any:
         # floor(v + 0.5): exact here (|v| <= 2^40, a float's step below 2^52), and a BIGINT in DuckDB
@@ -246,6 +255,12 @@ class SparkWords:
 
     def clip(self, value: Any, lo: Any, hi: Any) -> Any:
         return self.f.when(value < lo, lo).when(value > hi, hi).otherwise(value)
+
+    def date_part(self, value: Any, part: str) -> Any:
+        if part == "dow":  # Spark's dayofweek counts from Sunday (1); ISO's from Monday
+            return ((self.f.dayofweek(value) + 5) % 7 + 1).cast("long")
+        fn = {"year": self.f.year, "quarter": self.f.quarter, "month": self.f.month, "day": self.f.dayofmonth}[part]
+        return fn(value).cast("long")
 
     def round_int64(self, value: Any) -> Any:
         # floor(v + 0.5), a long in Spark: one addition and a floor per value, in double arithmetic (Spark's own

@@ -39,6 +39,7 @@ class Vocabulary(Protocol):
     def clip(self, value: Any, lo: Any, hi: Any) -> Any: ...  # NULL stays NULL
     def present(self, value: Any) -> Any: ...  # IS NOT NULL
     def round_int64(self, value: Any) -> Any: ...  # floor(value + 0.5): the nearest whole number, halves up
+    def date_part(self, value: Any, part: str) -> Any: ...  # expressions.DATE_PARTS, as int64 (dow: ISO's)
     def sum(self, value: Any, name: str) -> Any: ...
     def rows(self, name: str) -> Any: ...  # COUNT(*): a summed literal would be one row in some engines
     def count(self, value: Any, name: str) -> Any: ...  # COUNT(value): its non-null values
@@ -149,13 +150,14 @@ def predicate(v: Vocabulary, node: dict[str, Any]) -> Any:
         return ~predicate(v, node["arg"])
     col = v.col(node["column"])
     if op == "cmp":
-        value = v.lit(node["value"])
+        value = v.lit(expressions.literal_value(node["value"]))
         return {"==": lambda: col == value, "!=": lambda: col != value, ">": lambda: col > value,
                 ">=": lambda: col >= value, "<": lambda: col < value, "<=": lambda: col <= value}[node["cmp"]]()
     if op == "in":
-        return balanced([col == v.lit(value) for value in node["values"]], "or")
+        return balanced([col == v.lit(expressions.literal_value(value)) for value in node["values"]], "or")
     if op == "between":
-        return (col >= v.lit(node["low"])) & (col <= v.lit(node["high"]))
+        low, high = (expressions.literal_value(node[end]) for end in ("low", "high"))
+        return (col >= v.lit(low)) & (col <= v.lit(high))
     if op == "is_null":
         return _is_null(v, node["column"], node["negate"])
     raise QueryRejected(f"unknown predicate {op}")  # pragma: no cover - specs come from compile_sql

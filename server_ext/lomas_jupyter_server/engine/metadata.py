@@ -5,6 +5,7 @@ Everything in here is public by definition (it is shown to analysts); the data i
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +14,13 @@ import polars as pl
 
 from ..errors import BadRequest, MetadataError, QueryRejected
 
-COLUMN_TYPES = ("int", "float", "string", "bool")
+COLUMN_TYPES = ("int", "float", "string", "bool", "date")
 POLARS_TYPES: dict[str, pl.DataType] = {
     "int": pl.Int64(),
     "float": pl.Float64(),
     "string": pl.String(),
     "bool": pl.Boolean(),
+    "date": pl.Date(),
 }
 MAX_CATEGORIES = 1000
 MAX_CANDIDATES = 2000
@@ -62,7 +64,7 @@ class ColumnMetadata:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "nullable": self.nullable}
         if self.bounds is not None:
-            out["bounds"] = list(self.bounds)
+            out["bounds"] = [v.isoformat() if isinstance(v, datetime.date) else v for v in self.bounds]
         if self.categories is not None:
             out["categories"] = list(self.categories)
         if self.candidates is not None:
@@ -132,6 +134,18 @@ def _typed_value(value: Any, col_type: str, where: str) -> Any:
     return float(value) if col_type == "float" else value
 
 
+def _date(value: Any, where: str) -> datetime.date:
+    """A date bound: an ISO date in text (YAML may already have read it as a date)."""
+    if isinstance(value, datetime.datetime):
+        raise MetadataError(f"{where} must be dates (YYYY-MM-DD), not times")
+    if isinstance(value, datetime.date):
+        return value
+    try:
+        return datetime.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise MetadataError(f"{where} must be dates written YYYY-MM-DD") from None
+
+
 def parse_column(name: str, spec: Any) -> ColumnMetadata:
     where = f"column '{name}'"
     if not isinstance(spec, dict):
@@ -145,13 +159,19 @@ def parse_column(name: str, spec: Any) -> ColumnMetadata:
     nullable = spec.get("nullable", True)
     if not isinstance(nullable, bool):
         raise MetadataError(f"{where}: nullable must be true or false")
-    bounds = None
+    bounds: Any = None
     if "bounds" in spec:
-        if col_type not in ("int", "float"):
-            raise MetadataError(f"{where}: bounds are only for int and float columns")
+        if col_type not in ("int", "float", "date"):
+            raise MetadataError(f"{where}: bounds are only for int, float and date columns")
         raw = spec["bounds"]
         if not isinstance(raw, (list, tuple)) or len(raw) != 2:
             raise MetadataError(f"{where}: bounds must be [lower, upper]")
+    if "bounds" in spec and col_type == "date":  # the public range of a date column, for its date parts
+        first, last = (_date(v, f"{where}: bounds") for v in spec["bounds"])
+        if first >= last:
+            raise MetadataError(f"{where}: the first date must be before the last")
+        bounds = (first, last)
+    elif "bounds" in spec:
         lo, hi = (_number(v, f"{where}: bounds") for v in raw)
         if col_type == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
             raise MetadataError(f"{where}: bounds of an int column must be whole numbers")
@@ -161,8 +181,9 @@ def parse_column(name: str, spec: Any) -> ColumnMetadata:
     categories = None
     if "categories" in spec:
         raw = spec["categories"]
-        if col_type == "float":
-            raise MetadataError(f"{where}: float columns cannot have categories")
+        if col_type in ("float", "date"):
+            raise MetadataError(f"{where}: {col_type} columns cannot have categories"
+                                + ("; group by a date part such as YEAR(...) instead" if col_type == "date" else ""))
         if not isinstance(raw, list) or not raw:
             raise MetadataError(f"{where}: categories must be a non-empty list")
         if len(raw) > MAX_CATEGORIES:
@@ -225,13 +246,14 @@ def effective_bounds(
     metadata: DatasetMetadata, overrides: dict[str, Any] | None
 ) -> dict[str, tuple[float, float]]:
     """Metadata bounds, narrowed (never widened) by the user's overrides."""
-    bounds = {c.name: c.bounds for c in metadata.columns if c.bounds is not None}
+    # a date column's range is not a clipping bound: its date parts derive theirs from it (expressions.py)
+    bounds = {c.name: c.bounds for c in metadata.columns if c.bounds is not None and c.numeric}
     for name, raw in (overrides or {}).items():
         col = metadata.column(name)
         if col is None:
             raise BadRequest(f"bounds: unknown column '{name}'")
-        if col.bounds is None:
-            raise BadRequest(f"bounds: column '{name}' has no public bounds to narrow")
+        if col.bounds is None or not col.numeric:
+            raise BadRequest(f"bounds: column '{name}' has no public numeric bounds to narrow")
         if (
             not isinstance(raw, (list, tuple))
             or len(raw) != 2

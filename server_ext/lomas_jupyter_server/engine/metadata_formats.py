@@ -14,7 +14,8 @@ from ..errors import MetadataError
 OURS, LOMAS, SMARTNOISE = "lomas-jupyter", "lomas", "smartnoise"
 FORMATS = ("auto", OURS, LOMAS, SMARTNOISE)
 
-_TYPES = {"string": "string", "int": "int", "float": "float", "boolean": "bool", "bool": "bool"}
+_TYPES = {"string": "string", "int": "int", "float": "float", "boolean": "bool", "bool": "bool", "date": "date",
+          "datetime": "date"}
 # table options the peers have and we do not: what each means here
 _UNMAPPED_OPTIONS = {
     "censor_dims": "every public group is released (with its noise); nothing is censored",
@@ -125,8 +126,8 @@ def _column(name: str, spec: Any, nullable_default: bool) -> tuple[dict[str, Any
         raise MetadataError(f"{where}: expected a mapping with 'type'")
     kind = _TYPES.get(str(spec.get("type")))
     if kind is None:
-        return None, [f"{where} ({spec.get('type')}) is not imported: lomas has int, float, string and boolean "
-                      "columns; drop it from the data or convert it (e.g. a year as int)"]
+        return None, [f"{where} ({spec.get('type')}) is not imported: lomas has int, float, string, boolean and "
+                      "date columns; drop it from the data or convert it (e.g. a year as int)"]
     notes = []
     column: dict[str, Any] = {"type": kind, "nullable": bool(spec.get("nullable", nullable_default))}
     if spec.get("private_id"):
@@ -137,6 +138,14 @@ def _column(name: str, spec: Any, nullable_default: bool) -> tuple[dict[str, Any
         column["bounds"] = [spec["lower"], spec["upper"]]
     elif kind in ("int", "float"):
         notes.append(f"{where} has no lower and upper: it cannot be summed or averaged until bounds are added")
+    if kind == "date":
+        if spec.get("type") == "datetime":
+            notes.append(f"{where} is a datetime: imported as a date (its time of day is not kept)")
+        if "lower" in spec and "upper" in spec:
+            column["bounds"] = [str(spec["lower"])[:10], str(spec["upper"])[:10]]  # ISO text or a YAML date
+        else:
+            notes.append(f"{where} has no lower and upper: its date parts cannot be grouped by until bounds are "
+                         "added")
     if "categories" in spec:
         if kind == "float":
             notes.append(f"{where}: categories of a float column are not mapped")

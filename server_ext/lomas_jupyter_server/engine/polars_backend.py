@@ -5,6 +5,7 @@ of statistics in, the released statistics out."""
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 from collections.abc import Callable
@@ -46,6 +47,12 @@ def _balanced(exprs: list[pl.Expr], combine: Callable[[pl.Expr, pl.Expr], pl.Exp
     return exprs[0]
 
 
+def _literal(value: Any) -> pl.Expr:
+    if isinstance(value, dict):  # a tagged date: its day number, as the column cast to Int32 holds it
+        return pl.lit((expressions.literal_value(value) - datetime.date(1970, 1, 1)).days, dtype=pl.Int32)
+    return pl.lit(value)
+
+
 def _predicate(node: dict[str, Any]) -> pl.Expr:
     op = node["op"]
     if op == "and":
@@ -55,8 +62,11 @@ def _predicate(node: dict[str, Any]) -> pl.Expr:
     if op == "not":
         return ~_predicate(node["arg"])
     col = pl.col(node["column"])
+    values = [node[k] for k in ("value", "low", "high") if k in node] + list(node.get("values", ()))
+    if any(isinstance(v, dict) for v in values):  # OpenDP 0.16 takes no date literal: compare days since 1970
+        col = col.cast(pl.Int32)
     if op == "cmp":
-        value = node["value"]
+        value = _literal(node["value"])
         return {
             "==": col == value,
             "!=": col != value,
@@ -66,9 +76,10 @@ def _predicate(node: dict[str, Any]) -> pl.Expr:
             "<=": col <= value,
         }[node["cmp"]]
     if op == "in":  # OpenDP 0.16 has no is_in: an OR of equalities is the same filter
-        return _balanced([col == value for value in node["values"]], lambda a, b: a | b)
+        return _balanced([col == _literal(value) for value in node["values"]], lambda a, b: a | b)
     if op == "between":
-        return (col >= node["low"]) & (col <= node["high"])
+        low, high = (_literal(node[end]) for end in ("low", "high"))
+        return (col >= low) & (col <= high)
     if op == "is_null":
         return col.is_not_null() if node["negate"] else col.is_null()
     raise QueryRejected(f"unknown predicate {op}")  # specs come from compile_sql; defensive only
@@ -212,7 +223,8 @@ def input_domain(spec: QuerySpec, metadata: DatasetMetadata) -> Any:
 
 
 def _opendp_type(dtype: pl.DataType) -> str:
-    return {pl.Int64: "i64", pl.Float64: "f64", pl.String: "String", pl.Boolean: "bool"}[type(dtype)]
+    return {pl.Int64: "i64", pl.Float64: "f64", pl.String: "String", pl.Boolean: "bool",
+            pl.Date: "NaiveDate"}[type(dtype)]
 
 
 

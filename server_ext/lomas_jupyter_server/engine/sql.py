@@ -7,6 +7,7 @@ with bounds and key sets taken from server metadata. No client text ever reaches
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import math
@@ -40,6 +41,7 @@ SUPPORTED = (
     "WHERE with comparisons, AND/OR/NOT, IN, BETWEEN, IS [NOT] NULL; "
     "GROUP BY on columns with public categories or on a CASE WHEN ... THEN 'label' ... END (by the CASE, its alias "
     "or position), on FLOOR bands of a numeric column (FLOOR(age / 10) * 10) and CASTs of a column with categories, "
+    "on date parts (YEAR(d), QUARTER, MONTH, DAY, EXTRACT(ISODOW FROM d)) of a date column with public bounds, "
     "or (with delta > 0, by a threshold) on string or int columns without public categories; HAVING, ORDER BY and LIMIT (or TOP) on the selected outputs (applied "
     "to the released values, free)."
 )
@@ -181,6 +183,9 @@ class _Compiler:
             node = node.this
         if isinstance(node, exp.Neg):
             negative, node = True, node.this
+        if (isinstance(node, exp.Cast) and node.to.is_type(exp.DataType.Type.DATE)
+                and isinstance(node.this, exp.Literal) and node.this.is_string):  # DATE '2008-01-31'
+            node = node.this
         if isinstance(node, exp.Boolean):
             value: Any = bool(node.this)
         elif isinstance(node, exp.Literal):
@@ -208,6 +213,14 @@ class _Compiler:
                 raise QueryRejected(f"column '{col.name}' is text: compare it with a quoted string")
         elif col.type == "bool" and not isinstance(value, bool):
             raise QueryRejected(f"column '{col.name}' is boolean: compare it with TRUE or FALSE")
+        elif col.type == "date":
+            try:
+                day = datetime.date.fromisoformat(value) if isinstance(value, str) and len(value) == 10 else None
+            except ValueError:
+                day = None
+            if day is None:
+                raise QueryRejected(f"column '{col.name}' is a date: compare it with a date written 'YYYY-MM-DD'")
+            value = {"date": day.isoformat()}  # tagged, so the spec stays JSON and engines compare dates
         return value
 
     def predicate(self, node: exp.Expression, depth: int = 0) -> dict[str, Any]:
@@ -331,6 +344,9 @@ class _Compiler:
         while isinstance(node, exp.Paren):
             node = node.this
         text = node.sql(dialect="postgres")
+        part = self.date_part(node)
+        if part is not None:
+            return self._key(part, text)
         if isinstance(node, exp.Cast):
             inner = node.this
             while isinstance(inner, exp.Paren):
@@ -345,6 +361,38 @@ class _Compiler:
             return self._key(_relabel(band, target, text), text)
         band = self.floor_band(node, text)
         return None if band is None else self._key(band, text)
+
+    def date_part(self, node: exp.Expression) -> dict[str, Any] | None:
+        """YEAR(d), QUARTER, MONTH, DAY, EXTRACT(... FROM d) or DATE_PART('...', d) of a date column, as a tree
+        whose range follows from the column's public first and last dates; None if `node` is none of these."""
+        named = {exp.Year: "year", exp.Quarter: "quarter", exp.Month: "month", exp.Day: "day",
+                 exp.DayOfMonth: "day"}
+        if isinstance(node, exp.Extract):
+            unit, arg = node.this.name.lower(), node.expression
+            part = {"year": "year", "quarter": "quarter", "month": "month", "day": "day", "isodow": "dow"}.get(unit)
+            if part is None:
+                why = ("engines number DOW differently; use EXTRACT(ISODOW FROM ...), 1 Monday to 7 Sunday"
+                       if unit == "dow" else "the date parts are YEAR, QUARTER, MONTH, DAY and ISODOW")
+                raise QueryRejected(f"{_short(node)}: {why}")
+        elif type(node) in named:
+            part, arg = named[type(node)], node.this
+        elif isinstance(node, exp.DayOfWeek):
+            raise QueryRejected(f"{_short(node)}: engines number the days of the week differently; use "
+                                "EXTRACT(ISODOW FROM ...), 1 Monday to 7 Sunday")
+        else:
+            return None
+        while isinstance(arg, exp.Paren):
+            arg = arg.this
+        if not isinstance(arg, exp.Column):
+            raise _reject(f"{_short(node)}: a date part takes a date column")
+        col = self.column(arg, f"the argument of {part.upper()}")
+        if col.type != "date":
+            raise QueryRejected(f"{_short(node)}: column '{col.name}' is {col.type}, not a date")
+        if col.bounds is None:
+            raise QueryRejected(f"{_short(node)}: column '{col.name}' has no public first and last dates (bounds) "
+                                "in the metadata, so its date parts have no public range")
+        lo, hi = expressions.date_part_range(part, *col.bounds)
+        return {"part": part, "of": col.name, "range": [lo, hi]}
 
     def floor_band(self, node: exp.Expression, text: str) -> dict[str, Any] | None:
         """FLOOR(e), FLOOR(e) * w or w * FLOOR(e), for e an increasing affine function of one bounded column, as a
@@ -406,7 +454,7 @@ class _Compiler:
         return {"case": cases, "else": None if col.nullable else labels[-1]}
 
     def _key(self, tree: dict[str, Any], text: str) -> str:
-        values = [v for v in expressions.labels(tree) if v is not None]
+        values = [v for v in expressions.labels(tree) if v is not None] if "case" in tree else []
         if len({type(v) for v in values}) > 1:  # pragma: no cover - labels are converted to one type
             raise _reject(f"{text}: its labels must be all text or all whole numbers")
         for derived in self.derived:
@@ -436,6 +484,9 @@ class _Compiler:
             raise QueryRejected(f"an expression inside {fn} nests more than {MAX_NESTING} levels deep")
         while isinstance(node, exp.Paren):
             node = node.this
+        part = self.date_part(node)
+        if part is not None:
+            return part
         if isinstance(node, exp.Column):
             col = self.column(node, f"a column inside {fn}")
             if not col.numeric or col.bounds is None:
@@ -591,7 +642,8 @@ def _relabel(tree: dict[str, Any], target: str, text: str) -> dict[str, Any]:
 
 
 def _key_columns(derived: list[Derived], metadata: DatasetMetadata) -> list[ColumnMetadata]:
-    return [derived_column(d.name, d.expression, metadata, {}) for d in derived if "case" in d.expression]
+    return [derived_column(d.name, d.expression, metadata, {}) for d in derived
+            if "case" in d.expression or "part" in d.expression]
 
 
 def _number(text: str) -> int | float:
@@ -693,6 +745,9 @@ def _compile(sql: str, table: str, metadata: DatasetMetadata, max_groups: int) -
                 group_by.append(name)
                 continue
             col = compiler.column(node, "GROUP BY items")
+            if col.type == "date":
+                raise QueryRejected(f"GROUP BY {col.name}: a date column's days are not public groups; group by a "
+                                    f"date part, such as YEAR({col.name}) or EXTRACT(MONTH FROM {col.name})")
             if col.categories is None and col.type == "float":
                 raise QueryRejected(
                     f"GROUP BY {col.name}: column '{col.name}' is a float with no public category list, so its "

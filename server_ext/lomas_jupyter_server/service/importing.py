@@ -6,6 +6,7 @@ and the rule, never a data value.
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import math
@@ -34,7 +35,7 @@ def check_dataset_name(name: Any) -> str:
     return name
 
 
-def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
+def _scan(source: str | Path | bytes, fmt: str | None, parse_dates: bool = False) -> pl.LazyFrame:
     remote = isinstance(source, str) and locations.is_remote(source)
     folder = not remote and not isinstance(source, bytes) and Path(source).is_dir()
     if fmt is None:
@@ -65,7 +66,9 @@ def _scan(source: str | Path | bytes, fmt: str | None) -> pl.LazyFrame:
     try:
         if fmt == "csv":
             data = io.BytesIO(source) if isinstance(source, bytes) else source
-            frame = pl.read_csv(data, null_values=["NA", "", "null", "NULL"], infer_schema_length=10_000)
+            # a draft reads ISO dates as dates; an import reads text and casts to the declared types
+            frame = pl.read_csv(data, null_values=["NA", "", "null", "NULL"], infer_schema_length=10_000,
+                                try_parse_dates=parse_dates)
             return frame.lazy()
         if isinstance(source, bytes):
             return pl.read_parquet(io.BytesIO(source)).lazy()
@@ -110,14 +113,14 @@ def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict
     are rounded outward, small integer ranges get every value in the range (not the values seen), and string
     categories list what the data holds, which the owner must prune to what is public knowledge.
     """
-    frame = _scan(source, fmt)
+    frame = _scan(source, fmt, parse_dates=True)
     try:
         schema = frame.collect_schema()
         stats_exprs: list[pl.Expr] = [pl.len().alias("__rows")]
         for name, dtype in schema.items():
             c = pl.col(name)
             stats_exprs.append(c.null_count().alias(f"{name}__nulls"))
-            if dtype.is_numeric():
+            if dtype.is_numeric() or dtype == pl.Date:
                 finite = c.fill_nan(None) if dtype.is_float() else c
                 stats_exprs += [finite.min().alias(f"{name}__min"), finite.max().alias(f"{name}__max")]
             elif dtype != pl.Boolean:
@@ -139,6 +142,15 @@ def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict
         spec: dict[str, Any] = {"nullable": bool(stats[f"{name}__nulls"])}
         if dtype == pl.Boolean:
             spec["type"] = "bool"
+        elif dtype == pl.Date:
+            spec["type"] = "date"
+            first, last = stats[f"{name}__min"], stats[f"{name}__max"]
+            if first is not None and last is not None:  # whole years around the data's dates
+                spec["bounds"] = [f"{first.year}-01-01", f"{last.year}-12-31"]
+                note(name, "bounds", "the first and last days of the years the data's dates fall in; confirm they "
+                     "follow from public knowledge (its date parts, YEAR(...) and so on, take their groups from them)")
+            else:
+                note(name, "bounds", "no dates to propose a range from; add bounds to group by its date parts")
         elif dtype.is_integer() or dtype.is_float():
             whole = dtype.is_integer()
             spec["type"] = "int" if whole else "float"
@@ -251,7 +263,7 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[s
             raise MetadataError(f"column '{col.name}' has missing values but the metadata says nullable: false")
         if stats.get(f"{col.name}__outside"):
             raise MetadataError(
-                f"column '{col.name}' has values outside its declared bounds {list(col.bounds or ())}; "
+                f"column '{col.name}' has values outside its declared bounds {col.to_json().get('bounds')}; "
                 "widen the bounds or clean the data"
             )
         if stats.get(f"{col.name}__unknown"):
@@ -367,6 +379,9 @@ def dummy_frame(metadata: DatasetMetadata, rows: int, seed: int = 0) -> pl.DataF
             values = rng.uniform(lo, hi, rows).tolist()
         elif col.type == "bool":
             values = (rng.random(rows) < 0.5).tolist()
+        elif col.type == "date":
+            first, last = col.bounds or (datetime.date(2000, 1, 1), datetime.date(2000, 12, 31))
+            values = [first + datetime.timedelta(days=int(d)) for d in rng.integers(0, (last - first).days + 1, rows)]
         else:
             values = [f"{col.name}_{i}" for i in rng.integers(0, 50, rows)]
         if col.nullable:

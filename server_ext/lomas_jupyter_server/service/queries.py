@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from .. import engine
 from ..engine.builder import description_to_sql
 from ..engine.metadata import parse_metadata
@@ -364,4 +366,5 @@ class QueryService:
     def dummy_rows(self, name: str, rows: int) -> dict[str, Any]:
         record = self._dataset(name)
         frame = dummy_frame(parse_metadata(record.metadata), rows, seed=record.version)
+        frame = frame.with_columns(pl.col(pl.Date).dt.to_string("%Y-%m-%d"))  # JSON has no dates: ISO text
         return {"dataset": name, "dummy": True, "columns": frame.columns, "rows": frame.to_dicts()}
