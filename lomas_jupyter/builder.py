@@ -240,6 +240,12 @@ class Query:
         return self.client.query(self.dataset, epsilon=epsilon, delta=delta, bounds=bounds, fresh=fresh,
                                  query=self.to_json())
 
+    def federated(self, epsilon: float, delta: float = 0.0, sites: list[str] | None = None,
+                  allow_partial: bool = False, preview: bool = False) -> Any:
+        """The same query at several sites (`Client.sites`), combined; see `Client.federated`."""
+        return self.client.federated(self.dataset, epsilon=epsilon, delta=delta, sites=sites,
+                                     allow_partial=allow_partial, preview=preview, query=self.to_json())
+
     def dummy(self, epsilon: float = 1.0, delta: float = 0.0) -> Release:
         """The same query on dummy rows: free, labelled, nothing of the data."""
         return self.client.query(self.dataset, epsilon=epsilon, delta=delta, dummy=True, query=self.to_json())

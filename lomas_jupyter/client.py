@@ -13,9 +13,12 @@ import polars as pl
 import requests
 import yaml
 
+from . import federation
 from .builder import Query
 from .charts import Chart, plot_spec
 from .errors import LomasError
+from .federation import FederatedPreview, FederatedRelease
+from .sites import Sites
 
 API = "lomas/api/"
 
@@ -186,24 +189,43 @@ class Client:
         return Query(self, dataset)
 
     def preview(self, dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0,
-                bounds: dict[str, list[float]] | None = None, *, query: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
-        """Free: what the query would cost and how accurate it would be. `sql`, or a builder's `query`."""
-        return self._call("POST", "preview", _query_body(dataset, sql, query, epsilon, delta, bounds))
+                bounds: dict[str, list[float]] | None = None, *, query: dict[str, Any] | None = None,
+                table: str | None = None) -> dict[str, Any]:
+        """Free: what the query would cost and how accurate it would be. `sql`, or a builder's `query`;
+        `table`: the name the query's FROM uses, when it is not the dataset's (several sites)."""
+        return self._call("POST", "preview", _query_body(dataset, sql, query, epsilon, delta, bounds, table))
 
     def query(self, dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0,
               bounds: dict[str, list[float]] | None = None, dummy: bool = False, fresh: bool = False, *,
-              query: dict[str, Any] | None = None) -> Release:
+              query: dict[str, Any] | None = None, table: str | None = None) -> Release:
         """A DP release, charged. Asking the same again returns the earlier release for free (a replay) unless
         `fresh=True`. With `dummy=True`: the same query on dummy rows, free and labelled. `sql`, or a builder's
         `query` (its description)."""
-        body = _query_body(dataset, sql, query, epsilon, delta, bounds)
+        body = _query_body(dataset, sql, query, epsilon, delta, bounds, table)
         if fresh and not dummy:
             body["fresh"] = True
         release = Release.from_json(self._call("POST", "dummy" if dummy else "query", body))
         if not dummy:
             _announce(release)
         return release
+
+    # --- several sites -----------------------------------------------------------------------------------
+
+    @property
+    def sites(self) -> Sites:
+        """The DP services this kernel's analyst has accounts on (shared by every Client and the magics)."""
+        return SITES
+
+    def federated(self, dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0, *,
+                  sites: list[str] | None = None, allow_partial: bool = False, fresh: bool = False,
+                  preview: bool = False, query: dict[str, Any] | Query | None = None
+                  ) -> FederatedRelease | FederatedPreview:
+        """Ask the same question of several sites (default: all registered): each prices, charges and releases
+        on its own budget; the answer combines them (counts and sums add, AVG pools sum and count) with 95%
+        intervals from the sites' noise. If any site would refuse, nothing is spent anywhere unless
+        `allow_partial`. `preview=True`: the cost at each site and the combined accuracy, free."""
+        return federated(dataset, sql, epsilon, delta, sites=sites, allow_partial=allow_partial, fresh=fresh,
+                         preview=preview, query=query)
 
     def dummy_rows(self, dataset: str, rows: int = 100) -> pl.DataFrame:
         """Rows made from public metadata only: the shape of the data, none of its content."""
@@ -298,8 +320,31 @@ class Client:
         return self._call("GET", f"admin/courses/{course}/spending/{dataset}")
 
 
+SITES = Sites(Client)  # one list per kernel: the magics and every Client share it
+
+
+def federated(dataset: str, sql: str | None = None, epsilon: float | None = None, delta: float = 0.0, *,
+              sites: list[str] | None = None, allow_partial: bool = False, fresh: bool = False,
+              preview: bool = False, query: dict[str, Any] | Query | None = None
+              ) -> FederatedRelease | FederatedPreview:
+    """`Client.federated` without a home service: the sites are all it needs."""
+    if epsilon is None:
+        raise LomasError("epsilon is required: the privacy budget to spend at each site")
+    if (sql is None) == (query is None):
+        raise LomasError("give either sql or a builder query")
+    description = query.to_json() if isinstance(query, Query) else query
+    chosen = SITES.select(sites)
+    if preview:
+        return federation.preview(chosen, dataset, sql, epsilon, delta, description)
+    answer = federation.release(chosen, dataset, sql, epsilon, delta, query=description,
+                                allow_partial=allow_partial, fresh=fresh)
+    for release in answer.releases.values():
+        _announce(release)
+    return answer
+
+
 def _query_body(dataset: str, sql: str | None, query: dict[str, Any] | None, epsilon: float | None, delta: float,
-                bounds: Any) -> dict[str, Any]:
+                bounds: Any, table: str | None = None) -> dict[str, Any]:
     if (sql is None) == (query is None):
         raise LomasError("give either sql or a builder query")
     if epsilon is None:
@@ -308,5 +353,7 @@ def _query_body(dataset: str, sql: str | None, query: dict[str, Any] | None, eps
     body.update({"sql": sql} if query is None else {"query": query})
     if bounds is not None:
         body["bounds"] = bounds
+    if table is not None and table != dataset:
+        body["table"] = table
     return body
 

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from .client import Release
+from .federation import FederatedPreview, FederatedRelease
 from .format import SIGNIFICANT, fmt, span
 
 __all__ = ["SIGNIFICANT", "fmt", "span"]  # re-exported: callers format numbers through display too
@@ -270,3 +271,80 @@ def accuracy_summary(preview: dict[str, Any]) -> str:
         else:
             parts.append(f"{agg['name']} rank ±{fmt(round(agg.get('rank_error_rows', 0)))} rows")
     return ", ".join(parts)
+
+
+def _combined(answer: FederatedRelease) -> Release:
+    """The combined answer in a Release's shape, so that it is shown the way a single site's answer is."""
+    aggregates = [{"name": name, "kind": "sum", "covers": covers} for name, covers in answer.covers.items()]
+    return Release(answer.dataset, answer.sql, answer.columns, answer.rows, answer.intervals, aggregates,
+                   {"epsilon": 0.0, "delta": 0.0}, raw={"keys": answer.keys})
+
+
+def _site_rows(answer: FederatedRelease) -> list[dict[str, Any]]:
+    rows = []
+    for name, outcome in answer.sites.items():
+        release = outcome.release
+        if release is not None:
+            budget = release.budget or {}
+            what = (f"replay of #{release.raw.get('replay_of', {}).get('release_id')}, free" if release.replay
+                    else f"release #{release.release_id}")
+            rows.append({"site": name, "dataset": outcome.dataset, "answer": what,
+                         "charged ε": release.cost["epsilon"], "charged δ": release.cost.get("delta", 0.0),
+                         "ε left": budget.get("epsilon_remaining", "")})
+        else:
+            charged = outcome.charged or {}
+            rows.append({"site": name, "dataset": outcome.dataset, "answer": f"not included: {outcome.problem}",
+                         "charged ε": charged.get("epsilon", 0.0), "charged δ": charged.get("delta", 0.0),
+                         "ε left": ""})
+    return rows
+
+
+SITE_COLUMNS = ["site", "dataset", "answer", "charged ε", "charged δ", "ε left"]
+
+
+def _federated_heading(answer: FederatedRelease) -> str:
+    covered = answer.covered
+    head = (f"Combined DP answer on {answer.dataset} from {len(covered)} site(s): {', '.join(covered)}"
+            " · each site charged its own budget · [brackets]: 95% interval")
+    return head + "".join(f" · {note}" for note in answer.notes)
+
+
+def federated_html(answer: FederatedRelease) -> str:
+    combined = _combined(answer)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in combined.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(value)}"
+                         + (f' <small style="opacity:0.75">{html.escape(q)}</small>' if q else "") + "</td>"
+                         for value, q in cells) + "</tr>"
+        for cells in _cells(combined))
+    warning = "" if answer.complete else '<div class="lomas-partial"><b>Partial: not every site is included</b></div>'
+    return (f'<div class="lomas-release lomas-federated">{warning}<table><thead><tr>{head}</tr></thead><tbody>'
+            f'{body}</tbody></table><div style="font-size:0.85em;opacity:0.85">'
+            f"{html.escape(_federated_heading(answer))}{_notes(combined)}</div>"
+            f"{Table(_site_rows(answer), SITE_COLUMNS, 'Per site')._repr_html_()}</div>")
+
+
+def federated_text(answer: FederatedRelease) -> str:
+    combined = _combined(answer)
+    rows = [{name: f"{value} {q}".rstrip() for name, (value, q) in zip(combined.columns, cells)}
+            for cells in _cells(combined)]
+    lines = [] if answer.complete else ["PARTIAL: not every site is included"]
+    lines.append(repr(Table(rows, combined.columns)))
+    lines.append(_federated_heading(answer))
+    lines.extend(f"  {name}: {note}" for name, note in _coverage_notes(combined))
+    lines.append(repr(Table(_site_rows(answer), SITE_COLUMNS, "Per site")))
+    return "\n".join(lines)
+
+
+def federated_preview_text(planned: FederatedPreview) -> str:
+    lines = [f"Preview at {len(planned.sites)} site(s), nothing spent:"]
+    for name, outcome in planned.sites.items():
+        cost = (outcome.preview or {}).get("cost")
+        state = "ready" if outcome.problem is None else f"refuses: {outcome.problem}"
+        lines.append(f"  {name} ({outcome.dataset}): " + (f"costs ε={fmt(cost['epsilon'])}"
+                                                         + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
+                                                         + "; " if cost else "") + state)
+    accuracy = {k: v for k, v in planned.accuracy.items() if v is not None}
+    if accuracy:
+        lines.append("combined 95% accuracy: " + ", ".join(f"{k} ±{fmt(v)}" for k, v in accuracy.items()))
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import sys
 import threading
 import time
@@ -13,11 +14,14 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from .charts import Chart, class_spending_spec, spending_spec
-from .client import Client, Release, on_release
+from .client import SITES, Client, Release, federated, on_release
 from .display import (
     Rich,
     Table,
     accuracy_summary,
+    federated_html,
+    federated_preview_text,
+    federated_text,
     plain,
     preview_html,
     preview_text,
@@ -32,7 +36,8 @@ T = TypeVar("T")
 PROGRESS_AFTER = 1.0  # seconds before a running query says so
 REFERENCE_EPSILON = 0.5  # what the "no epsilon given" message previews
 USAGE = ("usage: %lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] | "
-         "connect [URL [TOKEN]] | class COURSE DATASET")
+         "connect [URL [TOKEN]] | class COURSE DATASET | sites [DATASET] | sites add NAME URL [TOKEN] | "
+         "sites remove NAME")
 
 
 def _say_error(err: Exception) -> None:
@@ -102,6 +107,11 @@ class LomasMagics(Magics):
     @argument("--fresh", action="store_true", help="a new release even if this query was answered before (charged)")
     @argument("--plot", action="store_true", help="also draw the values with their 95%% intervals as error bars")
     @argument("-o", "--output", default=None, help="store the result as a polars DataFrame under this name")
+    @argument("--sites", default=None,
+              help="ask several sites (%%lomas sites), comma-separated, or 'all': each charges its own budget and "
+              "the answers are combined")
+    @argument("--allow-partial", action="store_true",
+              help="with --sites: answer from the sites that can, if some refuse (the answer says which it covers)")
     @cell_magic
     def dpquery(self, line: str, cell: str) -> Any:
         """Run restricted SQL against a dataset on the DP service; the answer comes with 95% intervals."""
@@ -114,8 +124,13 @@ class LomasMagics(Magics):
         try:
             if epsilon is None and self.default_epsilon is not None and not args.dummy:
                 epsilon, note = self.default_epsilon, "ε from your kernel default, %lomas epsilon"
+            if epsilon is None and args.sites:
+                raise LomasError("--sites: give --epsilon, what each site spends (--preview shows costs, free)")
             if epsilon is None:
                 self._no_epsilon(args.dataset, cell, args.delta, args.dummy)
+                return None
+            if args.sites:
+                self._federated(args, cell, epsilon)
                 return None
             if args.preview:
                 preview = self.client.preview(args.dataset, cell, epsilon, args.delta)
@@ -136,6 +151,24 @@ class LomasMagics(Magics):
             display(release.plot())
         return None
 
+    def _federated(self, args: Any, cell: str, epsilon: float) -> None:
+        """One cell, several sites: preview everywhere, then release at each and show the combination."""
+        if args.dummy:
+            raise LomasError("--dummy runs at one site: leave out --sites")
+        names = None if args.sites == "all" else [n.strip() for n in args.sites.split(",") if n.strip()]
+        if args.preview:
+            planned = federated(args.dataset, cell, epsilon, args.delta, sites=names, preview=True)
+            text = federated_preview_text(planned)
+            display(Rich(f"<pre>{html.escape(text)}</pre>", text))
+            return
+        answer = run_with_progress(
+            f"query on {args.dataset} at several sites",
+            lambda: federated(args.dataset, cell, epsilon, args.delta, sites=names,
+                                          allow_partial=args.allow_partial, fresh=args.fresh))
+        if args.output:
+            self.shell.user_ns[args.output] = answer.df
+        display(Rich(federated_html(answer), federated_text(answer)))
+
     def _no_epsilon(self, dataset: str, sql: str, delta: float, dummy: bool) -> None:
         """No epsilon, no spending: say so in one line, with what a typical epsilon would buy."""
         if dummy:
@@ -150,14 +183,15 @@ class LomasMagics(Magics):
     @line_magic
     def lomas(self, line: str) -> Any:
         """%lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] |
-        connect [URL [TOKEN]] | class COURSE DATASET (instructors)"""
+        connect [URL [TOKEN]] | class COURSE DATASET (instructors) | sites [DATASET] | sites add NAME URL [TOKEN]
+        [DATASET=SITE_DATASET ...] | sites remove NAME"""
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("status", [])
         try:
             handler = {
                 "datasets": self._datasets, "describe": self._describe, "budget": self._budget,
                 "archive": self._archive, "connect": self._connect, "status": self._status,
-                "epsilon": self._epsilon, "class": self._class,
+                "epsilon": self._epsilon, "class": self._class, "sites": self._sites,
             }.get(command)
             if handler is None or (command == "describe" and not rest) or (command == "class" and len(rest) != 2):
                 _say_error(LomasError(USAGE))
@@ -220,6 +254,36 @@ class LomasMagics(Magics):
             caption += f"; not started yet (in the Hub group): {', '.join(waiting)}"
         display(Table(rows, ["student", "ε spent", "δ spent", "releases"], caption))
         return Chart(class_spending_spec(spending), caption)
+
+    def _sites(self, rest: list[str]) -> Any:
+        """sites [DATASET] | sites add NAME URL [TOKEN|$VAR] [FEDERATED=LOCAL ...] | sites remove NAME"""
+        sites = SITES
+        if rest and rest[0] == "add":
+            if len(rest) < 3:
+                raise LomasError("usage: %lomas sites add NAME URL [TOKEN|$VAR] [DATASET=SITE_DATASET ...]")
+            extra = rest[3:]
+            token = extra.pop(0) if extra and "=" not in extra[0] else ""
+            mapping = dict(item.split("=", 1) for item in extra if "=" in item)
+            site = sites.add(rest[1], rest[2], token, mapping)
+            me = site.client.whoami()  # fails here, in one line, if the URL or the token is wrong
+            print(f"site {site.name}: {site.url} as {me['username']} ({me['role']})")
+            return None
+        if rest and rest[0] == "remove":
+            if len(rest) != 2:
+                raise LomasError("usage: %lomas sites remove NAME")
+            sites.remove(rest[1])
+            return None
+        dataset = rest[0] if rest else None
+        rows = []
+        for row in sites.status(dataset):
+            budget = (fmt(row["epsilon_remaining"]) if "epsilon_remaining" in row
+                      else ", ".join(f"{d} {fmt(e)}" for d, e in row.get("budgets", {}).items()))
+            rows.append({"site": row["site"], "url": row["url"],
+                         "reachable": "yes" if row.get("reachable") else "no",
+                         "you are": row.get("user", ""), "ε left": budget, "problem": row.get("problem", "")})
+        caption = ("no sites yet: %lomas sites add NAME URL [TOKEN]" if not rows else
+                   f"ε left on {dataset} at each site" if dataset else "ε left per dataset at each site")
+        return Table(rows, ["site", "url", "reachable", "you are", "ε left", "problem"], caption)
 
     def _epsilon(self, rest: list[str]) -> Any:
         if rest and rest[0] == "off":

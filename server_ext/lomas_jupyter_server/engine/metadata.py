@@ -252,8 +252,10 @@ def effective_bounds(
         col = metadata.column(name)
         if col is None:
             raise BadRequest(f"bounds: unknown column '{name}'")
-        if col.bounds is None or not col.numeric:
-            raise BadRequest(f"bounds: column '{name}' has no public numeric bounds to narrow")
+        if col.bounds is None:
+            raise BadRequest(f"bounds: column '{name}' has no public bounds to narrow")
+        if not col.numeric:
+            raise BadRequest(f"bounds: column '{name}' is a {col.type}: only numeric bounds can be narrowed")
         if (
             not isinstance(raw, (list, tuple))
             or len(raw) != 2

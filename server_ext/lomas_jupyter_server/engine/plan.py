@@ -304,6 +304,10 @@ class Plan:
                 "scale": row["scale"] * unit,
                 "accuracy": noise.half_width(ALPHA) * unit + self._rounding(j) if noise else None,
                 "fixed_point_step": self.steps[j],
+                # machine-readable, for a notebook combining releases of several sites: the noise on the row's
+                # released number (in its own units), what one unit is worth, and how far rounding can move it
+                **({"noise": {"family": noise.family, "discrete": noise.discrete, "scale": noise.scale,
+                              "unit": unit}, "rounding": self._rounding(j)} if noise else {}),
             })
         aggregates = [self._describe_aggregate(agg, recipe, released, summary)
                       for agg, recipe in zip(self.spec.aggregates, self.recipes)]
@@ -366,6 +370,9 @@ class Plan:
             info["quantile"] = agg.quantile
         parts = [released[j] for j in recipe.uses]
         info["statistics"] = [p["statistic"] for p in parts]
+        info["uses"], info["how"] = list(recipe.uses), recipe.how  # which released statistics, combined how
+        if recipe.how in ("centred_sum", "avg", "var"):
+            info["centre"] = float(centre(self.metadata.column(agg.column), self.bounds))  # type: ignore[arg-type]
         info["derived"] = recipe.how in ("centred_sum", "avg", "var")
         info["mechanism"] = ", ".join(dict.fromkeys(p["mechanism"] for p in parts))
         scales = [p["scale"] for p in parts]
@@ -466,8 +473,11 @@ class Plan:
         else:
             order = {k: {v: n for n, v in enumerate(self.metadata.column(k).group_keys)} for k in self.spec.group_by}  # type: ignore[union-attr]
             records.sort(key=lambda r: tuple(order[k].get(r[k], len(order[k])) for k in self.spec.group_by))
-        rows, intervals = [], []
+        rows, intervals, statistics = [], [], []
         for record in records:
+            # the released statistics themselves (each row's noisy numbers, in their own units): everything
+            # else is computed from them, and several sites' answers combine from them
+            statistics.append([record[statistic_name(j)] for j in range(len(self.statistics))])
             row: dict[str, Any] = {}
             interval: dict[str, Any] = {}
             # every aggregate is used by an output or an expression: each is computed once
@@ -485,7 +495,7 @@ class Plan:
             intervals.append(interval)
         derived = {o.name: derived_note(o.expression, self.spec) for o in self.spec.outputs if o.expression}
         return {"columns": [o.name for o in self.spec.outputs], "rows": rows, "intervals": intervals,
-                "keys": [o.name for o in self.spec.outputs if o.key is not None],
+                "statistics": statistics, "keys": [o.name for o in self.spec.outputs if o.key is not None],
                 **({"derived": derived} if derived else {})}
 
     def _value(self, i: int, values: list[Any], info: dict[str, Any], table: Any) -> tuple[Any, Any]:

@@ -146,6 +146,28 @@ class QuerySpec:
             derived=tuple(Derived(**d) for d in doc.get("derived", ())),
         )
 
+    def columns_used(self, metadata: DatasetMetadata) -> dict[str, dict[str, Any]]:
+        """The public metadata of every column the query reads (keys, aggregates, WHERE, CASE, date parts): what
+        several sites must agree on before one question is asked of all of them."""
+        names = set(metadata.column_names)
+        found: set[str] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, str):
+                if node in names:
+                    found.add(node)
+            elif isinstance(node, dict):
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, (list, tuple)):
+                for value in node:
+                    walk(value)
+
+        doc = self.to_json()
+        doc.pop("post", None)
+        walk(doc)
+        return {name: metadata.column(name).to_json() for name in sorted(found)}  # type: ignore[union-attr]
+
     def label(self, column: str | None) -> str | None:
         """A column's name as the query wrote it (a derived value's expression)."""
         for derived in self.derived:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -37,10 +38,11 @@ class QueryRequest:
     delta: float
     bounds: dict[str, Any] | None
     fresh: bool = False
+    table: str | None = None  # the name FROM gives the dataset, when not its own (one query for several sites)
 
     @classmethod
     def parse(cls, body: dict[str, Any], max_epsilon: float) -> QueryRequest:
-        allowed = {"dataset", "sql", "query", "epsilon", "delta", "bounds", "fresh"}
+        allowed = {"dataset", "sql", "query", "epsilon", "delta", "bounds", "fresh", "table"}
         unknown = set(body) - allowed
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a query takes {sorted(allowed)}")
@@ -49,8 +51,11 @@ class QueryRequest:
             raise BadRequest("'dataset' is required: the name of the dataset to query")
         if ("sql" in body) == ("query" in body):
             raise BadRequest("send either 'sql' (the SELECT query to run) or 'query' (its description as JSON)")
+        table = body.get("table")
+        if table is not None and (not isinstance(table, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", table)):
+            raise BadRequest("table must be a plain name (letters, digits, _): the name FROM uses for the dataset")
         # a description becomes SQL here, so that both forms go through the one compiler (engine.builder)
-        sql = body["sql"] if "sql" in body else description_to_sql(body["query"], dataset)
+        sql = body["sql"] if "sql" in body else description_to_sql(body["query"], table or dataset)
         if not isinstance(sql, str) or not sql.strip():
             raise BadRequest("'sql' is required: the SELECT query to run")
         if "epsilon" not in body:
@@ -71,7 +76,7 @@ class QueryRequest:
         fresh = body.get("fresh", False)
         if not isinstance(fresh, bool):
             raise BadRequest("fresh must be true or false")
-        return cls(dataset, sql, float(epsilon), float(delta), bounds, fresh)
+        return cls(dataset, sql, float(epsilon), float(delta), bounds, fresh, table)
 
     def params(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "bounds": self.bounds}
@@ -193,11 +198,11 @@ class QueryService:
 
     def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
         record = self._dataset(request.dataset)
-        key = (record.name, record.version, request.sql)
+        key = (record.name, record.version, request.sql, request.table)
         cached = self._specs.get(key)
         if cached is None:
             metadata = parse_metadata(record.metadata)
-            spec = compile_sql(request.sql, record.name, metadata, self.max_groups)
+            spec = compile_sql(request.sql, request.table or record.name, metadata, self.max_groups)
             self._specs[key] = cached = (metadata, spec)
             while len(self._specs) > PRICE_CACHE_SIZE:
                 self._specs.popitem(last=False)
@@ -240,10 +245,12 @@ class QueryService:
             "dataset_version": record.version,
             "sql": request.sql,
             "columns": [o.name for o in spec.outputs],
+            "keys": [o.name for o in spec.outputs if o.key is not None],
             "cost": {"epsilon": preview["epsilon"], "delta": preview["delta"]},
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
             "aggregates": preview["plan"]["aggregates"],
             "plan": preview["plan"],
+            "columns_used": spec.columns_used(parse_metadata(record.metadata)),
             **({"post_processing": {"applied": list(spec.post), "note": POST_NOTE}} if spec.post else {}),
             "budget": budget.to_json() if budget else None,
             "affordable": bool(
@@ -269,6 +276,7 @@ class QueryService:
             "rows": released["rows"],
             "intervals": released["intervals"],
             "keys": released["keys"],
+            "statistics": released["statistics"],
             **({"derived": released["derived"]} if "derived" in released else {}),
             "aggregates": released["aggregates"],
             "plan": released["plan"],
