@@ -118,10 +118,6 @@ def _each(sites: list[Site], work: Callable[[Site], T]) -> list[T]:
         return list(pool.map(work, sites))
 
 
-def _why(err: LomasError) -> str:
-    return str(err)
-
-
 def preview(sites: list[Site], dataset: str, sql: str | None, epsilon: float, delta: float = 0.0,
             query: dict[str, Any] | None = None) -> FederatedPreview:
     """Ask every site what the query would cost (free), then check that the sites can be combined."""
@@ -130,7 +126,7 @@ def preview(sites: list[Site], dataset: str, sql: str | None, epsilon: float, de
         try:
             doc = site.client.preview(outcome.dataset, sql, epsilon, delta, query=query, table=dataset)
         except LomasError as err:
-            outcome.problem = _why(err)
+            outcome.problem = str(err)
             return outcome
         outcome.preview = doc
         if not doc.get("affordable"):
@@ -205,7 +201,7 @@ def _rounding(plan: dict[str, Any], index: int) -> float:
     return float(plan["statistics"][index].get("rounding") or 0.0)
 
 
-def _linear_terms(agg: dict[str, Any], plan: dict[str, Any]) -> list[tuple[int, float]]:
+def _linear_terms(agg: dict[str, Any]) -> list[tuple[int, float]]:
     """A count's or sum's value as sum of weight x statistic: [(statistic index, weight)]."""
     uses = agg["uses"]
     if agg["how"] == "centred_sum":
@@ -216,7 +212,7 @@ def _linear_terms(agg: dict[str, Any], plan: dict[str, Any]) -> list[tuple[int, 
 def _linear_width(aggs: list[dict[str, Any]], plans: list[dict[str, Any]], alpha: float) -> float:
     draws, rounding = [], 0.0
     for agg, plan in zip(aggs, plans):
-        for index, weight in _linear_terms(agg, plan):
+        for index, weight in _linear_terms(agg):
             draw = _draws(plan, index, weight)
             if draw is not None:
                 draws.append(draw)
@@ -259,10 +255,8 @@ def combine(releases: dict[str, Any], alpha: float = ALPHA) -> tuple[list[str], 
     for name, (i, agg) in aggregates.items():
         site_aggs = [d["aggregates"][i] for d in docs]
         if agg["how"] == "avg":
-            sums = [Draw(**_noise_args(p, a["uses"][0])) for a, p in zip(site_aggs, plans)
-                    if p["statistics"][a["uses"][0]].get("noise")]
-            counts = [Draw(**_noise_args(p, a["uses"][1])) for a, p in zip(site_aggs, plans)
-                      if p["statistics"][a["uses"][1]].get("noise")]
+            sums = [d for a, p in zip(site_aggs, plans) if (d := _draws(p, a["uses"][0])) is not None]
+            counts = [d for a, p in zip(site_aggs, plans) if (d := _draws(p, a["uses"][1])) is not None]
             rounding = sum(_rounding(p, a["uses"][0]) for a, p in zip(site_aggs, plans))
             widths[name] = (half_width(sums, alpha / 2) + rounding, math.floor(half_width(counts, alpha / 2)))
         else:
@@ -285,11 +279,6 @@ def combine(releases: dict[str, Any], alpha: float = ALPHA) -> tuple[list[str], 
     return columns, keys, rows, intervals, covers
 
 
-def _noise_args(plan: dict[str, Any], index: int) -> dict[str, Any]:
-    noise = plan["statistics"][index]["noise"]
-    return {"family": noise["family"], "discrete": noise["discrete"], "scale": noise["scale"], "unit": noise["unit"]}
-
-
 def _unit(plan: dict[str, Any], index: int) -> float:
     return float((plan["statistics"][index].get("noise") or {}).get("unit") or 1.0)
 
@@ -304,7 +293,7 @@ def _combined_value(agg: dict[str, Any], site_aggs: list[dict[str, Any]], plans:
     if agg["how"] in ("sum", "centred_sum"):
         total = 0.0
         for a, p, s in zip(site_aggs, plans, stats):
-            total += sum(weight * s[index] * _unit(p, index) for index, weight in _linear_terms(a, p))
+            total += sum(weight * s[index] * _unit(p, index) for index, weight in _linear_terms(a))
         low, high = total - width, total + width
         return total, [min(low, total), max(high, total)]
     # AVG: centre + pooled centred sum / pooled count, clipped to the bounds

@@ -196,7 +196,8 @@ class QueryService:
     def archive(self, user: UserRecord, dataset: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         return [r.to_json() for r in self.store.list_releases(user.username, dataset, limit)]
 
-    def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any]:
+    def _compile(self, request: QueryRequest) -> tuple[DatasetRecord, Any, Any]:
+        """The dataset, the compiled spec and the parsed metadata (both cached per dataset version and SQL)."""
         record = self._dataset(request.dataset)
         key = (record.name, record.version, request.sql, request.table)
         cached = self._specs.get(key)
@@ -208,7 +209,7 @@ class QueryService:
                 self._specs.popitem(last=False)
         metadata, spec = cached
         engine.effective_bounds(metadata, request.bounds)  # refuse bad bounds before any work
-        return record, spec
+        return record, spec, metadata
 
     def _free_slot(self, user: UserRecord) -> asyncio.Lock:
         return self._free_slots.setdefault(user.username, asyncio.Lock())
@@ -235,7 +236,7 @@ class QueryService:
 
     async def preview(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
-        record, spec = self._compile(request)
+        record, spec, metadata = self._compile(request)
         self._require_grant(user, record)
         async with self._free_slot(user):
             preview = await self._price(record, spec, request)
@@ -250,7 +251,7 @@ class QueryService:
             "requested": {"epsilon": request.epsilon, "delta": request.delta},
             "aggregates": preview["plan"]["aggregates"],
             "plan": preview["plan"],
-            "columns_used": spec.columns_used(parse_metadata(record.metadata)),
+            "columns_used": spec.columns_used(metadata),
             **({"post_processing": {"applied": list(spec.post), "note": POST_NOTE}} if spec.post else {}),
             "budget": budget.to_json() if budget else None,
             "affordable": bool(
@@ -286,7 +287,7 @@ class QueryService:
 
     async def query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
-        record, spec = self._compile(request)
+        record, spec, _ = self._compile(request)
         if not request.fresh:
             earlier = await self._call_store(
                 self.store.find_release, user.username, record.name, record.version, spec.canonical(),
@@ -354,7 +355,7 @@ class QueryService:
     async def dummy_query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         """The same query on dummy rows made from public metadata: free, never archived, clearly labelled."""
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
-        record, spec = self._compile(request)
+        record, spec, _ = self._compile(request)
         self._require_grant(user, record)
         async with self._free_slot(user):
             preview = await self._price(record, spec, request)
