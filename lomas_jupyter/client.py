@@ -106,6 +106,11 @@ class Release:
             schema=self.columns)
 
     @property
+    def receipt(self) -> dict[str, Any] | None:
+        """The service's signature over this answer (lomas_jupyter.receipts.check verifies it; None: dummy)."""
+        return self.raw.get("receipt")
+
+    @property
     def covers(self) -> dict[str, str]:
         """Per aggregate column, what its interval is about (clipping to the bounds, nulls, quantile ranks)."""
         return {a["name"]: a["covers"] for a in self.aggregates if a.get("covers")}

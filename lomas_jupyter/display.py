@@ -54,11 +54,13 @@ class Rich:
     """Something a notebook shows as HTML and every plain-text front end (terminal IPython, nbconvert to
     markdown, a saved notebook's text/plain) as readable text."""
 
-    def __init__(self, html_text: str, plain_text: str) -> None:
+    def __init__(self, html_text: str, plain_text: str, metadata: dict[str, Any] | None = None) -> None:
         self.html, self.text = html_text, plain_text
+        self.metadata = metadata  # kept in the saved notebook beside the output (a release's receipt)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return {"text/html": self.html, "text/plain": self.text}
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        data = {"text/html": self.html, "text/plain": self.text}
+        return (data, self.metadata) if self.metadata else data
 
     def __repr__(self) -> str:
         return self.text

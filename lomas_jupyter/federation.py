@@ -347,14 +347,19 @@ def release(sites: list[Site], dataset: str, sql: str | None, epsilon: float, de
         return outcome
 
     _each(ready, run)
-    answered = {name: o.release for name, o in planned.sites.items() if o.release is not None}
+    return assemble(dataset, sql or "", planned.sites)
+
+
+def assemble(dataset: str, sql: str, outcomes: dict[str, SiteOutcome]) -> FederatedRelease:
+    """The combined answer from what each site did (also how lomas-verify rebuilds it from the receipts)."""
+    answered = {name: o.release for name, o in outcomes.items() if o.release is not None}
     if not answered:
-        raise LomasError("every site failed: " + "; ".join(f"{n}: {o.problem}" for n, o in planned.sites.items()))
+        raise LomasError("every site failed: " + "; ".join(f"{n}: {o.problem}" for n, o in outcomes.items()))
     columns, keys, rows, intervals, covers = combine(answered)
     notes = []
-    missing = [name for name, o in planned.sites.items() if o.release is None]
+    missing = [name for name, o in outcomes.items() if o.release is None]
     if missing:
         notes.append(f"covers {', '.join(answered)} only; not {', '.join(missing)} ("
-                     + "; ".join(f"{n}: {planned.sites[n].problem}" for n in missing) + ")")
-    return FederatedRelease(dataset, sql or "", columns, keys, rows, intervals, covers, planned.sites,
+                     + "; ".join(f"{n}: {outcomes[n].problem}" for n in missing) + ")")
+    return FederatedRelease(dataset, sql, columns, keys, rows, intervals, covers, outcomes,
                             complete=not missing, notes=notes)

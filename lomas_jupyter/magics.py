@@ -13,6 +13,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from . import certificate, receipts
 from .charts import Chart, class_spending_spec, spending_spec
 from .client import SITES, Client, Release, federated, on_release
 from .display import (
@@ -30,14 +31,15 @@ from .display import (
 )
 from .errors import LomasError
 from .format import fmt
+from .sites import resolve_token
 from .widget import BudgetPanel
 
 T = TypeVar("T")
 PROGRESS_AFTER = 1.0  # seconds before a running query says so
 REFERENCE_EPSILON = 0.5  # what the "no epsilon given" message previews
 USAGE = ("usage: %lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] | "
-         "connect [URL [TOKEN]] | class COURSE DATASET | sites [DATASET] | sites add NAME URL [TOKEN] | "
-         "sites remove NAME")
+         "connect [URL [TOKEN|$VAR]] | class COURSE DATASET | sites [DATASET] | sites add NAME URL [TOKEN] | "
+         "sites remove NAME | certificate [--save NAME]")
 
 
 def _say_error(err: Exception) -> None:
@@ -82,6 +84,7 @@ class LomasMagics(Magics):
         self._client: Client | None = None
         self.panel: BudgetPanel | None = None
         self.default_epsilon: float | None = None  # set only by the user, with %lomas epsilon
+        self.received: list[tuple[dict[str, Any], dict[str, Any] | None]] = []  # this kernel's signed answers
         on_release(self._on_release)
 
     @property
@@ -91,6 +94,7 @@ class LomasMagics(Magics):
         return self._client
 
     def _on_release(self, release: Release) -> None:
+        self.received.append(receipts.split(release.raw))
         if self.panel is not None:
             self.panel.refresh()
 
@@ -146,7 +150,8 @@ class LomasMagics(Magics):
             return None
         if args.output:
             self.shell.user_ns[args.output] = release.df
-        display(Rich(release_html(release, note), release_text(release, note)))
+        display(Rich(release_html(release, note), release_text(release, note),
+                     None if release.dummy else receipts.release_metadata(release.raw, note)))
         if args.plot and release.rows:
             display(release.plot())
         return None
@@ -167,7 +172,7 @@ class LomasMagics(Magics):
                                           allow_partial=args.allow_partial, fresh=args.fresh))
         if args.output:
             self.shell.user_ns[args.output] = answer.df
-        display(Rich(federated_html(answer), federated_text(answer)))
+        display(Rich(federated_html(answer), federated_text(answer), receipts.federated_metadata(answer)))
 
     def _no_epsilon(self, dataset: str, sql: str, delta: float, dummy: bool) -> None:
         """No epsilon, no spending: say so in one line, with what a typical epsilon would buy."""
@@ -184,7 +189,7 @@ class LomasMagics(Magics):
     def lomas(self, line: str) -> Any:
         """%lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] |
         connect [URL [TOKEN]] | class COURSE DATASET (instructors) | sites [DATASET] | sites add NAME URL [TOKEN]
-        [DATASET=SITE_DATASET ...] | sites remove NAME"""
+        [DATASET=SITE_DATASET ...] | sites remove NAME | certificate [--save NAME]"""
         words = line.split()
         command, rest = (words[0], words[1:]) if words else ("status", [])
         try:
@@ -192,6 +197,7 @@ class LomasMagics(Magics):
                 "datasets": self._datasets, "describe": self._describe, "budget": self._budget,
                 "archive": self._archive, "connect": self._connect, "status": self._status,
                 "epsilon": self._epsilon, "class": self._class, "sites": self._sites,
+                "certificate": self._certificate,
             }.get(command)
             if handler is None or (command == "describe" and not rest) or (command == "class" and len(rest) != 2):
                 _say_error(LomasError(USAGE))
@@ -285,6 +291,18 @@ class LomasMagics(Magics):
                    f"ε left on {dataset} at each site" if dataset else "ε left per dataset at each site")
         return Table(rows, ["site", "url", "reachable", "you are", "ε left", "problem"], caption)
 
+    def _certificate(self, rest: list[str]) -> Any:
+        """Every release this kernel received (after Restart & Run All: every one the notebook shows), with
+        totals; --save NAME writes NAME.json and NAME.html. lomas-verify checks a saved notebook offline."""
+        if rest and (rest[0] != "--save" or len(rest) != 2):
+            raise LomasError("usage: %lomas certificate [--save NAME]")
+        entries = [certificate.Entry.of(answer, receipt) for answer, receipt in self.received]
+        title = "DP releases in this kernel"
+        if rest:
+            json_path, html_path = certificate.save(entries, rest[1])
+            print(f"wrote {json_path} and {html_path}")
+        return Rich(certificate.as_html(entries, title), certificate.as_text(entries, title))
+
     def _epsilon(self, rest: list[str]) -> Any:
         if rest and rest[0] == "off":
             self.default_epsilon = None
@@ -302,7 +320,8 @@ class LomasMagics(Magics):
 
     def _connect(self, rest: list[str]) -> Any:
         try:
-            candidate = Client(rest[0], rest[1] if len(rest) > 1 else "") if rest else Client()
+            # a token may be `$NAME`: kept in the environment, out of the saved notebook
+            candidate = Client(rest[0], resolve_token(rest[1]) if len(rest) > 1 else "") if rest else Client()
             me = candidate.whoami()
         except LomasError as err:
             kept = f"; still using {self._client.connection.url}" if self._client else ""

@@ -185,6 +185,10 @@ class LomasApp(ExtensionApp):
     def _default_open_browser(self) -> bool:
         return False  # a DP API has no page to open (a trait, so `--no-browser` still configures it quietly)
 
+    receipt_key_file = Unicode(
+        help="The Ed25519 private key (PEM) that signs release receipts; made at first start if missing. Default: "
+        "receipt-signing-key.pem in storage_dir. Replicas must all point at the same key",
+    ).tag(config=True)
     storage_dir = Unicode(help="Folder for the admin store and the service's parquet copies of datasets").tag(
         config=True
     )
@@ -374,6 +378,7 @@ class LomasApp(ExtensionApp):
             free_timeout=self.free_timeout,
             dataset_url=self.dataset_url,
             backends=BackendSettings(self.embedded_from_rows, self.spark_remote),
+            receipt_key_file=self.receipt_key_file or None,
         )
         self.settings["lomas_service"] = self.service
         self._heartbeat = PeriodicCallback(self._beat, max(self.instance_stale_after / 4, 1.0) * 1000)

@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     spending.add_argument("name", help="the course")
     spending.add_argument("dataset", help="the dataset")
 
+    key = sub.add_parser("key", help="print the public key that checks this service's release receipts (PEM; "
+                         "hand it to graders for lomas-verify --key); makes the signing key if there is none")
+    key.add_argument("--key-file", default=None,
+                     help="the signing key, as LomasApp.receipt_key_file (default: in the storage folder)")
+
     ledger = sub.add_parser("ledger", help="show the newest ledger rows")
     ledger.add_argument("--user", default=None, help="only this user's rows")
     ledger.add_argument("--limit", type=int, default=50, help="how many rows (default 50)")
@@ -165,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 READ_ONLY = {("db", "revision"), ("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None), ("course", "list"),
              ("course", "spending")}
+
+
+def _print_key(path: Path) -> int:
+    from .receipts import ReceiptSigner
+
+    key = ReceiptSigner.load_or_create(path).public_json()
+    if AS_JSON:
+        print(json.dumps(key, indent=2))
+    else:
+        print(key["pem"], end="")
+        print(f"key id {key['key_id']} (Ed25519); lomas-verify NOTEBOOK --key FILE checks receipts with it",
+              file=sys.stderr)
+    return 0
 
 
 def _print_draft(data: Path) -> int:
@@ -189,6 +207,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "dataset" and args.action == "draft":
         return _print_draft(args.data)
     storage = Path(args.storage_dir or default_storage_dir())
+    if args.command == "key":
+        from .receipts import KEY_FILE
+
+        return _print_key(Path(args.key_file) if args.key_file else storage / KEY_FILE)
     db_url = args.db_url or os.environ.get("LOMAS_DB_URL") or str(storage / "lomas.sqlite3")
     try:
         url = database_url(db_url)

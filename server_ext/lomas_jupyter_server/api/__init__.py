@@ -1,5 +1,5 @@
-"""The REST room: one module per resource (queries, datasets, budgets and archive, users and tokens, grants,
-courses), the base handler, the identity of token users, the forwarder to a Hub's service, and the OpenAPI
+"""The REST room: one module per resource (queries, datasets, budgets and archive, receipts, users and tokens,
+grants, courses), the base handler, the identity of token users, the forwarder to a Hub's service, and the OpenAPI
 document (`openapi.yaml`). Handlers stay thin: parse, call the domain, write JSON.
 
 May import: `service`, `store`, `errors` (never `hub` or `app`). Routes are relative to API_PREFIX.
@@ -34,6 +34,7 @@ from .datasets import (
 )
 from .grants import AdminGrantsHandler
 from .queries import DummyQueryHandler, DummyRowsHandler, PreviewHandler, QueryHandler
+from .receipts import ReceiptKeyHandler
 from .users import AdminTokensHandler, AdminUserHandler, AdminUsersHandler, WhoAmIHandler
 
 NAME = r"(?P<{}>[^/]+)"
@@ -48,6 +49,7 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("budget", BudgetsHandler),
     ("budget/" + NAME.format("dataset"), BudgetHandler),
     ("archive", ArchiveHandler),
+    ("receipts/key", ReceiptKeyHandler),
     ("admin/users", AdminUsersHandler),
     ("admin/users/" + NAME.format("username"), AdminUserHandler),
     ("admin/users/" + NAME.format("username") + "/tokens", AdminTokensHandler),

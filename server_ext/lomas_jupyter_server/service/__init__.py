@@ -1,7 +1,7 @@
 """The domain room: what the DP service does, without HTTP. One class per concern (queries, admin, courses,
 datasets), plus dataset import, uploads and crash recovery; `DPService` holds one of each for a service process.
 
-May import: `engine`, `store`, `errors` (never `api` or `hub`). Everything here is testable without a server.
+May import: `engine`, `store`, `errors`, `receipts` (never `api` or `hub`). Everything here is testable without a server.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from ..engine.metadata import BackendSettings
 from ..engine.sql import DEFAULT_MAX_GROUPS
 from ..engine.workers import WorkerPool
+from ..receipts import KEY_FILE, ReceiptSigner
 from ..store import AdminStore
 from .admin import AdminService, require_admin
 from .courses import CourseService
@@ -18,7 +19,7 @@ from .datasets import DatasetAdmin
 from .queries import QueryRequest, QueryService, TimingPadding
 
 __all__ = ["AdminService", "CourseService", "DPService", "DatasetAdmin", "QueryRequest", "QueryService",
-           "TimingPadding", "require_admin"]
+           "ReceiptSigner", "TimingPadding", "require_admin"]
 
 
 class DPService:
@@ -40,12 +41,14 @@ class DPService:
         free_timeout: float = 20.0,
         dataset_url: str | None = None,
         backends: BackendSettings | None = None,
+        receipt_key_file: str | Path | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.pricing_pool = pricing_pool or pool
         self.queries = QueryService(store, storage_dir, pool, max_epsilon_per_query, self.pricing_pool, max_groups,
-                                    instance_id, padding, free_timeout, backends)
+                                    instance_id, padding, free_timeout, backends,
+                                    ReceiptSigner.load_or_create(receipt_key_file or Path(storage_dir) / KEY_FILE))
         self.admin = AdminService(store, protect_admin_access)
         self.courses = CourseService(store)
         self.datasets = DatasetAdmin(store, storage_dir, self.pricing_pool, max_upload_bytes, import_dirs,

@@ -24,6 +24,7 @@ from ..engine.post import apply_post
 from ..engine.sql import DEFAULT_MAX_GROUPS, compile_sql
 from ..engine.workers import WorkerPool
 from ..errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
+from ..receipts import KEY_FILE, ReceiptSigner
 from ..store import AdminStore, DatasetRecord, ReleaseDraft, UserRecord
 from .importing import check_data_file, dummy_frame, dummy_parquet
 
@@ -127,8 +128,11 @@ class QueryService:
         padding: TimingPadding | None = None,
         free_timeout: float = 20.0,
         backends: engine.BackendSettings | None = None,
+        signer: ReceiptSigner | None = None,
     ) -> None:
         self.store = store
+        # every answer from the data goes out signed (receipts.py), with this service's key
+        self.signer = signer or ReceiptSigner.load_or_create(Path(storage_dir) / KEY_FILE)
         self.backends = backends or engine.BackendSettings()
         self.storage_dir = Path(storage_dir)
         self.pool = pool
@@ -295,7 +299,7 @@ class QueryService:
             )
             if earlier is not None:  # asking again reveals nothing new: hand back the same answer, free
                 budget = await self._call_store(self.store.budget, user.username, record.name)
-                return {
+                return self._signed(user, {
                     "release_id": earlier.id,
                     "created_at": earlier.created_at,
                     **apply_post(earlier.result, spec.post),  # another HAVING/ORDER BY/LIMIT: still free
@@ -304,7 +308,7 @@ class QueryService:
                     "replay": True,
                     "replay_of": {"release_id": earlier.id, "epsilon": earlier.epsilon, "delta": earlier.delta},
                     "budget": budget.to_json() if budget else None,
-                }
+                })
         self._require_grant(user, record)
         preview = await self._price(record, spec, request)
         data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
@@ -344,13 +348,21 @@ class QueryService:
             raise
         await self.padding.pad(started)
         budget = await self._call_store(self.store.budget, user.username, record.name)
-        return {
+        return self._signed(user, {
             "release_id": archived.id,
             "created_at": archived.created_at,
             **apply_post(result, spec.post),  # the archive keeps the whole release: later post-processing is free
             "budget": budget.to_json() if budget else None,
             "replay": False,
-        }
+        })
+
+    def _signed(self, user: UserRecord, answer: dict[str, Any]) -> dict[str, Any]:
+        """The answer as it goes out, naming whom it was released to, with the service's receipt for all of it."""
+        answer = {**answer, "user": user.username}
+        return {**answer, "receipt": self.signer.sign(answer)}
+
+    def receipt_key(self) -> dict[str, str]:
+        return self.signer.public_json()
 
     async def dummy_query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         """The same query on dummy rows made from public metadata: free, never archived, clearly labelled."""
