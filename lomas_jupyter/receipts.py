@@ -104,12 +104,12 @@ def release_metadata(raw: dict[str, Any], note: str = "") -> dict[str, Any]:
 def federated_metadata(answer: Any) -> dict[str, Any]:
     """What a displayed answer from several sites (a FederatedRelease) keeps: the query, and per site, in order,
     its signed answer and receipt, or why it is not included (with what a failed site charged)."""
-    sites: dict[str, Any] = {}
+    sites: list[dict[str, Any]] = []  # a list: a saved notebook's JSON sorts object keys
     for name, outcome in answer.sites.items():
-        entry: dict[str, Any] = {"dataset": outcome.dataset}
+        entry: dict[str, Any] = {"site": name, "dataset": outcome.dataset}
         if outcome.release is not None:
             entry["answer"], entry["receipt"] = split(outcome.release.raw)
         else:
             entry["problem"], entry["charged"] = outcome.problem, outcome.charged
-        sites[name] = entry
+        sites.append(entry)
     return {METADATA_KEY: {"kind": "federated", "dataset": answer.dataset, "sql": answer.sql, "sites": sites}}

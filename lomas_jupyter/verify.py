@@ -78,7 +78,8 @@ def _check_federated(where: str, output: dict[str, Any], kept: dict[str, Any], k
                      report: Report) -> None:
     outcomes: dict[str, SiteOutcome] = {}
     bad = False
-    for name, site in (kept.get("sites") or {}).items():
+    for site in kept.get("sites") or []:
+        name = str(site.get("site", ""))
         outcome = SiteOutcome(name, str(site.get("dataset", "")))
         if "answer" in site:
             result = receipts.check(site["answer"], site.get("receipt"), keys)

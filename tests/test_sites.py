@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +23,7 @@ from lomas_jupyter import len as lj_len
 from lomas_jupyter.client import SITES
 from lomas_jupyter.noise_sums import Draw, half_width
 
-from .servers import add_analyst, lomas_admin, running_server
+from .servers import BIN, add_analyst, lomas_admin, running_server
 
 KINDS = ["x", "y", "z"]
 SIZES = {"north": 300, "south": 500, "east": 200}
@@ -247,3 +248,21 @@ def test_a_notebook_asks_three_sites_and_restart_and_run_all_is_free(sites: dict
     assert "3 ['kind', 'n', 'mean']" in outputs[6]
     assert "LomasError" in outputs[7] and "cannot be combined across sites" in outputs[7]
     assert all(v > 0 for v in spent[0].values()) and all(v == 0 for v in spent[1].values()), spent
+    # the combined answer verifies against the three sites' keys, offline; an edited digit in it does not
+    keys = []
+    for name, site in sites.items():
+        keys += ["--key", str(tmp_path / f"{name}.pem")]
+        (tmp_path / f"{name}.pem").write_text(lomas_admin(site["storage"], "key"))
+    notebook = tmp_path / "sites.ipynb"
+    nbformat.write(done, notebook)
+    checked = subprocess.run([str(BIN / "lomas-verify"), str(notebook), *keys], capture_output=True, text=True)
+    assert checked.returncode == 0 and "OK: 1 DP output(s) checked" in checked.stdout, checked.stdout
+    assert checked.stdout.count("(replay)") == 3  # the second run's answers: replays at every site
+    doc = json.loads(notebook.read_text())
+    shown = doc["cells"][5]["outputs"][-1]["data"]
+    text = "".join(shown["text/plain"])
+    at = text.index("[") - 3
+    shown["text/plain"] = text[:at] + str((int(text[at]) + 1) % 10 if text[at].isdigit() else 7) + text[at + 1:]
+    notebook.write_text(json.dumps(doc))
+    checked = subprocess.run([str(BIN / "lomas-verify"), str(notebook), *keys], capture_output=True, text=True)
+    assert checked.returncode == 1 and "edited after release" in checked.stdout, checked.stdout
