@@ -127,6 +127,29 @@ def test_one_cell_at_three_sites_covers_the_pooled_truth(sites: dict[str, dict],
         assert charged[name] <= sum(1.0 + i / 1000 for i in range(60)) + 1e-9
 
 
+def test_a_thousand_combined_releases_cover_at_their_stated_rate(sites: dict[str, dict], client: Client) -> None:
+    """1,000 federated releases (3,000 site releases) of the pooled row count and value sum per kind: each
+    combined interval covers the pooled truth at 95%, overall and per group, and no release's miss is shared."""
+    truth = _truth(sites)
+    sql = "SELECT kind, COUNT(*) AS n, SUM(value) AS total FROM visits GROUP BY kind"
+    misses = {(kind, column): 0 for kind in KINDS for column in ("n", "total")}
+    releases = 1000
+    for i in range(releases):
+        answer = client.federated("visits", sql, epsilon=0.5 + i / 100000, fresh=True)
+        assert answer.complete
+        for row, interval in zip(answer.rows, answer.intervals):
+            for column in ("n", "total"):
+                low, high = interval[column]
+                misses[(row["kind"], column)] += not (low - 1e-9 <= truth[row["kind"]][column] <= high + 1e-9)
+    # each of the 6 (group, aggregate) series alone, and all 6,000 intervals together: more misses than these
+    # happen with probability below 1e-6 each (and far fewer than these would mean intervals wider than stated:
+    # below the 1e-6 quantile too)
+    for series, missed in misses.items():
+        assert binom.ppf(1e-6, releases, 0.05) <= missed <= binom.ppf(1 - 1e-6, releases, 0.05), (series, missed)
+    total = sum(misses.values())
+    assert binom.ppf(1e-6, 6 * releases, 0.05) <= total <= binom.ppf(1 - 1e-6, 6 * releases, 0.05), total
+
+
 def test_combined_intervals_follow_from_the_sites_noise(sites: dict[str, dict], client: Client) -> None:
     """A combined count's interval is narrower than the sum of the sites' own, wider than any one; the
     per-site answers are beside it, each with its own charge."""
