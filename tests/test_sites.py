@@ -21,6 +21,7 @@ from scipy.stats import binom
 from lomas_jupyter import Client, LomasError, col
 from lomas_jupyter import len as lj_len
 from lomas_jupyter.client import SITES
+from lomas_jupyter.display import federated_text
 from lomas_jupyter.noise_sums import Draw, half_width
 
 from .servers import BIN, add_analyst, lomas_admin, running_server
@@ -191,6 +192,37 @@ def test_a_refusing_site_means_no_charge_anywhere(sites: dict[str, dict], client
                               fresh=True)
     assert not answer.complete and answer.covered == list(SIZES) and "not gone" in answer.notes[0]
     assert "gone" not in answer.cost
+
+
+def test_a_site_that_fails_after_charging_is_reported_with_its_charge(sites: dict[str, dict],
+                                                                     client: Client) -> None:
+    """East's stored data file is damaged after import: its preview (public metadata) passes, its worker fails
+    once it reads the data, and east charges the attempt (such a failure can depend on the data). The combined
+    answer covers the others, says east failed, and shows east's charge as east's own ledger has it."""
+    (data,) = (sites["east"]["storage"] / "datasets" / "visits").glob("*.parquet")
+    kept = data.read_bytes()
+    before = {name: _spent(sites, name) for name in sites}
+    data.write_bytes(b"not a parquet file" * 64)
+    try:
+        answer = client.federated("visits", "SELECT COUNT(*) AS n FROM visits", epsilon=0.25, fresh=True)
+    finally:
+        data.write_bytes(kept)
+    after = {name: _spent(sites, name) for name in sites}
+    assert not answer.complete and answer.covered == ["north", "south"]
+    assert "east: failed" in answer.notes[0] and "charged" in answer.notes[0]
+    price = answer.releases["north"].cost["epsilon"]
+    assert after["east"] - before["east"] == pytest.approx(price, abs=1e-12)  # east charged its price
+    assert answer.cost["east"]["epsilon"] == pytest.approx(after["east"] - before["east"], abs=1e-12)
+    for name in ("north", "south"):
+        assert after[name] - before[name] == pytest.approx(answer.cost[name]["epsilon"], abs=1e-12)
+    shown = federated_text(answer)  # what the cell shows
+    assert shown.startswith("PARTIAL") and "not included: failed" in shown
+    assert str(sites["east"]["storage"]) not in shown and "parquet" not in shown  # no paths, no file formats
+    (east_line,) = [line for line in shown.splitlines() if line.strip().startswith("east")]
+    assert f"{price:.4g}"[:4] in east_line, east_line
+    # the same question again, once east's file is back: east answers
+    again = client.federated("visits", "SELECT COUNT(*) AS n FROM visits", epsilon=0.25, fresh=True)
+    assert again.complete
 
 
 def test_sites_must_agree_on_the_columns_used(sites: dict[str, dict], client: Client, tmp_path: Path) -> None:
