@@ -1,4 +1,4 @@
-"""`lomas-verify NOTEBOOK [--key KEY ...]`: a grader's check, offline, that a notebook's DP answers are real.
+"""`lomas-verify NOTEBOOK [--key KEY ...] [--user NAME]`: a grader's check, offline, that a notebook's DP answers are real.
 
 For every output that carries a release (its metadata keeps the signed answer and the service's receipt), the
 signature is checked, and the output is drawn again from the signed answer: any edit to a shown number, cost
@@ -34,6 +34,7 @@ class Report:
     info: list[str] = field(default_factory=list)
     entries: list[certificate.Entry] = field(default_factory=list)
     trusted: bool = False
+    users: frozenset[str] = frozenset()  # --user: whom the releases must have been made for (empty: anyone)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,13 @@ def _drawn_again(output: dict[str, Any], plain: str, rich: str) -> bool:
     return _text(data.get("text/plain")) == plain and _text(data.get("text/html")) == rich
 
 
+def _check_user(where: str, answer: dict[str, Any], report: Report) -> None:
+    """A valid receipt for someone else's release: a copied answer (what it cost was charged to them)."""
+    if report.users and str(answer.get("user", "")) not in report.users:
+        report.problems.append(f"{where}: release #{answer.get('release_id')} was made for "
+                               f"'{answer.get('user', '')}', not for {' or '.join(sorted(report.users))} (copied?)")
+
+
 def _check_release(where: str, output: dict[str, Any], kept: dict[str, Any], keys: dict[str, bytes] | None,
                    report: Report) -> None:
     answer, receipt = kept.get("answer"), kept.get("receipt")
@@ -67,6 +75,7 @@ def _check_release(where: str, output: dict[str, Any], kept: dict[str, Any], key
     if outcome.problem:
         report.problems.append(f"{where}: {outcome.problem}")
         return
+    _check_user(where, answer, report)
     note = kept.get("note", "")
     release = Release.from_json(answer)
     if note not in NOTES or not _drawn_again(output, release_text(release, note), release_html(release, note)):
@@ -88,6 +97,7 @@ def _check_federated(where: str, output: dict[str, Any], kept: dict[str, Any], k
                 report.problems.append(f"{where}, site {name}: {result.problem}")
                 bad = True
                 continue
+            _check_user(f"{where}, site {name}", site["answer"], report)
             outcome.release = Release.from_json(site["answer"])
         else:
             outcome.problem, outcome.charged = site.get("problem"), site.get("charged")
@@ -109,8 +119,9 @@ def _expects_release(source: str) -> bool:
     return first.startswith("%%dpquery") and not re.search(r"--(preview|dummy|help)\b|(^|\s)-h\b", first)
 
 
-def verify_notebook(notebook: dict[str, Any], keys: dict[str, bytes] | None = None) -> Report:
-    report = Report(trusted=keys is not None)
+def verify_notebook(notebook: dict[str, Any], keys: dict[str, bytes] | None = None,
+                    users: list[str] | None = None) -> Report:
+    report = Report(trusted=keys is not None, users=frozenset(users or ()))
     for index, cell in enumerate(notebook.get("cells") or []):
         if cell.get("cell_type") != "code":
             if LOOKS_LIKE_DP.search(_text(cell.get("source"))):
@@ -146,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", action="append", default=None,
                         help="a service's public key (PEM file from lomas-admin key, base64, or receipts/key JSON); "
                         "repeat for several sites")
+    parser.add_argument("--user", action="append", default=None,
+                        help="the student's user name: a release made for anyone else is flagged (repeat when their "
+                        "accounts at several sites have different names)")
     parser.add_argument("--json", action="store_true", help="print the findings and totals as JSON")
     args = parser.parse_args(argv)
     try:
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: --key: {err}", file=sys.stderr)
             return 2
-    report = verify_notebook(notebook, keys)
+    report = verify_notebook(notebook, keys, args.user)
     if args.json:
         print(json.dumps({"ok": report.ok, "checked": report.checked, "trusted_keys": report.trusted,
                           "problems": report.problems, "info": report.info,

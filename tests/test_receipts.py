@@ -115,8 +115,8 @@ def _outputs_text(cell: dict[str, Any]) -> str:
     return "".join(o.get("text", "") + json.dumps(o.get("data", {}), ensure_ascii=False) for o in cell["outputs"])
 
 
-def _verify(path: Path, *keys: str) -> tuple[int, str]:
-    argv = [str(BIN / "lomas-verify"), str(path)]
+def _verify(path: Path, *keys: str, user: str | None = None) -> tuple[int, str]:
+    argv = [str(BIN / "lomas-verify"), str(path)] + (["--user", user] if user else [])
     for key in keys:
         argv += ["--key", key]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -197,6 +197,10 @@ def test_lomas_verify_checks_a_saved_notebook_offline(service: dict[str, Any], t
     other_storage.mkdir()
     other.write_text(lomas_admin(other_storage, "key"))
     assert "not one you trust" in flagged(lambda nb_doc: None, str(other))
+    # a classmate's notebook handed in as one's own: every receipt is valid, but made for ana
+    assert _verify(notebook, str(key_file), user="ana")[0] == 0
+    code, out = _verify(notebook, str(key_file), user="bob")
+    assert code == 1 and out.count("was made for 'ana', not for bob (copied?)") == 2, out
     # without --key: checked for edits only, and it says so
     code, out = _verify(notebook)
     assert code == 0 and "no --key given" in out
