@@ -30,6 +30,7 @@ class Entry:
     release_epsilon: float  # what the release shown cost when it was made
     release_delta: float
     verified: bool | None = None  # lomas-verify: the receipt checks out (None: not checked)
+    shared: str = ""  # the course whose pool paid for it, when it is a classmate's release shared with the class
 
     @classmethod
     def of(cls, answer: dict[str, Any], receipt: dict[str, Any] | None, verified: bool | None = None) -> Entry:
@@ -40,24 +41,29 @@ class Entry:
                    str(answer.get("created_at", "")), str(answer.get("user", "")), str(answer.get("sql", "")),
                    bool(answer.get("replay")), float(cost.get("epsilon", 0.0)), float(cost.get("delta", 0.0)),
                    float(first.get("epsilon", cost.get("epsilon", 0.0))),
-                   float(first.get("delta", cost.get("delta", 0.0))), verified)
+                   float(first.get("delta", cost.get("delta", 0.0))), verified,
+                   str((answer.get("shared") or {}).get("course", "")))
 
 
 def totals(entries: list[Entry]) -> list[dict[str, Any]]:
     """Per (site key, dataset): releases shown, what they cost (each release once), and what was charged now;
-    a release whose receipt failed its check counts nowhere."""
+    a release whose receipt failed its check counts nowhere; a classmate's release shared with the class is
+    counted apart (its cost is the class's, paid once)."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    seen: set[tuple[str, str, Any]] = set()
+    seen: set[tuple[str, str, Any, str]] = set()
     for e in entries:
         if e.verified is False:
             continue
         row = out.setdefault((e.site_key, e.dataset), {
             "site_key": e.site_key, "dataset": e.dataset, "releases": 0, "epsilon": 0.0, "delta": 0.0,
-            "charged_epsilon": 0.0, "charged_delta": 0.0})
+            "charged_epsilon": 0.0, "charged_delta": 0.0, "shared": 0})
         row["charged_epsilon"] += e.charged_epsilon
         row["charged_delta"] += e.charged_delta
-        if (e.site_key, e.dataset, e.release_id) not in seen:
-            seen.add((e.site_key, e.dataset, e.release_id))
+        if (e.site_key, e.dataset, e.release_id, e.shared) not in seen:
+            seen.add((e.site_key, e.dataset, e.release_id, e.shared))
+            if e.shared:
+                row["shared"] += 1
+                continue
             row["releases"] += 1
             row["epsilon"] += e.release_epsilon
             row["delta"] += e.release_delta
@@ -69,7 +75,8 @@ def as_json(entries: list[Entry]) -> dict[str, Any]:
 
 
 def _rows(entries: list[Entry]) -> list[dict[str, Any]]:
-    return [{"#": i + 1, "dataset": e.dataset, "release": f"#{e.release_id}" + (" (replay)" if e.replay else ""),
+    return [{"#": i + 1, "dataset": e.dataset, "release": f"#{e.release_id}" + (f" (shared by {e.shared})" if e.shared else
+                                                                   " (replay)" if e.replay else ""),
              "released": e.created_at, "ε of release": fmt(e.release_epsilon), "δ": fmt(e.release_delta),
              "site key": e.site_key, "receipt": {None: "", True: "ok", False: "FAILED"}[e.verified],
              "query": " ".join(e.sql.split())[:80]}
@@ -79,7 +86,8 @@ def _rows(entries: list[Entry]) -> list[dict[str, Any]]:
 def _total_rows(entries: list[Entry]) -> list[dict[str, Any]]:
     return [{"dataset": t["dataset"], "site key": t["site_key"], "releases": t["releases"],
              "total ε": fmt(t["epsilon"]), "total δ": fmt(t["delta"]),
-             "charged by this run": fmt(t["charged_epsilon"])} for t in totals(entries)]
+             "charged by this run": fmt(t["charged_epsilon"]), "shared by the class": t["shared"]}
+            for t in totals(entries)]
 
 
 def _table_text(rows: list[dict[str, Any]]) -> str:

@@ -321,6 +321,11 @@ class Client:
             "dataset": dataset, "epsilon_per_student": epsilon_per_student, "epsilon_cap": epsilon_cap,
             "delta_per_student": delta_per_student, "delta_cap": delta_cap})
 
+    def share_answers(self, course: str, share: bool = True) -> dict[str, Any]:
+        """Shared answers for a course (off by default): a question a classmate already paid for from the class's
+        pool is answered again, free, to the others."""
+        return self._call("PATCH", f"admin/courses/{course}", {"share_answers": share})
+
     def class_spending(self, course: str, dataset: str) -> dict[str, Any]:
         return self._call("GET", f"admin/courses/{course}/spending/{dataset}")
 

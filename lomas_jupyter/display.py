@@ -166,7 +166,15 @@ def _footer(release: Release, epsilon_note: str = "") -> str:
         + " · [brackets]: 95% interval"
         + _choice(release.raw.get("plan"))
     )
-    if release.replay:
+    shared = release.raw.get("shared")
+    if release.replay and shared:
+        footer = (
+            f"Shared answer: DP release #{shared.get('release_id')} on <b>{html.escape(release.dataset)}</b>, "
+            f"{html.escape(str(shared.get('note', '')))} (the class paid "
+            f"ε={fmt(release.raw.get('replay_of', {}).get('epsilon', 0.0))} once; --fresh for your own)"
+            + _budget_text(budget)
+        )
+    elif release.replay:
         original = release.raw.get("replay_of", {})
         footer = (
             f"Replay of DP release #{original.get('release_id')} on <b>{html.escape(release.dataset)}</b>: the same "

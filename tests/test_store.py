@@ -20,7 +20,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from lomas_jupyter_server.demo import setup_demo
-from lomas_jupyter_server.errors import Conflict, Forbidden, InsufficientBudget
+from lomas_jupyter_server.errors import BadRequest, Conflict, Forbidden, InsufficientBudget, NotFound
 from lomas_jupyter_server.service.recovery import process_start, settle_abandoned, this_instance
 from lomas_jupyter_server.store import InstanceRecord, SQLStore, StoreNeedsUpgrade, migrate, schema
 
@@ -329,6 +329,43 @@ def test_a_refund_after_leaving_a_class_does_not_leave_spendable_budget_outside_
     assert store.get_grant("ben", "penguins").epsilon == 1.0  # type: ignore[union-attr]
 
 
+def test_a_shared_answer_is_one_a_sharing_class_paid_for(store: SQLStore) -> None:
+    """Issue 22.3: a release is found for a classmate only when the course shares answers, the asker is in it now,
+    and the release's reservation was charged to that class's pool (same question, same dataset version)."""
+    from lomas_jupyter_server.store import ReleaseDraft
+
+    _class(store, ["ann", "ben"], per_student=1.0, cap=3.0)
+    store.create_user("out", "analyst", "prof")
+    store.set_grant("out", "penguins", 1.0, 0.0, "prof")
+
+    def release(user: str, canonical: str) -> int:
+        draft = ReleaseDraft(user, "penguins", 1, "SELECT ...", canonical, {"epsilon": 0.5}, 0.5, 0.0, {"rows": [1]})
+        return store.commit_release(store.reserve(user, "penguins", 0.5, 0.0), draft).id
+
+    ask = ("penguins", 1, "q1", {"epsilon": 0.5})
+    by_ann = release("ann", "q1")
+    assert store.find_class_release("ben", *ask) is None  # off by default
+    course = store.set_course_sharing("stats101", True, "prof")
+    assert course.share_answers and course.to_json()["share_answers"] is True
+    found = store.find_class_release("ben", *ask)
+    assert found is not None and found[0].id == by_ann and found[0].username == "ann" and found[1] == "stats101"
+    assert store.find_class_release("out", *ask) is None  # not in the class
+    assert store.find_class_release("ben", "penguins", 2, "q1", {"epsilon": 0.5}) is None  # another version
+    assert store.find_class_release("ben", "penguins", 1, "q1", {"epsilon": 0.6}) is None  # other parameters
+    release("out", "q2")  # paid by someone outside the class: never the class's to share
+    assert store.find_class_release("ben", "penguins", 1, "q2", {"epsilon": 0.5}) is None
+    store.remove_course_member("stats101", "ben", "prof")
+    assert store.find_class_release("ben", *ask) is None  # a student who left no longer shares
+    store.add_course_member("stats101", "ben", "prof")
+    store.set_course_sharing("stats101", False, "prof")
+    assert store.find_class_release("ben", *ask) is None
+    assert [e.action for e in store.audit(50)].count("set_course_sharing") == 2
+    with pytest.raises(BadRequest):
+        store.set_course_sharing("stats101", "yes", "prof")  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        store.set_course_sharing("nope", True, "prof")
+
+
 def test_commit_and_archive_are_one_transaction(store: SQLStore) -> None:
     """Issue 17.4: if the release cannot be archived, the charge is not committed either (the reservation stays
     pending, and the service refunds it)."""
@@ -416,6 +453,7 @@ def test_a_store_made_by_0_1_0_upgrades_in_place_with_nothing_lost(tmp_path: Pat
     assert release.result == {"columns": ["n"], "rows": [[345]]}
     assert store.find_release("alice", "penguins", 2, release.canonical, release.params) == release
     assert store.class_spending("stats101", "penguins").epsilon_spent == pytest.approx(0.2)
+    assert store.get_course("stats101").share_answers is False  # type: ignore[union-attr]  # 0003: off
     assert len(store.ledger()) == 7 and len(store.audit(1000)) >= 15
     # what 0.1.0 left pending is settled the same way as before, exactly once
     assert store.retire_instance("deadbeef", "refunded: test") == 1

@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     leave = course.add_parser("remove", help="remove a student (their spending stays in the class pool)")
     leave.add_argument("name", help="the course")
     leave.add_argument("username", help="the student")
+    share = course.add_parser("share", help="shared answers on or off: a question a classmate already paid for is "
+                              "answered again, free, to the rest of the class (off by default)")
+    share.add_argument("name", help="the course")
+    share.add_argument("switch", choices=["on", "off"])
     spending = course.add_parser("spending", help="the class's spending on a dataset, per student and in total")
     spending.add_argument("name", help="the course")
     spending.add_argument("dataset", help="the dataset")
@@ -341,6 +345,8 @@ def _course_command(store: SQLStore, args: argparse.Namespace, actor: str) -> An
         return store.add_course_member(args.name, args.username, actor).to_json()
     if args.action == "remove":
         return store.remove_course_member(args.name, args.username, actor).to_json()
+    if args.action == "share":
+        return store.set_course_sharing(args.name, args.switch == "on", actor).to_json()
     return store.class_spending(args.name, args.dataset).to_json()
 
 

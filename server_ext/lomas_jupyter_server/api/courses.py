@@ -26,6 +26,12 @@ class AdminCourseHandler(LomasHandler):
     async def get(self, course: str) -> None:
         self.reply(await self.with_hub_roster(self.service.courses.course(self.lomas_user, course)))
 
+    @tornado.web.authenticated
+    @authorized
+    async def patch(self, course: str) -> None:
+        self.reply(await self.with_hub_roster(
+            self.service.courses.set_course_sharing(self.lomas_user, course, self.json_body())))
+
 
 class AdminCourseDatasetsHandler(LomasHandler):
     @tornado.web.authenticated

@@ -51,6 +51,14 @@ class CourseService:
         require_admin(admin)
         return self.store.remove_course_member(course, username, admin.username).to_json()
 
+    def set_course_sharing(self, admin: UserRecord, course: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Shared answers on or off: `{"share_answers": true}`."""
+        require_admin(admin)
+        share = body.get("share_answers")
+        if not isinstance(share, bool):
+            raise BadRequest("'share_answers' (true or false) is required")
+        return self.store.set_course_sharing(course, share, admin.username).to_json()
+
     def class_spending(self, admin: UserRecord, course: str, dataset: str) -> dict[str, Any]:
         require_admin(admin)
         return self.store.class_spending(course, dataset).to_json()

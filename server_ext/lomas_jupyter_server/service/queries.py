@@ -25,7 +25,7 @@ from ..engine.sql import DEFAULT_MAX_GROUPS, compile_sql
 from ..engine.workers import WorkerPool
 from ..errors import BadRequest, ChargedFailure, Forbidden, LomasError, NotFound
 from ..receipts import KEY_FILE, ReceiptSigner
-from ..store import AdminStore, DatasetRecord, ReleaseDraft, UserRecord
+from ..store import AdminStore, DatasetRecord, ReleaseDraft, ReleaseRecord, UserRecord
 from .importing import check_data_file, dummy_frame, dummy_parquet
 
 PRICE_CACHE_SIZE = 2048
@@ -293,22 +293,18 @@ class QueryService:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec, _ = self._compile(request)
         if not request.fresh:
-            earlier = await self._call_store(
-                self.store.find_release, user.username, record.name, record.version, spec.canonical(),
-                request.params()
-            )
+            args = (record.name, record.version, spec.canonical(), request.params())
+            earlier = await self._call_store(self.store.find_release, user.username, *args)
             if earlier is not None:  # asking again reveals nothing new: hand back the same answer, free
-                budget = await self._call_store(self.store.budget, user.username, record.name)
-                return self._signed(user, {
-                    "release_id": earlier.id,
-                    "created_at": earlier.created_at,
-                    **apply_post(earlier.result, spec.post),  # another HAVING/ORDER BY/LIMIT: still free
-                    "sql": request.sql,
-                    "cost": {"epsilon": 0.0, "delta": 0.0},
-                    "replay": True,
-                    "replay_of": {"release_id": earlier.id, "epsilon": earlier.epsilon, "delta": earlier.delta},
-                    "budget": budget.to_json() if budget else None,
-                })
+                return await self._from_archive(user, record, request, spec, earlier)
+            shared = await self._call_store(self.store.find_class_release, user.username, *args)
+            if shared is not None:  # a classmate's release, paid from this class's pool: post-processing, free
+                self._require_grant(user, record)
+                earlier, course = shared
+                return await self._from_archive(user, record, request, spec, earlier, {
+                    "course": course, "release_id": earlier.id, "released_at": earlier.created_at,
+                    "note": f"released to the class {course} on {earlier.created_at[:10]}: an answer the class "
+                            "already paid for, free to you"})
         self._require_grant(user, record)
         preview = await self._price(record, spec, request)
         data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
@@ -354,6 +350,22 @@ class QueryService:
             **apply_post(result, spec.post),  # the archive keeps the whole release: later post-processing is free
             "budget": budget.to_json() if budget else None,
             "replay": False,
+        })
+
+    async def _from_archive(self, user: UserRecord, record: DatasetRecord, request: QueryRequest, spec: Any,
+                            earlier: ReleaseRecord, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An archived release handed back for free: the user's own (a replay) or the class's (shared)."""
+        budget = await self._call_store(self.store.budget, user.username, record.name)
+        return self._signed(user, {
+            "release_id": earlier.id,
+            "created_at": earlier.created_at,
+            **apply_post(earlier.result, spec.post),  # another HAVING/ORDER BY/LIMIT: still free
+            "sql": request.sql,
+            "cost": {"epsilon": 0.0, "delta": 0.0},
+            "replay": True,
+            "replay_of": {"release_id": earlier.id, "epsilon": earlier.epsilon, "delta": earlier.delta},
+            **({"shared": shared} if shared else {}),
+            "budget": budget.to_json() if budget else None,
         })
 
     def _signed(self, user: UserRecord, answer: dict[str, Any]) -> dict[str, Any]:

@@ -140,10 +140,12 @@ class CourseRecord:
     created_at: str
     members: tuple[str, ...]
     datasets: tuple[CourseDataset, ...]
+    share_answers: bool = False  # a question one student paid for is answered free to the others
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "hub_group": self.hub_group, "created_at": self.created_at,
-                "members": list(self.members), "datasets": [d.to_json() for d in self.datasets]}
+                "members": list(self.members), "datasets": [d.to_json() for d in self.datasets],
+                "share_answers": self.share_answers}
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,17 @@ class AdminStore(ABC):
 
     @abstractmethod
     def class_spending(self, course: str, dataset: str) -> ClassSpending: ...
+
+    @abstractmethod
+    def set_course_sharing(self, course: str, share_answers: bool, actor: str) -> CourseRecord:
+        """Turn shared answers on or off for a course (off by default)."""
+
+    @abstractmethod
+    def find_class_release(
+        self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
+    ) -> tuple[ReleaseRecord, str] | None:
+        """The first release of the same query on the same dataset version whose cost was charged to the pool of
+        a class that shares answers and that `username` is in now, with that course's name."""
 
     @abstractmethod
     def retire_instance(self, instance_id: str | None, note: str) -> int:

@@ -19,7 +19,7 @@ from ..errors import LomasError
 # Alembic is imported only to migrate: a store already at the head is recognised by reading its version table
 # (most starts), which keeps Alembic's import (about half a second) off the service's start. HEAD is the newest
 # revision in alembic/versions; tests/test_store.py checks it against Alembic's own.
-HEAD = "0002"
+HEAD = "0003"
 BASELINE = "0001"
 LEGACY_USER_VERSION = 5  # the last schema of the hand-written migration list (0.1.0)
 PG_MIGRATION_LOCK = 0x10_4A5  # pg_advisory_lock key: replicas starting together migrate one at a time

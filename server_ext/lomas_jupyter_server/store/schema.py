@@ -131,6 +131,8 @@ courses = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("hub_group", sa.Text, nullable=False),
     sa.Column("created_at", sa.Text, nullable=False),
+    # 1: a release paid from this class's pool is answered again, free, to the class's other students
+    sa.Column("share_answers", sa.Integer, nullable=False, server_default="0"),
 )
 
 course_datasets = sa.Table(

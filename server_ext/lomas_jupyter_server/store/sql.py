@@ -120,6 +120,17 @@ FIND_RELEASE = (sa.select(releases).where(
     releases.c.username == _p("username"), releases.c.dataset == _p("dataset"),
     releases.c.dataset_version == _p("dataset_version"), releases.c.canonical == _p("canonical"),
     releases.c.params_json == _p("params_json")).order_by(releases.c.id.desc()).limit(1))
+# a sharing class's releases of one question: the reserve row says which class pools carried each one's cost
+CLASS_RELEASES = (sa.select(releases, ledger.c.pools).select_from(releases.join(
+    ledger, sa.and_(ledger.c.reservation_id == releases.c.reservation_id, ledger.c.kind == "reserve"))).where(
+    releases.c.dataset == _p("dataset"), releases.c.dataset_version == _p("dataset_version"),
+    releases.c.canonical == _p("canonical"), releases.c.params_json == _p("params_json")).order_by(releases.c.id))
+SHARING_CLASSES_OF = (
+    sa.select(courses.c.name)
+    .select_from(courses.join(course_members, course_members.c.course == courses.c.name)
+                 .join(course_datasets, course_datasets.c.course == courses.c.name))
+    .where(course_members.c.username == _p("username"), course_datasets.c.dataset == _p("dataset"),
+           courses.c.share_answers == 1))
 DATASET_OF = sa.select(datasets).where(datasets.c.name == _p("name"))
 USER_COLUMNS = sa.select(users.c.username, users.c.role, users.c.created_at)
 USER_OF = USER_COLUMNS.where(users.c.username == _p("username"), users.c.removed_at.is_(None))
@@ -583,7 +594,8 @@ class SQLStore(AdminStore):
                           r["delta_cap"])
             for r in conn.execute(sa.select(course_datasets).where(course_datasets.c.course == name)
                                   .order_by(course_datasets.c.dataset)).mappings())
-        return CourseRecord(name, row["hub_group"], row["created_at"], members, datasets_of)
+        return CourseRecord(name, row["hub_group"], row["created_at"], members, datasets_of,
+                            bool(row["share_answers"]))
 
     def get_course(self, name: str) -> CourseRecord | None:
         with self._reading() as conn:
@@ -689,6 +701,31 @@ class SQLStore(AdminStore):
             for course in leaves:
                 self._unenrol(conn, self._course(conn, course), username, actor)
         return joins, leaves
+
+    def set_course_sharing(self, course: str, share_answers: bool, actor: str) -> CourseRecord:
+        if not isinstance(share_answers, bool):
+            raise BadRequest("share_answers must be true or false")
+        with self._tx() as conn:
+            self._course(conn, course)
+            conn.execute(sa.update(courses).where(courses.c.name == course)
+                         .values(share_answers=int(share_answers)))
+            self._audit(conn, actor, "set_course_sharing", course=course, share_answers=share_answers)
+            return self._course(conn, course)
+
+    def find_class_release(
+        self, username: str, dataset: str, dataset_version: int, canonical: str, params: dict[str, Any]
+    ) -> tuple[ReleaseRecord, str] | None:
+        with self._reading() as conn:
+            sharing = set(conn.execute(SHARING_CLASSES_OF, {"username": username, "dataset": dataset}).scalars())
+            if not sharing:
+                return None  # the usual case: one small read
+            for row in conn.execute(CLASS_RELEASES, {
+                    "dataset": dataset, "dataset_version": dataset_version, "canonical": canonical,
+                    "params_json": _params_key(params)}).mappings():
+                paid_by = sorted(sharing.intersection(json.loads(row["pools"])))
+                if paid_by:
+                    return _release_record(row), paid_by[0]
+        return None
 
     def class_spending(self, course: str, dataset: str) -> ClassSpending:
         with self._reading() as conn:
