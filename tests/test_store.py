@@ -366,6 +366,51 @@ def test_a_shared_answer_is_one_a_sharing_class_paid_for(store: SQLStore) -> Non
         store.set_course_sharing("nope", True, "prof")
 
 
+def test_a_budget_request_is_approved_in_part_or_declined_once_and_the_class_cap_bounds_it(store: SQLStore) -> None:
+    """Issue 22.1: one pending request per student and dataset; approving raises the grant by what was approved
+    (at most what was asked), within what the class may still spend, or with the cap raised explicitly."""
+    _class(store, ["ann", "ben"], per_student=1.0, cap=1.5)
+    store.commit(store.reserve("ann", "penguins", 1.0, 0.0))
+    asked = store.request_budget("ann", "penguins", 0.8, 0.0, "  for exercise 3 ")
+    assert (asked.status, asked.course, asked.reason) == ("pending", "stats101", "for exercise 3")
+    with pytest.raises(Conflict, match=f"#{asked.id} .* still waiting"):
+        store.request_budget("ann", "penguins", 0.1, 0.0, "again")
+    for bad in ((0.0, 0.0, "x"), (-1.0, 0.0, "x"), (0.5, 0.0, ""), (0.5, 0.0, "x" * 501), (1e6, 0.0, "x")):
+        with pytest.raises(BadRequest):
+            store.request_budget("ben", "penguins", *bad)
+    with pytest.raises(Forbidden, match="no budget on 'penguins'"):
+        store.request_budget("nobody", "penguins", 0.5, 0.0, "x")
+    # the class has 0.5 left under its cap of 1.5: approving 0.8 is refused, nothing changes
+    with pytest.raises(Conflict, match="class 'stats101' has epsilon=0.5 left under its cap"):
+        store.decide_budget_request(asked.id, True, "prof")
+    assert store.get_grant("ann", "penguins").epsilon == 1.0  # type: ignore[union-attr]
+    assert store.list_budget_requests(status="pending")[0].id == asked.id
+    with pytest.raises(BadRequest, match="at most what was asked"):
+        store.decide_budget_request(asked.id, True, "prof", epsilon=0.9)
+    part = store.decide_budget_request(asked.id, True, "prof", epsilon=0.5, note="half now")
+    assert (part.status, part.granted_epsilon, part.note, part.decided_by) == ("approved", 0.5, "half now", "prof")
+    assert store.get_grant("ann", "penguins").epsilon == pytest.approx(1.5)  # type: ignore[union-attr]
+    with pytest.raises(Conflict, match="already approved"):
+        store.decide_budget_request(asked.id, False, "prof")
+    # the cap raised explicitly with an approval
+    more = store.request_budget("ann", "penguins", 0.4, 0.0, "exercise 4")
+    store.commit(store.reserve("ann", "penguins", 0.5, 0.0))
+    store.decide_budget_request(more.id, True, "prof", raise_cap=True)
+    course = store.get_course("stats101")
+    assert course is not None and course.datasets[0].epsilon_cap == pytest.approx(1.9)
+    store.commit(store.reserve("ann", "penguins", 0.4, 0.0))  # the grant and the class both allow it now
+    declined = store.decide_budget_request(store.request_budget("ben", "penguins", 0.3, 0.0, "why not").id, False,
+                                           "prof", note="use the dummy data first")
+    assert declined.status == "declined" and declined.granted_epsilon is None
+    assert store.get_grant("ben", "penguins").epsilon == 1.0  # type: ignore[union-attr]
+    assert [r.id for r in store.list_budget_requests("ann")] == [more.id, asked.id]
+    with pytest.raises(NotFound):
+        store.decide_budget_request(9999, True, "prof")
+    actions = [e.action for e in store.audit(100)]
+    assert actions.count("request_budget") == 3 and "raise_class_cap" in actions
+    assert actions.count("approve_budget_request") == 2 and actions.count("decline_budget_request") == 1
+
+
 def test_commit_and_archive_are_one_transaction(store: SQLStore) -> None:
     """Issue 17.4: if the release cannot be archived, the charge is not committed either (the reservation stays
     pending, and the service refunds it)."""

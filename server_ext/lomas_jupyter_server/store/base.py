@@ -149,6 +149,33 @@ class CourseRecord:
 
 
 @dataclass(frozen=True)
+class BudgetRequest:
+    """A student's ask for more budget on a dataset and, once decided, the decision (never changed again)."""
+
+    id: int
+    username: str
+    dataset: str
+    course: str | None  # the class whose cap bounds the approval
+    epsilon: float
+    delta: float
+    reason: str
+    status: str  # pending, approved or declined
+    granted_epsilon: float | None
+    granted_delta: float | None
+    decided_by: str | None
+    note: str
+    created_at: str
+    decided_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "username": self.username, "dataset": self.dataset, "course": self.course,
+                "epsilon": self.epsilon, "delta": self.delta, "reason": self.reason, "status": self.status,
+                "granted_epsilon": self.granted_epsilon, "granted_delta": self.granted_delta,
+                "decided_by": self.decided_by, "note": self.note, "created_at": self.created_at,
+                "decided_at": self.decided_at}
+
+
+@dataclass(frozen=True)
 class ClassSpending:
     """A class's spending on one dataset: the pool (every reservation ever charged to it, pending included,
     removed students too) against its cap, and each current student's own spending."""
@@ -366,6 +393,23 @@ class AdminStore(ABC):
 
     @abstractmethod
     def class_spending(self, course: str, dataset: str) -> ClassSpending: ...
+
+    # --- budget requests: a student asks, an admin (the instructor) approves all or part, or declines --------
+
+    @abstractmethod
+    def request_budget(self, username: str, dataset: str, epsilon: float, delta: float,
+                       reason: str) -> BudgetRequest:
+        """File a request (one pending per user and dataset), tied to the user's class on that dataset if any."""
+
+    @abstractmethod
+    def list_budget_requests(self, username: str | None = None, status: str | None = None,
+                             limit: int = 200) -> list[BudgetRequest]: ...
+
+    @abstractmethod
+    def decide_budget_request(self, request_id: int, approve: bool, actor: str, epsilon: float | None = None,
+                              delta: float | None = None, note: str = "", raise_cap: bool = False) -> BudgetRequest:
+        """Approve (all, or `epsilon` of it: the grant goes up by that much) or decline, with a note. An approval
+        the class could not spend under its cap is refused unless `raise_cap` lifts the cap just enough."""
 
     @abstractmethod
     def set_course_sharing(self, course: str, share_answers: bool, actor: str) -> CourseRecord:

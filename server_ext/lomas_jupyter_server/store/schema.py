@@ -162,3 +162,25 @@ pool_totals = sa.Table(
     sa.Column("epsilon_spent", sa.Text, nullable=False),
     sa.Column("delta_spent", sa.Text, nullable=False),
 )
+
+# A student's ask for more budget, and the admin's decision; a decided request is never changed again.
+budget_requests = sa.Table(
+    "budget_requests", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.Text, sa.ForeignKey("users.username"), nullable=False),
+    sa.Column("dataset", sa.Text, sa.ForeignKey("datasets.name"), nullable=False),
+    sa.Column("course", sa.Text),  # the class whose cap bounds the approval (None: a grant outside any class)
+    sa.Column("epsilon", sa.Float, nullable=False),
+    sa.Column("delta", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('pending', 'approved', 'declined')",
+                                                    name="budget_requests_status"), nullable=False),
+    sa.Column("granted_epsilon", sa.Float),
+    sa.Column("granted_delta", sa.Float),
+    sa.Column("decided_by", sa.Text),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.Text),
+    sa.Index("budget_requests_status", "status"),
+    sa.Index("budget_requests_user", "username"),
+)

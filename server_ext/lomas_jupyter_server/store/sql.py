@@ -30,6 +30,7 @@ from .base import (
     AdminStore,
     AuditEntry,
     Budget,
+    BudgetRequest,
     ClassSpending,
     CourseDataset,
     CourseRecord,
@@ -45,6 +46,7 @@ from .base import (
 )
 from .schema import (
     audit,
+    budget_requests,
     budget_totals,
     course_datasets,
     course_members,
@@ -69,6 +71,7 @@ def _p(name: str) -> Any:
 # The charged path's statements, built once: constructing a Core statement costs more than running it on a
 # local database (compiled forms are cached by SQLAlchemy either way).
 _USER_AND_DATASET = (budget_totals.c.username == _p("username"), budget_totals.c.dataset == _p("dataset"))
+MAX_REQUEST_EPSILON = 100.0  # a typo guard: nobody needs more in one request
 GRANT_ROW = sa.select(grants).where(grants.c.username == _p("username"), grants.c.dataset == _p("dataset"))
 TOTALS_OF = sa.select(budget_totals).where(*_USER_AND_DATASET)
 TOTALS_LOCKED = TOTALS_OF.with_for_update()
@@ -701,6 +704,123 @@ class SQLStore(AdminStore):
             for course in leaves:
                 self._unenrol(conn, self._course(conn, course), username, actor)
         return joins, leaves
+
+    # --- budget requests ---------------------------------------------------------------------------------
+
+    def request_budget(self, username: str, dataset: str, epsilon: float, delta: float,
+                       reason: str) -> BudgetRequest:
+        _check_amount(epsilon, "epsilon")
+        _check_amount(delta, "delta")
+        if epsilon == 0 and delta == 0:
+            raise BadRequest("ask for some epsilon (or delta): both are 0")
+        if epsilon > MAX_REQUEST_EPSILON or delta >= 1:
+            raise BadRequest(f"a request may ask for at most epsilon={MAX_REQUEST_EPSILON:g} (and delta below 1)")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+            raise BadRequest("say why in a reason of 1 to 500 characters (the instructor reads it)")
+        with self._tx() as conn:
+            if conn.execute(GRANT_ROW, {"username": username, "dataset": dataset}).first() is None:
+                raise Forbidden(f"you have no budget on '{dataset}' to add to: ask an admin for access first")
+            pending = conn.execute(sa.select(budget_requests.c.id).where(
+                budget_requests.c.username == username, budget_requests.c.dataset == dataset,
+                budget_requests.c.status == "pending")).first()
+            if pending is not None:
+                raise Conflict(f"your request #{pending[0]} on '{dataset}' is still waiting for an answer")
+            course = conn.execute(CLASSES_OF, {"username": username, "dataset": dataset}).first()
+            new_id = conn.execute(sa.insert(budget_requests).values(
+                username=username, dataset=dataset, course=course[0] if course else None, epsilon=float(epsilon),
+                delta=float(delta), reason=reason.strip(), status="pending", note="", created_at=utcnow())
+            ).inserted_primary_key[0]
+            self._audit(conn, username, "request_budget", request=int(new_id), dataset=dataset,
+                        epsilon=epsilon, delta=delta, course=course[0] if course else None)
+            return self._budget_request(conn, int(new_id))
+
+    def _budget_request(self, conn: sa.Connection, request_id: int, lock: bool = False) -> BudgetRequest:
+        query = sa.select(budget_requests).where(budget_requests.c.id == request_id)
+        row = conn.execute(query.with_for_update() if lock else query).mappings().first()
+        if row is None:
+            raise NotFound(f"no budget request #{request_id}")
+        return BudgetRequest(**row)
+
+    def list_budget_requests(self, username: str | None = None, status: str | None = None,
+                             limit: int = 200) -> list[BudgetRequest]:
+        query = sa.select(budget_requests).order_by(budget_requests.c.id.desc()).limit(limit)
+        if username is not None:
+            query = query.where(budget_requests.c.username == username)
+        if status is not None:
+            query = query.where(budget_requests.c.status == status)
+        return [BudgetRequest(**r) for r in self._rows(query)]
+
+    def decide_budget_request(self, request_id: int, approve: bool, actor: str, epsilon: float | None = None,
+                              delta: float | None = None, note: str = "", raise_cap: bool = False) -> BudgetRequest:
+        if not isinstance(note, str) or len(note) > 500:
+            raise BadRequest("a note is text of at most 500 characters")
+        with self._tx() as conn:
+            asked = self._budget_request(conn, request_id, lock=True)
+            if asked.status != "pending":
+                raise Conflict(f"request #{request_id} was already {asked.status}")
+            now = utcnow()
+            if not approve:
+                conn.execute(sa.update(budget_requests).where(budget_requests.c.id == request_id).values(
+                    status="declined", decided_by=actor, note=note, decided_at=now))
+                self._audit(conn, actor, "decline_budget_request", request=request_id, username=asked.username,
+                            dataset=asked.dataset, note=note)
+                return self._budget_request(conn, request_id)
+            epsilon = asked.epsilon if epsilon is None else epsilon
+            delta = asked.delta if delta is None else delta
+            _check_amount(epsilon, "epsilon")
+            _check_amount(delta, "delta")
+            if epsilon > asked.epsilon or delta > asked.delta:
+                raise BadRequest(f"approve at most what was asked for (epsilon={asked.epsilon:g}, "
+                                 f"delta={asked.delta:g}); decline and ask them to file another for more")
+            if asked.course is not None:
+                self._room_in_class(conn, asked, epsilon, delta, raise_cap, actor)
+            totals = self._totals(conn, asked.username, asked.dataset, lock=True)  # the user's spending lock
+            grant = conn.execute(GRANT_ROW, {"username": asked.username, "dataset": asked.dataset}).mappings().first()
+            base_eps, base_delta = (grant["epsilon"], grant["delta"]) if grant else (float(totals.epsilon),
+                                                                                       float(totals.delta))
+            self._set_grant_in(conn, asked.username, asked.dataset, base_eps + epsilon, base_delta + delta, now)
+            conn.execute(sa.update(budget_requests).where(budget_requests.c.id == request_id).values(
+                status="approved", granted_epsilon=float(epsilon), granted_delta=float(delta), decided_by=actor,
+                note=note, decided_at=now))
+            self._audit(conn, actor, "approve_budget_request", request=request_id, username=asked.username,
+                        dataset=asked.dataset, epsilon=epsilon, delta=delta, note=note)
+            return self._budget_request(conn, request_id)
+
+    def _set_grant_in(self, conn: sa.Connection, username: str, dataset: str, epsilon: float, delta: float,
+                      now: str) -> None:
+        if delta >= 1:
+            raise BadRequest("the grant's delta would reach 1: approve less delta")
+        values = {"epsilon": float(epsilon), "delta": float(delta), "updated_at": now}
+        conn.execute(self._insert(grants).values(username=username, dataset=dataset, **values)
+                     .on_conflict_do_update(index_elements=[grants.c.username, grants.c.dataset], set_=values))
+
+    def _room_in_class(self, conn: sa.Connection, asked: BudgetRequest, epsilon: float, delta: float,
+                       raise_cap: bool, actor: str) -> None:
+        """What the approval grants must fit under the class's cap (spent and running included), or the cap is
+        raised just enough, explicitly."""
+        plan = conn.execute(sa.select(course_datasets).where(course_datasets.c.course == asked.course,
+                                                             course_datasets.c.dataset == asked.dataset)
+                            ).mappings().first()
+        if plan is None:
+            return  # the course no longer has this dataset: the grant is the student's own
+        spent_eps, spent_delta = self._pool(conn, asked.course, asked.dataset, lock=True)  # type: ignore[arg-type]
+        need_eps, need_delta = float(spent_eps) + epsilon, float(spent_delta) + delta
+        if need_eps <= plan["epsilon_cap"] + 1e-12 and need_delta <= plan["delta_cap"] + 1e-15:
+            return
+        if not raise_cap:
+            room = max(plan["epsilon_cap"] - float(spent_eps), 0.0)
+            raise Conflict(
+                f"the class '{asked.course}' has epsilon={room:.6g} left under its cap of {plan['epsilon_cap']:.6g} "
+                f"on '{asked.dataset}' (delta: {max(plan['delta_cap'] - float(spent_delta), 0.0):.3g}): approve at "
+                "most that, or raise the cap with this approval (raise_cap)")
+        cap_eps, cap_delta = max(plan["epsilon_cap"], need_eps), max(plan["delta_cap"], need_delta)
+        if cap_delta >= 1:
+            raise BadRequest("the class's delta cap would reach 1: approve less delta")
+        conn.execute(sa.update(course_datasets).where(course_datasets.c.course == asked.course,
+                                                      course_datasets.c.dataset == asked.dataset)
+                     .values(epsilon_cap=cap_eps, delta_cap=cap_delta, updated_at=utcnow()))
+        self._audit(conn, actor, "raise_class_cap", course=asked.course, dataset=asked.dataset,
+                    epsilon_cap=cap_eps, delta_cap=cap_delta, request=asked.id)
 
     def set_course_sharing(self, course: str, share_answers: bool, actor: str) -> CourseRecord:
         if not isinstance(share_answers, bool):
