@@ -254,6 +254,31 @@ class Client:
     def issue_token(self, username: str, label: str = "") -> str:
         return self._call("POST", f"admin/users/{username}/tokens", {"label": label})["token"]
 
+    # --- budget requests -------------------------------------------------------------------------------
+
+    def request_budget(self, dataset: str, epsilon: float, reason: str, delta: float = 0.0) -> dict[str, Any]:
+        """Ask for more budget on `dataset`; an admin (your instructor) approves all or part, or declines."""
+        return self._call("POST", "requests", {"dataset": dataset, "epsilon": epsilon, "delta": delta,
+                                               "reason": reason})
+
+    def my_requests(self) -> list[dict[str, Any]]:
+        """Your budget requests, newest first, with their decisions."""
+        return self._call("GET", "requests")
+
+    def budget_requests(self, status: str | None = "pending") -> list[dict[str, Any]]:
+        """Everyone's budget requests (admin); pending ones by default, `None` for all."""
+        return self._call("GET", "admin/requests" + (f"?status={status}" if status else ""))
+
+    def decide_request(self, request_id: int, approve: bool, epsilon: float | None = None, note: str = "",
+                       raise_cap: bool = False) -> dict[str, Any]:
+        """Approve (all, or `epsilon` of it) or decline a request (admin); `raise_cap` lifts the class cap just
+        enough for the approval."""
+        body: dict[str, Any] = {"decision": "approve" if approve else "decline", "note": note,
+                                "raise_cap": raise_cap}
+        if epsilon is not None:
+            body["epsilon"] = epsilon
+        return self._call("POST", f"admin/requests/{request_id}", body)
+
     def grant(self, username: str, dataset: str, epsilon: float, delta: float = 0.0) -> dict[str, Any]:
         return self._call("PUT", "admin/grants", {"username": username, "dataset": dataset, "epsilon": epsilon,
                                                   "delta": delta})

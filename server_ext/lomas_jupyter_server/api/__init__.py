@@ -1,6 +1,6 @@
-"""The REST room: one module per resource (queries, datasets, budgets and archive, receipts, users and tokens,
-grants, courses), the base handler, the identity of token users, the forwarder to a Hub's service, and the OpenAPI
-document (`openapi.yaml`). Handlers stay thin: parse, call the domain, write JSON.
+"""The REST room: one module per resource (queries, datasets, budgets and archive, receipts, budget requests,
+users and tokens, grants, courses), the base handler, the identity of token users, the forwarder to a Hub's
+service, and the OpenAPI document (`openapi.yaml`). Handlers stay thin: parse, call the domain, write JSON.
 
 May import: `service`, `store`, `errors` (never `hub` or `app`). Routes are relative to API_PREFIX.
 """
@@ -35,6 +35,7 @@ from .datasets import (
 from .grants import AdminGrantsHandler
 from .queries import DummyQueryHandler, DummyRowsHandler, PreviewHandler, QueryHandler
 from .receipts import ReceiptKeyHandler
+from .requests import AdminBudgetRequestHandler, AdminBudgetRequestsHandler, BudgetRequestsHandler
 from .users import AdminTokensHandler, AdminUserHandler, AdminUsersHandler, WhoAmIHandler
 
 NAME = r"(?P<{}>[^/]+)"
@@ -50,6 +51,7 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("budget/" + NAME.format("dataset"), BudgetHandler),
     ("archive", ArchiveHandler),
     ("receipts/key", ReceiptKeyHandler),
+    ("requests", BudgetRequestsHandler),
     ("admin/users", AdminUsersHandler),
     ("admin/users/" + NAME.format("username"), AdminUserHandler),
     ("admin/users/" + NAME.format("username") + "/tokens", AdminTokensHandler),
@@ -61,6 +63,8 @@ ROUTES: list[tuple[str, type[LomasHandler]]] = [
     ("admin/archive", AdminArchiveHandler),
     ("admin/ledger", AdminLedgerHandler),
     ("admin/audit", AdminAuditHandler),
+    ("admin/requests", AdminBudgetRequestsHandler),
+    ("admin/requests/" + NAME.format("request_id"), AdminBudgetRequestHandler),
     ("admin/courses", AdminCoursesHandler),
     ("admin/courses/" + NAME.format("course"), AdminCourseHandler),
     ("admin/courses/" + NAME.format("course") + "/datasets", AdminCourseDatasetsHandler),

@@ -1,5 +1,6 @@
 """The domain room: what the DP service does, without HTTP. One class per concern (queries, admin, courses,
-datasets), plus dataset import, uploads and crash recovery; `DPService` holds one of each for a service process.
+budget requests, datasets), plus dataset import, uploads and crash recovery; `DPService` holds one of each for a
+service process.
 
 May import: `engine`, `store`, `errors`, `receipts` (never `api` or `hub`). Everything here is testable without a server.
 """
@@ -17,8 +18,9 @@ from .admin import AdminService, require_admin
 from .courses import CourseService
 from .datasets import DatasetAdmin
 from .queries import QueryRequest, QueryService, TimingPadding
+from .requests import BudgetRequestService
 
-__all__ = ["AdminService", "CourseService", "DPService", "DatasetAdmin", "QueryRequest", "QueryService",
+__all__ = ["AdminService", "BudgetRequestService", "CourseService", "DPService", "DatasetAdmin", "QueryRequest", "QueryService",
            "ReceiptSigner", "TimingPadding", "require_admin"]
 
 
@@ -51,5 +53,6 @@ class DPService:
                                     ReceiptSigner.load_or_create(receipt_key_file or Path(storage_dir) / KEY_FILE))
         self.admin = AdminService(store, protect_admin_access)
         self.courses = CourseService(store)
+        self.requests = BudgetRequestService(store)
         self.datasets = DatasetAdmin(store, storage_dir, self.pricing_pool, max_upload_bytes, import_dirs,
                                      dataset_url)
