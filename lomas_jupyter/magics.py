@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import shlex
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ PROGRESS_AFTER = 1.0  # seconds before a running query says so
 REFERENCE_EPSILON = 0.5  # what the "no epsilon given" message previews
 USAGE = ("usage: %lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] | "
          "connect [URL [TOKEN|$VAR]] | class COURSE DATASET | sites [DATASET] | sites add NAME URL [TOKEN] | "
-         "sites remove NAME | certificate [--save NAME]")
+         "sites remove NAME | certificate [--save NAME] | request EPSILON DATASET \"REASON\" | requests")
 
 
 def _say_error(err: Exception) -> None:
@@ -189,15 +190,19 @@ class LomasMagics(Magics):
     def lomas(self, line: str) -> Any:
         """%lomas status | datasets | describe NAME | budget [plot] | archive | epsilon [E|off] |
         connect [URL [TOKEN]] | class COURSE DATASET (instructors) | sites [DATASET] | sites add NAME URL [TOKEN]
-        [DATASET=SITE_DATASET ...] | sites remove NAME | certificate [--save NAME]"""
-        words = line.split()
+        [DATASET=SITE_DATASET ...] | sites remove NAME | certificate [--save NAME] | request EPSILON DATASET
+        "REASON" | requests"""
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            words = line.split()
         command, rest = (words[0], words[1:]) if words else ("status", [])
         try:
             handler = {
                 "datasets": self._datasets, "describe": self._describe, "budget": self._budget,
                 "archive": self._archive, "connect": self._connect, "status": self._status,
                 "epsilon": self._epsilon, "class": self._class, "sites": self._sites,
-                "certificate": self._certificate,
+                "certificate": self._certificate, "request": self._request, "requests": self._requests,
             }.get(command)
             if handler is None or (command == "describe" and not rest) or (command == "class" and len(rest) != 2):
                 _say_error(LomasError(USAGE))
@@ -235,7 +240,9 @@ class LomasMagics(Magics):
 
     def _budget(self, rest: list[str]) -> Any:
         if self.panel is None:
-            self.panel = BudgetPanel(self.client.budget)
+            self.panel = BudgetPanel(self.client.budget, requests=self.client.my_requests,
+                                     ask=lambda dataset, epsilon, reason: self.client.request_budget(
+                                         dataset, epsilon, reason))
         self.panel.refresh()
         display(self.panel.widget)
         if rest and rest[0] == "plot":
@@ -290,6 +297,28 @@ class LomasMagics(Magics):
         caption = ("no sites yet: %lomas sites add NAME URL [TOKEN]" if not rows else
                    f"ε left on {dataset} at each site" if dataset else "ε left per dataset at each site")
         return Table(rows, ["site", "url", "reachable", "you are", "ε left", "problem"], caption)
+
+    def _request(self, rest: list[str]) -> Any:
+        """request EPSILON DATASET "REASON": ask the instructor for more; the budget widget shows the answer."""
+        try:
+            epsilon = float(rest[0])
+            dataset, reason = rest[1], " ".join(rest[2:])
+        except (IndexError, ValueError):
+            raise LomasError('usage: %lomas request EPSILON DATASET "REASON" (e.g. %lomas request 0.5 penguins '
+                             '"for exercise 3")') from None
+        asked = self.client.request_budget(dataset, epsilon, reason)
+        where = f" (class {asked['course']})" if asked.get("course") else ""
+        print(f"request #{asked['id']} for ε {fmt(epsilon)} on {dataset}{where} is waiting for your instructor; "
+              "%lomas budget shows the answer when it comes, %lomas requests lists yours")
+        return None
+
+    def _requests(self, rest: list[str]) -> Any:
+        rows = [{"#": r["id"], "dataset": r["dataset"], "asked ε": r["epsilon"], "status": r["status"],
+                 "granted ε": "" if r["granted_epsilon"] is None else r["granted_epsilon"], "note": r["note"],
+                 "reason": r["reason"], "asked at": r["created_at"][:16].replace("T", " ")}
+                for r in self.client.my_requests()]
+        return Table(rows, ["#", "dataset", "asked ε", "status", "granted ε", "note", "reason", "asked at"],
+                     "your budget requests" if rows else 'no requests yet: %lomas request 0.5 DATASET "why"')
 
     def _certificate(self, rest: list[str]) -> Any:
         """Every release this kernel received (after Restart & Run All: every one the notebook shows), with
