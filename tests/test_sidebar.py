@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,11 @@ def lab_settings(folder: Path, theme: str) -> Path:
 
 @contextmanager
 def lab_with_sidebar(tmp_path: Path, token: str, settings: Path, open_path: str = "lab",
-                     embedded_demo: bool = True, viewport_height: int = 900) -> Iterator[tuple[str, Any]]:
+                     embedded_demo: bool = True, viewport_height: int = 900,
+                     browser: Any = None) -> Iterator[tuple[str, Any]]:
     """A real JupyterLab (embedded service, the demo dataset) in Chromium with the sidebar open; yields its URL
-    and the page. Kernels are shut down before the server stops."""
+    and the page. Pass a running browser to open a second Lab beside the first (one Playwright per thread).
+    Kernels are shut down before the server stops."""
     from playwright.sync_api import sync_playwright
 
     args = [f"--IdentityProvider.token={token}", "--LomasApp.workers=1", f"--ServerApp.root_dir={tmp_path}",
@@ -42,10 +44,15 @@ def lab_with_sidebar(tmp_path: Path, token: str, settings: Path, open_path: str 
     env = {"LOMAS_STORAGE_DIR": str(tmp_path / "embedded"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "LOMAS_URL": "", "LOMAS_TOKEN": ""}
     headers = {"Authorization": f"token {token}"}
-    with running_server("jupyter-lab", args, tmp_path, env, headers) as (url, _pid), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+    with running_server("jupyter-lab", args, tmp_path, env, headers) as (url, _pid), ExitStack() as stack:
+        if browser is None:
+            p = stack.enter_context(sync_playwright())
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+            stack.callback(browser.close)
+        context = browser.new_context(viewport={"width": 1400, "height": viewport_height})
+        stack.callback(context.close)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": viewport_height})
+            page = context.new_page()
             page.goto(f"{url}{open_path}?token={token}")
             tab = page.locator("li[data-id='lomas-sidebar']")
             tab.wait_for(timeout=90_000)
@@ -54,7 +61,6 @@ def lab_with_sidebar(tmp_path: Path, token: str, settings: Path, open_path: str 
         finally:
             for kernel in requests.get(f"{url}api/kernels", headers=headers, timeout=30).json():
                 requests.delete(f"{url}api/kernels/{kernel['id']}", headers=headers, timeout=60)
-            browser.close()
 
 
 @pytest.mark.parametrize("theme", list(THEMES))
@@ -398,3 +404,82 @@ def test_an_analyst_of_a_remote_standalone_service_sees_only_the_analyst_view(tm
             page.wait_for_function(
                 "() => document.querySelector(\".lomas-sb-gauge[data-dataset='penguins'] [role=progressbar]\")"
                 ".getAttribute('aria-valuenow') === '75'", timeout=60_000)
+
+
+def _remote_settings(folder: Path, theme: str, service_url: str, token: str) -> Path:
+    settings = lab_settings(folder, theme)
+    overrides = json.loads((settings / "overrides.json").read_text())
+    overrides["lomas-jupyter:plugin"] |= {"serviceUrl": service_url, "token": token}
+    (settings / "overrides.json").write_text(json.dumps(overrides))
+    return settings
+
+
+@pytest.mark.parametrize("theme", list(THEMES))
+def test_a_budget_request_is_asked_badged_refused_over_the_cap_and_approved_live(theme: str, tmp_path: Path) -> None:
+    """Issue 22.1 in two JupyterLabs on one standalone service: the student asks from the sidebar; the
+    instructor's tab shows a badge; approving over the class cap is refused with the reason; approving part of it
+    shows up in the student's gauge and request list without a reload."""
+    from lomas_jupyter import Client
+
+    from .servers import lomas_admin
+
+    storage = tmp_path / "service"
+    lomas_admin(storage, "demo", "--user", "prof")
+    service_env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "sconfig"), "JUPYTER_DATA_DIR": str(tmp_path / "sdata")}
+    service_args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--ServerApp.allow_origin=*"]
+    with running_server("jupyter-lomas", service_args, tmp_path, service_env) as (service_url, _):
+        prof_token = lomas_admin(storage, "token", "issue", "prof")
+        prof = Client(service_url, prof_token)
+        prof._call("POST", "admin/users", {"username": "stu", "role": "analyst"})
+        stu_token = prof.issue_token("stu")
+        prof.create_course("lab", hub_group="lab-students")
+        prof.course_dataset("lab", "penguins", epsilon_per_student=1.0, epsilon_cap=1.5)
+        prof._call("POST", "admin/courses/lab/members", {"username": "stu"})
+        stu = Client(service_url, stu_token)
+        stu.query("penguins", "SELECT COUNT(*) FROM penguins", epsilon=1.0)  # the class has 0.5 left
+
+        student_settings = _remote_settings(tmp_path / "lab-stu", theme, service_url, stu_token)
+        teacher_settings = _remote_settings(tmp_path / "lab-prof", theme, service_url, prof_token)
+        (tmp_path / "stu").mkdir()
+        (tmp_path / "prof").mkdir()
+        with lab_with_sidebar(tmp_path / "stu", "sidebar-stu", student_settings, embedded_demo=False) as (_, page):
+            gauge = page.locator(".lomas-sb-gauge[data-dataset='penguins']")
+            gauge.locator("text=ε 0 of 1 left").wait_for(timeout=60_000)
+            gauge.get_by_role("button", name="Ask your instructor for more ε on penguins").click()
+            form = page.locator(".lomas-sb-request-form")
+            form.get_by_label("ε to ask for").fill("0.8")
+            form.get_by_label("Reason for the request").fill("for exercise 3")
+            form.get_by_role("button", name="Send request").click()
+            page.locator(".lomas-sb-request-pending:has-text('waiting for your instructor')").wait_for(timeout=30_000)
+            assert form.is_hidden()
+
+            with lab_with_sidebar(tmp_path / "prof", "sidebar-prof", teacher_settings, embedded_demo=False,
+                                  browser=page.context.browser) as (_, admin_page):
+                tab = admin_page.locator("li[data-id='lomas-sidebar']")
+                admin_page.wait_for_function(
+                    "() => document.querySelector(\"li[data-id='lomas-sidebar']\").dataset.lomasPending === '1'",
+                    timeout=60_000)
+                assert tab.get_attribute("data-lomas-pending") == "1"
+                pending = admin_page.locator(".lomas-sb-pending").first
+                pending.wait_for(timeout=30_000)
+                assert "stu asks for ε 0.8 on penguins (class lab)" in pending.inner_text()
+                assert "for exercise 3" in pending.inner_text()
+                admin_page.screenshot(path=str(ARTIFACTS / f"sidebar-requests-{theme}.png"))
+                # all 0.8 would let the class spend past its cap: refused, with the reason, nothing changed
+                pending.get_by_role("button", name="Approve request").click()
+                admin_page.locator(".lomas-sb-status.lomas-sb-error:has-text('left under its cap')").wait_for(
+                    timeout=30_000)
+                assert stu.budget("penguins")["epsilon_total"] == 1.0
+                pending.get_by_label("ε to approve for request").fill("0.5")
+                pending.get_by_label("Note on request").fill("0.5 is what the class has left")
+                pending.get_by_role("button", name="Approve request").click()
+                admin_page.locator(".lomas-sb-status:has-text('approved ε 0.5 for stu')").wait_for(timeout=30_000)
+                admin_page.wait_for_function(
+                    "() => !document.querySelector(\"li[data-id='lomas-sidebar']\").dataset.lomasPending",
+                    timeout=30_000)
+            # the student's panel, never reloaded: the new budget and the answer
+            gauge.locator("text=ε 0.5 of 1.5 left").wait_for(timeout=60_000)
+            page.locator(".lomas-sb-request-approved:has-text('approved, ε 0.5 added — 0.5 is what the class has "
+                         "left')").wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / f"sidebar-request-answered-{theme}.png"))
+        assert stu.budget("penguins")["epsilon_total"] == 1.5

@@ -1,6 +1,7 @@
 import { ApiError, LomasApi } from './api';
 import { DatasetRow, DatasetsPart, PickFromBrowser, SourceFile } from './datasets';
 import { button, el, keptOpen } from './dom';
+import { BudgetRequestRow, pendingRequests } from './requests';
 import {
   LedgerRow,
   ReleaseRecord,
@@ -70,6 +71,8 @@ export class AdminView {
   private chartDataset = '';
   private chartUser = '';
   private datasets: DatasetsPart;
+  /** budget requests waiting for a decision (the sidebar's badge) */
+  pending = 0;
 
   constructor(
     private api: LomasApi,
@@ -113,14 +116,19 @@ export class AdminView {
   /** Re-read and rebuild; a periodic reload (not `force`) never replaces a form being filled in, even one
    *  the admin started while the data was on its way. */
   async load(force = false): Promise<void> {
-    const [users, grants, ledger, releases, courses, datasets] = await Promise.all([
+    const [users, grants, ledger, releases, courses, datasets, waiting] = await Promise.all([
       this.api.call<UserRow[]>('GET', 'admin/users'),
       this.api.call<GrantRow[]>('GET', 'admin/grants'),
       this.api.call<LedgerRow[]>('GET', 'admin/ledger?limit=10000'),
       this.api.call<ReleaseRecord[]>('GET', 'admin/archive?limit=10000'),
       this.api.call<CourseRow[]>('GET', 'admin/courses'),
-      this.api.call<DatasetRow[]>('GET', 'admin/datasets')
+      this.api.call<DatasetRow[]>('GET', 'admin/datasets'),
+      this.api.call<BudgetRequestRow[]>('GET', 'admin/requests?status=pending')
     ]);
+    if (waiting.length > this.pending) {
+      this.opened.add('requests'); // new requests: show them
+    }
+    this.pending = waiting.length;
     if (!force && this.editing) {
       return;
     }
@@ -128,7 +136,14 @@ export class AdminView {
     this.chartDataset = names.includes(this.chartDataset) ? this.chartDataset : names[0] ?? '';
     const datasetsPart = this.part('datasets', `Datasets (${datasets.length})`);
     datasetsPart.append(this.datasets.list(datasets), this.datasets.form);
+    const requestsPart = this.part('requests', `Budget requests (${waiting.length} waiting)`);
+    requestsPart.append(
+      ...(waiting.length
+        ? pendingRequests(this.api, waiting, work => this.act(work))
+        : [el('p', { class: 'lomas-sb-who' }, 'No request is waiting.')])
+    );
     this.content.replaceChildren(
+      requestsPart,
       this.usersSection(users),
       datasetsPart,
       this.grantsSection(users, names, grants),

@@ -4,6 +4,7 @@ import { AdminView } from './admin';
 import { PickFromBrowser, SourceFile } from './datasets';
 import { ApiError, LomasApi } from './api';
 import { button, el, keptOpen } from './dom';
+import { BudgetRequestRow, RequestForm, myRequests } from './requests';
 import {
   ColumnMeta,
   DatasetInfo,
@@ -30,6 +31,8 @@ export class LomasPanel extends Widget {
   private admin: AdminView | null = null;
   private analyst = document.createElement('div');
   private status = el('p', { class: 'lomas-sb-status', role: 'status' });
+  private badge = el('span', { class: 'lomas-sb-badge', 'aria-live': 'polite' });
+  private requestForm: RequestForm;
 
   constructor(
     readonly api: LomasApi,
@@ -43,7 +46,20 @@ export class LomasPanel extends Widget {
     this.title.caption = 'DP service: budgets and releases';
     this.node.setAttribute('role', 'region');
     this.node.setAttribute('aria-label', 'DP service');
-    this.node.append(this.status, this.analyst);
+    this.requestForm = new RequestForm(api, (message, ok) => this.say(message, ok), () => void this.refresh());
+    this.node.append(this.status, this.badge, this.analyst, this.requestForm.node);
+  }
+
+  /** The count of budget requests waiting for an admin: on the sidebar's tab and at the panel's top. */
+  private showPending(count: number): void {
+    this.badge.textContent = count ? `${count} budget request${count === 1 ? '' : 's'} waiting` : '';
+    // Keep the shell's own keys (it sets data-id on the tab through the same dataset).
+    // Lumino writes each key as data-KEY verbatim, so the key is spelled the way the attribute is.
+    const { 'lomas-pending': _previous, ...shellKeys } = this.title.dataset;
+    this.title.dataset = count ? { ...shellKeys, 'lomas-pending': String(count) } : shellKeys;
+    this.title.caption = count
+      ? `DP service: ${count} budget request(s) waiting for you`
+      : 'DP service: budgets and releases';
   }
 
   setRefreshSeconds(seconds: number): void {
@@ -75,13 +91,15 @@ export class LomasPanel extends Widget {
     }
     this.busy = true;
     try {
-      const [me, datasets, archive] = await Promise.all([
+      const [me, datasets, archive, asked] = await Promise.all([
         this.api.call<WhoAmI>('GET', 'whoami'),
         this.api.call<DatasetInfo[]>('GET', 'datasets'),
-        this.api.call<ReleaseRecord[]>('GET', 'archive?limit=10')
+        this.api.call<ReleaseRecord[]>('GET', 'archive?limit=10'),
+        this.api.call<BudgetRequestRow[]>('GET', 'requests')
       ]);
-      this.render(me, datasets, archive);
+      this.render(me, datasets, archive, asked);
       await this.refreshAdmin(me.role === 'admin');
+      this.showPending(this.admin?.pending ?? 0);
     } catch (err) {
       this.showError(err instanceof ApiError ? err.message : 'the DP service answered in a way this panel cannot read');
     } finally {
@@ -127,7 +145,7 @@ export class LomasPanel extends Widget {
     this.say(message);
   }
 
-  private render(me: WhoAmI, datasets: DatasetInfo[], archive: ReleaseRecord[]): void {
+  private render(me: WhoAmI, datasets: DatasetInfo[], archive: ReleaseRecord[], asked: BudgetRequestRow[]): void {
     const root = el('div', { class: 'lomas-sb-content' });
     root.append(el('h2', { class: 'lomas-sb-heading' }, 'DP service'));
     root.append(el('p', { class: 'lomas-sb-who' }, `Signed in as ${me.username} (${me.role})`));
@@ -160,10 +178,15 @@ export class LomasPanel extends Widget {
         item.append(el('div', { class: 'lomas-sb-gauge-label' }, gauge.deltaLabel));
       }
       if (gauge.granted) {
+        const asking = button('Ask for more ε', `Ask your instructor for more ε on ${gauge.dataset}`, () =>
+          this.requestForm.open(gauge.dataset)
+        );
+        asking.className = 'jp-Button lomas-sb-ask';
         item.append(
           button('Insert %%dpquery cell', `Insert a %%dpquery cell for ${gauge.dataset}`, () =>
             void this.insertFor(gauge.dataset)
-          )
+          ),
+          asking
         );
       }
       list.append(item);
@@ -172,7 +195,7 @@ export class LomasPanel extends Widget {
       list.append(el('li', {}, 'No datasets yet.'));
     }
     budgetSection.append(list);
-    root.append(budgetSection);
+    root.append(budgetSection, myRequests(asked));
 
     const releaseSection = el('section', { 'aria-label': 'My recent releases' });
     releaseSection.append(el('h3', {}, 'My recent releases'));

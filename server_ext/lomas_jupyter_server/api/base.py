@@ -122,6 +122,9 @@ class LomasHandler(ExtensionHandlerMixin, APIHandler):
         return int(raw)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # send_error() cleared the headers: without CORS again, a browser on another origin (the sidebar of a
+        # remote service) reads every error as "cannot be reached" instead of its message
+        self.set_cors_headers()
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, LomasError):
             payload = exc.to_json()
