@@ -229,6 +229,8 @@ def preview_html(preview: dict[str, Any]) -> str:
         f"ε={fmt(cost['epsilon'])}" + (f", δ={fmt(cost['delta'])}" if cost.get("delta") else "")
         + (f"; you have ε={fmt(budget['epsilon_remaining'])} left" if budget else "")
         + (f"<br>Mechanism: {html.escape(choice)}" if choice else "")
+        + (f"<br><b>Free</b>: {html.escape(preview['answered_free']['note'])}" if preview.get("answered_free")
+           else "")
         + "<table><thead><tr><th>noisy statistic</th><th>mechanism</th><th>noise scale</th><th>95% accuracy</th>"
         "</tr></thead><tbody>" + released + "</tbody></table>"
         "<table><thead><tr><th>output</th><th>computed from</th><th>95% accuracy</th><th>covers</th></tr></thead>"
@@ -246,6 +248,8 @@ def preview_text(preview: dict[str, Any]) -> str:
     choice = ((preview.get("plan") or {}).get("choice") or {}).get("reason")
     if choice:
         lines.append(f"Mechanism: {choice}")
+    if preview.get("answered_free"):  # the query itself would cost nothing: an earlier or a shared answer
+        lines.append(f"Free: {preview['answered_free']['note']}")
     for agg in preview["aggregates"]:
         lines.append(f"  {agg['name']}: {_accuracy_words(agg)}; covers {agg.get('covers', '')}")
     if preview.get("post_processing"):

@@ -12,7 +12,7 @@ import pytest
 from lomas_jupyter import Client, LomasError
 from lomas_jupyter import receipts as kernel_receipts
 from lomas_jupyter.certificate import Entry, totals
-from lomas_jupyter.display import release_text
+from lomas_jupyter.display import preview_text, release_text
 
 from .servers import lomas_admin, running_server
 
@@ -57,7 +57,15 @@ def test_shared_answers_are_off_by_default_then_free_marked_and_counted_once(ser
     assert own.cost["epsilon"] > 0 and own.release_id != paid.release_id and "shared" not in own.raw
     pool = _pool(service)
 
+    assert "answered_free" not in cat.preview("penguins", SQL, epsilon=0.5)  # off: cat would pay
+    mine = ann.preview("penguins", SQL, epsilon=0.5)["answered_free"]  # her own earlier answer, whatever the course
+    assert mine["release_id"] == paid.release_id and "asked this before" in mine["note"]
     assert prof.share_answers("lab")["share_answers"] is True
+    told = cat.preview("penguins", SQL, epsilon=0.5)
+    assert told["answered_free"]["course"] == "lab" and told["answered_free"]["release_id"] == paid.release_id
+    assert "Free: released to the class lab on" in preview_text(told) and "ann" not in preview_text(told)
+    assert "answered_free" not in cat.preview("penguins", SQL, epsilon=0.4)  # another ε: a new release
+    assert "answered_free" not in dan.preview("penguins", SQL, epsilon=0.5)  # not in the class
     before = _spent(cat)
     shared = cat.query("penguins", SQL, epsilon=0.5)
     # free, the classmate's very numbers (post-processing of a release the class already paid for), and marked

@@ -245,7 +245,9 @@ class QueryService:
         async with self._free_slot(user):
             preview = await self._price(record, spec, request)
         budget = self.store.budget(user.username, record.name)
+        free = None if request.fresh else await self._answered_free(user, record, spec, request)
         return {
+            **({"answered_free": free} if free else {}),
             "dataset": record.name,
             "dataset_version": record.version,
             "sql": request.sql,
@@ -264,6 +266,24 @@ class QueryService:
                 and budget.delta_spent + preview["delta"] <= budget.delta_total
             ),
         }
+
+    async def _answered_free(self, user: UserRecord, record: DatasetRecord, spec: Any, request: QueryRequest
+                             ) -> dict[str, Any] | None:
+        """What query() would hand back at no cost instead of a new release: the user's own earlier answer, or
+        one shared by their class. The preview says so, so that nobody pays for --fresh by accident."""
+        args = (record.name, record.version, spec.canonical(), request.params())
+        earlier = await self._call_store(self.store.find_release, user.username, *args)
+        if earlier is not None:
+            return {"release_id": earlier.id, "released_at": earlier.created_at,
+                    "note": f"you asked this before: your DP release #{earlier.id} is handed back, free "
+                            "(--fresh pays for a new one)"}
+        shared = await self._call_store(self.store.find_class_release, user.username, *args)
+        if shared is None:
+            return None
+        release, course = shared
+        return {"release_id": release.id, "released_at": release.created_at, "course": course,
+                "note": f"released to the class {course} on {release.created_at[:10]}: DP release #{release.id} "
+                        "is handed to you free (--fresh pays for your own)"}
 
     async def _release(self, record: DatasetRecord, spec: Any, request: QueryRequest, price: dict[str, Any],
                        parquet_path: str, timeout: float | None = None, backend: str | None = None
