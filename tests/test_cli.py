@@ -65,6 +65,23 @@ def test_an_instructor_runs_a_course_from_the_command_line(tmp_path: Path) -> No
     spending = json.loads(lomas_admin(storage, "--json", "course", "spending", "stats101", "penguins"))
     assert spending["epsilon_spent"] == 0.0 and set(spending["per_student"]) == {"sam"}
 
+    # sam asks for more; the instructor answers from the command line, within the class cap (the class may spend 5)
+    from lomas_jupyter_server.store.sql import SQLStore
+
+    store = SQLStore(storage / "lomas.sqlite3")
+    asked = store.request_budget("sam", "penguins", 6.0, 0.0, "for the project").id
+    store.close()
+    waiting = json.loads(lomas_admin(storage, "--json", "request", "list", "--status", "pending"))
+    assert [(r["id"], r["username"], r["epsilon"]) for r in waiting] == [(asked, "sam", 6.0)]
+    over = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "request", "approve", str(asked)],
+                          capture_output=True, text=True)
+    assert over.returncode == 2 and "left under its cap" in over.stderr and "Traceback" not in over.stderr
+    done = json.loads(lomas_admin(storage, "--json", "request", "approve", str(asked), "--epsilon", "1.5",
+                                  "--note", "the rest next week"))
+    assert done["status"] == "approved" and done["granted_epsilon"] == 1.5
+    assert json.loads(lomas_admin(storage, "--json", "budget", "sam", "penguins"))["epsilon_total"] == 3.5
+    assert json.loads(lomas_admin(storage, "--json", "request", "list", "--status", "pending")) == []
+
 
 def test_a_draft_is_printed_for_review_and_imports_once_saved(tmp_path: Path) -> None:
     from lomas_jupyter_server.demo import penguins_csv

@@ -161,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     spending.add_argument("name", help="the course")
     spending.add_argument("dataset", help="the dataset")
 
+    req = sub.add_parser("request", help="students' budget requests: list, approve (all or part), decline"
+                         ).add_subparsers(dest="action", required=True)
+    listed = req.add_parser("list", help="budget requests, newest first")
+    listed.add_argument("--status", choices=["pending", "approved", "declined"], default=None,
+                        help="only these (default: all)")
+    approve = req.add_parser("approve", help="grant what was asked (or --epsilon, less), within the class cap")
+    approve.add_argument("request_id", type=int, help="the request's number")
+    approve.add_argument("--epsilon", type=float, default=None, help="grant this much instead (at most what was asked)")
+    approve.add_argument("--note", default="", help="a note the student sees")
+    approve.add_argument("--raise-cap", action="store_true",
+                         help="raise the class cap just enough if the approval would exceed it")
+    decline = req.add_parser("decline", help="decline, with a note the student sees")
+    decline.add_argument("request_id", type=int, help="the request's number")
+    decline.add_argument("--note", default="", help="why")
+
     key = sub.add_parser("key", help="print the public key that checks this service's release receipts (PEM; "
                          "hand it to graders for lomas-verify --key); makes the signing key if there is none")
     key.add_argument("--key-file", default=None,
@@ -173,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 READ_ONLY = {("db", "revision"), ("user", "list"), ("dataset", "list"), ("budget", None), ("ledger", None), ("course", "list"),
-             ("course", "spending")}
+             ("course", "spending"), ("request", "list")}
 
 
 def _print_key(path: Path) -> int:
@@ -297,6 +312,13 @@ def run(argv: list[str] | None = None) -> int:
             _print(_course_command(store, args, actor))
         elif args.command == "ledger":
             _print(store.ledger(args.user, args.limit))
+        elif args.command == "request":
+            if args.action == "list":
+                _print([r.to_json() for r in store.list_budget_requests(status=args.status)])
+            else:
+                _print(store.decide_budget_request(
+                    args.request_id, args.action == "approve", actor, epsilon=getattr(args, "epsilon", None),
+                    note=args.note, raise_cap=getattr(args, "raise_cap", False)).to_json())
     except LomasError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
