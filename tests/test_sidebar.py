@@ -419,6 +419,8 @@ def test_a_budget_request_is_asked_badged_refused_over_the_cap_and_approved_live
     """Issue 22.1 in two JupyterLabs on one standalone service: the student asks from the sidebar; the
     instructor's tab shows a badge; approving over the class cap is refused with the reason; approving part of it
     shows up in the student's gauge and request list without a reload."""
+    from playwright.sync_api import expect
+
     from lomas_jupyter import Client
 
     from .servers import lomas_admin
@@ -470,10 +472,13 @@ def test_a_budget_request_is_asked_badged_refused_over_the_cap_and_approved_live
                 admin_page.locator(".lomas-sb-status.lomas-sb-error:has-text('left under its cap')").wait_for(
                     timeout=30_000)
                 assert stu.budget("penguins")["epsilon_total"] == 1.0
-                pending.get_by_label("ε to approve for request").fill("0.5")
-                pending.get_by_label("Note on request").fill("0.5 is what the class has left")
+                amount, note = pending.get_by_label("ε to approve for request"), pending.get_by_label("Note on request")
+                amount.fill("0.5")
+                note.fill("0.5 is what the class has left")
+                expect(amount).to_have_value("0.5")  # typed into the form that stays (a reload never replaces it)
+                expect(note).to_have_value("0.5 is what the class has left")
                 pending.get_by_role("button", name="Approve request").click()
-                admin_page.locator(".lomas-sb-status:has-text('approved ε 0.5 for stu')").wait_for(timeout=30_000)
+                admin_page.locator(".lomas-sb-status:has-text('approved ε 0.5 for stu')").wait_for(timeout=60_000)
                 admin_page.wait_for_function(
                     "() => !document.querySelector(\"li[data-id='lomas-sidebar']\").dataset.lomasPending",
                     timeout=30_000)
