@@ -15,13 +15,17 @@ from .servers import lomas_admin, running_server
 from .test_notebook_ux import _widget_states, kernel
 
 
+LAB_ORIGIN = "http://lab.example:8888"  # a JupyterLab elsewhere whose sidebar calls this service
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("requests")
     storage = root / "storage"
     lomas_admin(storage, "demo", "--user", "prof")
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
-    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--LomasApp.pricing_workers=1"]
+    args = [f"--LomasApp.storage_dir={storage}", "--LomasApp.workers=1", "--LomasApp.pricing_workers=1",
+            f"--ServerApp.allow_origin={LAB_ORIGIN}"]
     with running_server("jupyter-lomas", args, root, env) as (url, _pid):
         prof = Client(url, lomas_admin(storage, "token", "issue", "prof"))
         prof._call("POST", "admin/users", {"username": "stu", "role": "analyst"})
@@ -94,3 +98,17 @@ def test_a_student_asks_from_the_notebook_and_sees_the_answer_live(service: dict
     actions = [e["action"] for e in prof._call("GET", "admin/audit")]
     assert actions.count("request_budget") == 2 and "approve_budget_request" in actions
     assert "decline_budget_request" in actions
+
+
+def test_errors_reach_a_sidebar_on_another_origin(service: dict[str, Any]) -> None:
+    """Tornado clears the headers when it writes an error: without CORS on it, the browser hides the message and
+    the sidebar can only say "cannot be reached"."""
+    import requests
+
+    headers = {"Origin": LAB_ORIGIN, "Authorization": f"token {service['token']}"}
+    for method, path, body in (("POST", "requests", {"dataset": "penguins", "epsilon": -1, "reason": "x"}),
+                               ("POST", "admin/requests/999", {"decision": "approve"}),
+                               ("GET", "datasets/nope", None)):
+        r = requests.request(method, f"{service['url']}lomas/api/{path}", json=body, headers=headers, timeout=60)
+        assert 400 <= r.status_code < 500 and r.json()["message"], (path, r.status_code, r.text)
+        assert r.headers.get("Access-Control-Allow-Origin") == LAB_ORIGIN, (path, dict(r.headers))

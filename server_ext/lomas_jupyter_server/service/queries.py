@@ -245,7 +245,7 @@ class QueryService:
         async with self._free_slot(user):
             preview = await self._price(record, spec, request)
         budget = self.store.budget(user.username, record.name)
-        free = None if request.fresh else await self._answered_free(user, record, spec, request)
+        free = await self._answered_free(user, record, spec, request)
         return {
             **({"answered_free": free} if free else {}),
             "dataset": record.name,
@@ -267,23 +267,37 @@ class QueryService:
             ),
         }
 
-    async def _answered_free(self, user: UserRecord, record: DatasetRecord, spec: Any, request: QueryRequest
-                             ) -> dict[str, Any] | None:
-        """What query() would hand back at no cost instead of a new release: the user's own earlier answer, or
-        one shared by their class. The preview says so, so that nobody pays for --fresh by accident."""
+    async def _earlier_answer(self, user: UserRecord, record: DatasetRecord, spec: Any, request: QueryRequest
+                              ) -> tuple[ReleaseRecord, str | None] | None:
+        """The release query() hands back free instead of a new one, with the course that shared it (None: the
+        user's own). Asking again reveals nothing new; a classmate's release paid from this class's pool is
+        post-processing of what the class already paid for."""
+        if request.fresh:
+            return None
         args = (record.name, record.version, spec.canonical(), request.params())
         earlier = await self._call_store(self.store.find_release, user.username, *args)
         if earlier is not None:
-            return {"release_id": earlier.id, "released_at": earlier.created_at,
-                    "note": f"you asked this before: your DP release #{earlier.id} is handed back, free "
-                            "(--fresh pays for a new one)"}
-        shared = await self._call_store(self.store.find_class_release, user.username, *args)
-        if shared is None:
+            return earlier, None
+        return await self._call_store(self.store.find_class_release, user.username, *args)
+
+    @staticmethod
+    def _shared_note(course: str, release: ReleaseRecord) -> str:
+        return (f"released to the class {course} on {release.created_at[:10]}: an answer the class already paid "
+                "for, free to you")
+
+    async def _answered_free(self, user: UserRecord, record: DatasetRecord, spec: Any, request: QueryRequest
+                             ) -> dict[str, Any] | None:
+        """The preview's word on a free answer, so that nobody pays for --fresh by accident."""
+        found = await self._earlier_answer(user, record, spec, request)
+        if found is None:
             return None
-        release, course = shared
+        release, course = found
+        if course is None:
+            return {"release_id": release.id, "released_at": release.created_at,
+                    "note": f"you asked this before: your DP release #{release.id} is handed back, free "
+                            "(--fresh pays for a new one)"}
         return {"release_id": release.id, "released_at": release.created_at, "course": course,
-                "note": f"released to the class {course} on {release.created_at[:10]}: DP release #{release.id} "
-                        "is handed to you free (--fresh pays for your own)"}
+                "note": f"{self._shared_note(course, release)} (DP release #{release.id}; --fresh pays for your own)"}
 
     async def _release(self, record: DatasetRecord, spec: Any, request: QueryRequest, price: dict[str, Any],
                        parquet_path: str, timeout: float | None = None, backend: str | None = None
@@ -312,19 +326,15 @@ class QueryService:
     async def query(self, user: UserRecord, body: dict[str, Any]) -> dict[str, Any]:
         request = QueryRequest.parse(body, self.max_epsilon_per_query)
         record, spec, _ = self._compile(request)
-        if not request.fresh:
-            args = (record.name, record.version, spec.canonical(), request.params())
-            earlier = await self._call_store(self.store.find_release, user.username, *args)
-            if earlier is not None:  # asking again reveals nothing new: hand back the same answer, free
+        found = await self._earlier_answer(user, record, spec, request)
+        if found is not None:
+            earlier, course = found
+            if course is None:
                 return await self._from_archive(user, record, request, spec, earlier)
-            shared = await self._call_store(self.store.find_class_release, user.username, *args)
-            if shared is not None:  # a classmate's release, paid from this class's pool: post-processing, free
-                self._require_grant(user, record)
-                earlier, course = shared
-                return await self._from_archive(user, record, request, spec, earlier, {
-                    "course": course, "release_id": earlier.id, "released_at": earlier.created_at,
-                    "note": f"released to the class {course} on {earlier.created_at[:10]}: an answer the class "
-                            "already paid for, free to you"})
+            self._require_grant(user, record)
+            return await self._from_archive(user, record, request, spec, earlier, {
+                "course": course, "release_id": earlier.id, "released_at": earlier.created_at,
+                "note": self._shared_note(course, earlier)})
         self._require_grant(user, record)
         preview = await self._price(record, spec, request)
         data_path = check_data_file(self.storage_dir, record)  # a missing file is the service's fault: free
