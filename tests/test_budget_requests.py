@@ -14,7 +14,6 @@ from lomas_jupyter import Client, LomasError
 from .servers import lomas_admin, running_server
 from .test_notebook_ux import _widget_states, kernel
 
-
 LAB_ORIGIN = "http://lab.example:8888"  # a JupyterLab elsewhere whose sidebar calls this service
 
 
