@@ -39,6 +39,18 @@ interface GrantRow {
   delta: number;
 }
 
+interface AdminData {
+  users: UserRow[];
+  grants: GrantRow[];
+  ledger: LedgerRow[];
+  releases: ReleaseRecord[];
+  courses: CourseRow[];
+  datasets: DatasetRow[];
+  waiting: BudgetRequestRow[];
+  /** keyed by course and dataset */
+  spending: Map<string, ClassSpending>;
+}
+
 type Say = (message: string, ok?: boolean) => void;
 
 function select(label: string, options: string[], value = '', any = 'everyone'): HTMLSelectElement {
@@ -73,6 +85,7 @@ export class AdminView {
   private datasets: DatasetsPart;
   /** budget requests waiting for a decision (the sidebar's badge) */
   pending = 0;
+  private loadsStarted = 0;
 
   constructor(
     private api: LomasApi,
@@ -114,8 +127,35 @@ export class AdminView {
   }
 
   /** Re-read and rebuild; a periodic reload (not `force`) never replaces a form being filled in, even one
-   *  the admin started while the data was on its way. */
+   *  the admin started while the data was on its way. Everything is read before that check and the view is built
+   *  without waiting after it: a wait in between let a reload wipe what was typed meanwhile (the budget-request
+   *  box: an instructor's amount vanished and "Approve" then asked for the whole request). A load that a newer
+   *  one overtook is dropped, so older data never replaces newer. */
   async load(force = false): Promise<void> {
+    const ticket = ++this.loadsStarted;
+    this.node.setAttribute('aria-busy', 'true');
+    try {
+      const read = await this.read();
+      if (ticket !== this.loadsStarted) {
+        return;
+      }
+      if (read.waiting.length > this.pending) {
+        this.opened.add('requests'); // new requests: show them
+      }
+      this.pending = read.waiting.length;
+      if (!force && this.editing) {
+        return;
+      }
+      this.render(read);
+    } finally {
+      if (ticket === this.loadsStarted) {
+        this.node.removeAttribute('aria-busy');
+      }
+    }
+  }
+
+  /** Everything the view shows, in one round of requests (and one more per course plan for its spending). */
+  private async read(): Promise<AdminData> {
     const [users, grants, ledger, releases, courses, datasets, waiting] = await Promise.all([
       this.api.call<UserRow[]>('GET', 'admin/users'),
       this.api.call<GrantRow[]>('GET', 'admin/grants'),
@@ -125,13 +165,20 @@ export class AdminView {
       this.api.call<DatasetRow[]>('GET', 'admin/datasets'),
       this.api.call<BudgetRequestRow[]>('GET', 'admin/requests?status=pending')
     ]);
-    if (waiting.length > this.pending) {
-      this.opened.add('requests'); // new requests: show them
-    }
-    this.pending = waiting.length;
-    if (!force && this.editing) {
-      return;
-    }
+    const plans = courses.flatMap(course => course.datasets.map(plan => ({ course: course.name, dataset: plan.dataset })));
+    const spent = await Promise.all(
+      plans.map(plan =>
+        this.api.call<ClassSpending>(
+          'GET',
+          `admin/courses/${encodeURIComponent(plan.course)}/spending/${encodeURIComponent(plan.dataset)}`
+        )
+      )
+    );
+    const spending = new Map(plans.map((plan, i) => [`${plan.course}\u0000${plan.dataset}`, spent[i]]));
+    return { users, grants, ledger, releases, courses, datasets, waiting, spending };
+  }
+
+  private render({ users, grants, ledger, releases, courses, datasets, waiting, spending }: AdminData): void {
     const names = datasets.map(d => d.name);
     this.chartDataset = names.includes(this.chartDataset) ? this.chartDataset : names[0] ?? '';
     const datasetsPart = this.part('datasets', `Datasets (${datasets.length})`);
@@ -147,7 +194,7 @@ export class AdminView {
       this.usersSection(users),
       datasetsPart,
       this.grantsSection(users, names, grants),
-      await this.coursesSection(courses, names),
+      this.coursesSection(courses, names, spending),
       this.spendingSection(users, names, grants, ledger, releases)
     );
   }
@@ -292,7 +339,7 @@ export class AdminView {
     return section;
   }
 
-  private async coursesSection(courses: CourseRow[], datasets: string[]): Promise<HTMLElement> {
+  private coursesSection(courses: CourseRow[], datasets: string[], spent: Map<string, ClassSpending>): HTMLElement {
     const section = this.part('courses', `Courses (${courses.length})`);
     for (const course of courses) {
       const box = el('div', { class: 'lomas-sb-form', 'data-course': course.name });
@@ -303,10 +350,10 @@ export class AdminView {
         );
       }
       for (const plan of course.datasets) {
-        const spending = await this.api.call<ClassSpending>(
-          'GET',
-          `admin/courses/${encodeURIComponent(course.name)}/spending/${encodeURIComponent(plan.dataset)}`
-        );
+        const spending = spent.get(`${course.name}\u0000${plan.dataset}`);
+        if (!spending) {
+          continue; // never: read for this very list of courses
+        }
         box.append(
           el(
             'p',
