@@ -297,6 +297,29 @@ def test_a_sum_that_could_overflow_int64_is_refused_before_anything_runs() -> No
         exact.compile_stage(plan)
 
 
+@pytest.mark.spark
+def test_spark_keeps_a_folder_between_queries_only_while_its_files_are_unchanged(
+        table: tuple[Path, pl.DataFrame], spark_cluster: Any, tmp_path: Path) -> None:
+    """The worker keeps the DataFrame of a local folder (a fresh read costs about half a warm COUNT): a part
+    rewritten or added afterwards must be seen by the next query, never the rows of before."""
+    _, frame = table
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    first, second = frame.slice(0, 2000), frame.slice(2000, 1500)
+    first.write_parquet(folder / "part-0.parquet")
+    stage = exact.compile_stage(_plan(SHAPES[-4][0]))
+
+    def exact_values() -> Any:
+        return exact.densify(stage, engines.exact_rows(stage, str(folder), engines.SPARK, spark_cluster.url)).values
+
+    assert exact_values() == reference(stage, first)
+    assert engines.spark_frame(spark_cluster.url, str(folder)) is engines.spark_frame(spark_cluster.url, str(folder))
+    second.write_parquet(folder / "part-1.parquet")
+    assert exact_values() == reference(stage, pl.concat([first, second]))
+    first.slice(0, 700).write_parquet(folder / "part-0.parquet")  # rewritten in place
+    assert exact_values() == reference(stage, pl.concat([first.slice(0, 700), second]))
+
+
 def _release(plan: Plan, calibrated: Any, result: exact.ExactResult, runs: Any) -> dict[str, Any]:
     raw = noise.release_frame(plan, result.stage, runs, result)
     return plan.postprocess(raw, plan.describe(calibrated), plan.interval_tables(calibrated))

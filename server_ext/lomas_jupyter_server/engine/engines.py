@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -306,14 +307,33 @@ def spark_session(remote: str) -> Any:
     return _SPARK[remote]
 
 
+_SPARK_FRAMES: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_SPARK_FRAMES_KEPT = 16
+
+
+def spark_frame(remote: str, location: str) -> Any:
+    """The dataset as a Spark DataFrame, kept between queries while its files are unchanged: a fresh read lists
+    the files and reads their footers again, about half of a warm COUNT(*) (benchmarks/big.py). A local folder is
+    read as its .parquet files (as the other engines read it) and kept by each file's size and change time; any
+    other location (hdfs://, s3a://, a path only the cluster has) is read as the cluster sees it, afresh each
+    time, since nothing here can tell that its files changed."""
+    if locations.is_remote(location) or not Path(location).exists():
+        return spark_session(remote).read.parquet(location)
+    files = locations.parquet_files(location)
+    key = (remote, *((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]))
+    if key not in _SPARK_FRAMES:
+        _SPARK_FRAMES[key] = spark_session(remote).read.parquet(*files)
+        if len(_SPARK_FRAMES) > _SPARK_FRAMES_KEPT:
+            _SPARK_FRAMES.popitem(last=False)
+    _SPARK_FRAMES.move_to_end(key)
+    return _SPARK_FRAMES[key]
+
+
 def _run_spark(stage: ExactStage, location: str, remote: str | None) -> list[dict[str, Any]]:
     if not remote:
         raise QueryRejected("the service has no Spark cluster configured (LomasApp.spark_remote)")
     words = SparkWords()
-    # a local folder is read as its .parquet files (as the other engines read it); any other location (hdfs://,
-    # s3a://, a path only the cluster has) as the cluster sees it
-    local = Path(location).exists() and not locations.is_remote(location)
-    frame = spark_session(remote).read.parquet(*(locations.parquet_files(location) if local else [location]))
+    frame = spark_frame(remote, location)
     computed = stage.computed_keys(words)
     if computed:
         frame = frame.select("*", *[value.alias(name) for name, value in computed])
