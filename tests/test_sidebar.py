@@ -420,10 +420,6 @@ def test_a_budget_request_is_asked_badged_refused_over_the_cap_and_approved_live
     """Issue 22.1 in two JupyterLabs on one standalone service: the student asks from the sidebar; the
     instructor's tab shows a badge; approving over the class cap is refused with the reason; approving part of it
     shows up in the student's gauge and request list without a reload."""
-    _budget_request_scenario(theme, tmp_path)
-
-
-def _budget_request_scenario(theme: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     from lomas_jupyter import Client

@@ -350,10 +350,7 @@ export class AdminView {
         );
       }
       for (const plan of course.datasets) {
-        const spending = spent.get(`${course.name}\u0000${plan.dataset}`);
-        if (!spending) {
-          continue; // never: read for this very list of courses
-        }
+        const spending = spent.get(`${course.name}\u0000${plan.dataset}`)!; // read for this very list of courses
         box.append(
           el(
             'p',

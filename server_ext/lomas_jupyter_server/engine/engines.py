@@ -313,7 +313,7 @@ _SPARK_FRAMES_KEPT = 16
 
 def spark_frame(remote: str, location: str) -> Any:
     """The dataset as a Spark DataFrame, kept between queries while its files are unchanged: a fresh read lists
-    the files and reads their footers again, about half of a warm COUNT(*) (benchmarks/big.py). A local folder is
+    the files and reads their footers again, about half of a warm COUNT(*) at 2x10^7 rows. A local folder is
     read as its .parquet files (as the other engines read it) and kept by each file's size and change time; any
     other location (hdfs://, s3a://, a path only the cluster has) is read as the cluster sees it, afresh each
     time, since nothing here can tell that its files changed."""
