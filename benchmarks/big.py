@@ -8,8 +8,10 @@ with the peak memory of the service and its workers; the in-place import of a fo
 The table (DuckDB writes it once, in --parts parquet files under --data, and it is reused): a 5-value category
 `cat`, a float `x` in [0, 100) with 1% nulls and an int `y` in [0, 1000]. One dataset per backend is imported in
 place from that folder (the checks stream; no copy). Spark is a standalone master and worker on 127.0.0.1
-(tests/spark.py), the same cluster for the service and for plain Spark. The first query on each backend is reported
-apart (cold: a Spark driver starts); the table shows the median of the warm ones.
+(tests/spark.py), the same cluster for the service and for plain Spark. Each of the service's queries follows the
+plain engine's answer to the same question, so both sides have run the same queries (a JVM's speed depends on
+them); the first is reported apart (cold: a Spark driver starts), then --warmups untimed pairs, then the median of
+--repeats timed pairs.
 Results: benchmarks/results/<stem>.md, .json and .png.
 """
 
@@ -141,7 +143,8 @@ def duckdb_runner(files: list[str]) -> Callable[[str], float]:
 
 
 def spark_runner(folder: Path, url: str, stack: ExitStack) -> Callable[[str], float]:
-    """Times one plain Spark answer to a question, on a session kept open (and warmed) until the stack closes."""
+    """Times one plain Spark answer to a question, on a session kept open until the stack closes. It is not warmed
+    here: it gets the same queries, in the same order, as the service's driver (see `service`)."""
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
@@ -155,8 +158,6 @@ def spark_runner(folder: Path, url: str, stack: ExitStack) -> Callable[[str], fl
     frame = spark.read.parquet(*[str(p) for p in sorted(folder.glob("*.parquet"))])
     runs = {"COUNT(*)": lambda: frame.agg(F.count(F.lit(1))).collect(),
             "grouped COUNT + AVG": lambda: frame.groupBy("cat").agg(F.count(F.lit(1)), F.avg("x")).collect()}
-    for run in runs.values():
-        run()  # warm, as the service's warm queries are
 
     def timed(question: str) -> float:
         started = time.perf_counter()
@@ -166,15 +167,14 @@ def spark_runner(folder: Path, url: str, stack: ExitStack) -> Callable[[str], fl
     return timed
 
 
-def plain_times(run: Callable[[str], float], repeats: int) -> dict[str, float]:
-    return {question: statistics.median(run(question) for _ in range(repeats)) for question in QUESTIONS}
-
-
-def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int,
+def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int, warmups: int,
             plain: dict[str, Callable[[str], float]]) -> dict[str, Any]:
-    """Each backend's answers through the service. Each warm query alternates with the plain engine's answer to
-    the same question (`plain`, by backend), so a machine whose speed drifts during the run (this VM's does, by up
-    to 3x between runs) slows both sides of a ratio alike."""
+    """Each backend's answers through the service, each beside the plain engine's answer to the same question
+    (`plain`, by backend). Both sides get the same history, query by query: a cold query each, then `warmups`
+    alternations, then `repeats` timed alternations. A JVM gets faster with every query it runs (Spark's executors
+    were still speeding up after ten COUNT(*)s at 10^9 rows), so an executor that had run more queries, or other
+    ones, would win by its JIT, not by what it computes; and a machine whose speed drifts during the run (this VM's
+    does, by up to 3x between runs) slows both sides of a pair alike."""
     root.mkdir(parents=True, exist_ok=True)
     token = add_analyst(storage, "bench", {f"big_{b}": 1e6 for b in backends} | {"penguins": 1e6})
     env = {"JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_DATA_DIR": str(root / "data")}
@@ -192,40 +192,56 @@ def service(storage: Path, root: Path, backends: list[str], spark_url: str | Non
             "dataset": "penguins", "sql": "SELECT COUNT(*) FROM penguins", "epsilon": 0.1, "fresh": True})
         assert first.status_code == 201, first.text
         out["cold_start_seconds"] = time.perf_counter() - launched
+
+        def ask(name: str, sql: str) -> float:
+            started = time.perf_counter()
+            answer = session.post(url + "lomas/api/query", timeout=3600, json={
+                "dataset": name, "sql": sql.format(t=name), "epsilon": 1.0, "fresh": True})
+            if answer.status_code != 201:
+                raise RuntimeError(answer.json().get("message", answer.text)[:200])
+            return time.perf_counter() - started
+
         for backend in backends:
             name = f"big_{backend}"
             result: dict[str, Any] = {}
             with PeakMemory(pid) as memory, PeakMemory(pid, only_children=True) as workers:
                 for question, (sql, _) in QUESTIONS.items():
-                    times, plain_times_ = [], []
-                    # as many warm-ups as the plain engine had (one, then `repeats` in plain_times): a JVM gets
-                    # faster with the queries it has run (Spark's COUNT(*) by 2x over the first ten), so a ratio of
-                    # a fresh executor to a warmed one measures the JIT, not the service. The first is reported as cold.
-                    for n in range(repeats + 1 + repeats):
-                        if n > repeats:  # the plain engine's answer just before each timed warm query
-                            plain_times_.append(plain[backend](question))
-                        started = time.perf_counter()
-                        answer = session.post(url + "lomas/api/query", timeout=3600, json={
-                            "dataset": name, "sql": sql.format(t=name), "epsilon": 1.0, "fresh": True})
-                        times.append(time.perf_counter() - started)
-                        if answer.status_code != 201:
-                            times = []
-                            result[question] = {"error": answer.json().get("message", answer.text)[:200]}
-                            break
-                    if times:
-                        result[question] = {"cold": times[0], "warm": statistics.median(times[repeats + 1:]),
-                                            "plain": statistics.median(plain_times_)}
+                    times, plain_times = [], []
+                    try:
+                        for _ in range(1 + warmups + repeats):  # the plain engine's answer just before each of ours
+                            plain_times.append(plain[backend](question))
+                            times.append(ask(name, sql))
+                    except RuntimeError as err:
+                        result[question] = {"error": str(err)}
+                        continue
+                    timed = slice(1 + warmups, None)
+                    result[question] = {"cold": times[0], "plain_cold": plain_times[0],
+                                        "warm": statistics.median(times[timed]),
+                                        "plain": statistics.median(plain_times[timed])}
             result["peak_mb"], result["workers_peak_mb"] = memory.peak, workers.peak
             out["backends"][backend] = result
             print(f"... {backend}: {result}", file=sys.stderr)
     return out
 
 
+def plain_columns(out: dict[str, Any]) -> None:
+    """The plain engines' warm times, from the pairs: DuckDB's beside the embedded backend (else OpenDP's plan),
+    Spark's beside the Spark backend."""
+    for column, sources in (("duckdb", ("embedded", "polars")), ("spark_plain", ("spark",))):
+        for backend in sources:
+            result = out["backends"].get(backend, {})
+            if all("plain" in result.get(q, {}) for q in QUESTIONS):
+                out[column] = {q: result[q]["plain"] for q in QUESTIONS}
+                break
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10**9)
     parser.add_argument("--parts", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="warm queries per question and backend")
+    parser.add_argument("--repeats", type=int, default=3, help="timed warm queries per question and backend")
+    parser.add_argument("--warmups", type=int, default=3,
+                        help="untimed queries per question and backend, after the cold one, on both sides")
     parser.add_argument("--backends", default="polars,embedded,spark",
                         help="comma-separated, run in this order: polars (OpenDP's plan: it is killed at about "
                         "200M rows on a 24 GB machine, so leave it out above that), embedded, spark (last: its "
@@ -240,7 +256,8 @@ def main() -> None:
         files = generate(folder / f"rows-{args.rows}", args.rows, args.parts)
         table = Path(files[0]).parent
         storage = root / "storage"
-        out: dict[str, Any] = {"rows": args.rows, "parts": args.parts, "imports": {}}
+        out: dict[str, Any] = {"rows": args.rows, "parts": args.parts, "warmups": args.warmups,
+                               "repeats": args.repeats, "imports": {}}
         for backend in backends:
             meta = root / f"meta-{backend}.json"
             meta.write_text(json.dumps(metadata(args.rows, backend)))
@@ -251,14 +268,17 @@ def main() -> None:
         (root / "penguins.json").write_text(json.dumps(penguins_metadata()))
         lomas_admin(storage, "dataset", "import", "penguins", str(penguins_csv()), "--metadata",
                     str(root / "penguins.json"))
-        cluster = SparkCluster(root / "spark").start()  # plain Spark runs on it either way
-        stack.callback(cluster.stop)
-        spark_url = cluster.url
-        plain_duckdb, plain_spark = duckdb_runner(files), spark_runner(table, spark_url, stack)
-        out["duckdb"] = plain_times(plain_duckdb, args.repeats)
-        out["spark_plain"] = plain_times(plain_spark, args.repeats)
-        plain = {"polars": plain_duckdb, "embedded": plain_duckdb, "spark": plain_spark}
-        out |= service(storage, root / "service", backends, spark_url, args.repeats, plain)
+        plain: dict[str, Callable[[str], float]] = {}
+        if {"polars", "embedded"} & set(backends):
+            plain["polars"] = plain["embedded"] = duckdb_runner(files)
+        spark_url = None
+        if "spark" in backends:
+            cluster = SparkCluster(root / "spark").start()
+            stack.callback(cluster.stop)
+            spark_url = cluster.url
+            plain["spark"] = spark_runner(table, spark_url, stack)
+        out |= service(storage, root / "service", backends, spark_url, args.repeats, args.warmups, plain)
+        plain_columns(out)
     write(out, ROOT / "benchmarks" / "results" / args.results)
     print((ROOT / "benchmarks" / "results" / f"{args.results}.md").read_text())
 
@@ -272,14 +292,16 @@ def write(out: dict[str, Any], stem: Path) -> None:
              "| question | DuckDB, plain | Spark, plain | " + " | ".join(f"lomas: {b}" for b in out["backends"])
              + " |", "|---" * (3 + len(out["backends"])) + "|"]
     for question in QUESTIONS:
-        cells = [f"{out['duckdb'][question]:.3f}", f"{out['spark_plain'][question]:.3f}"]
+        cells = [f"{out[plain][question]:.3f}" if plain in out else "-" for plain in ("duckdb", "spark_plain")]
         for result in out["backends"].values():
             r = result[question]
             cells.append(r["error"] if "error" in r else f"{r['warm']:.3f} (cold {r['cold']:.2f})")
         lines.append(f"| {question} | " + " | ".join(cells) + " |")
     lines += ["", "## Ratios to the plain engine (warm)", "",
-              "Each warm lomas query alternated with the plain engine's answer to the same question; the ratio is of "
-              "their medians (in brackets: the plain engine's median in those pairs, in seconds).", "",
+              f"Each lomas query followed the plain engine's answer to the same question, so both had run the same "
+              f"queries (a cold one, {out.get('warmups', '?')} untimed pairs, then {out.get('repeats', '?')} timed "
+              "pairs); the ratio is of the timed pairs' medians (in brackets: the plain engine's median, in seconds).",
+              "",
               "| question | lomas embedded / DuckDB | lomas spark / plain Spark |", "|---|---|---|"]
     for question in QUESTIONS:
         cells = []
@@ -308,12 +330,14 @@ def plot(out: dict[str, Any], target: Path) -> None:
 
     fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(9, 3.6))
     for ax, question in zip(axes, QUESTIONS):
-        labels, values = ["DuckDB", "Spark"], [out["duckdb"][question], out["spark_plain"][question]]
+        plains = [(label, out[key][question]) for label, key in (("DuckDB", "duckdb"), ("Spark", "spark_plain"))
+                  if key in out]
+        labels, values = [label for label, _ in plains], [value for _, value in plains]
         for backend, result in out["backends"].items():
             if "warm" in result[question]:
                 labels.append(f"lomas\n{backend}")
                 values.append(result[question]["warm"])
-        ax.bar(labels, values, color=["#999999", "#999999"] + ["#4c72b0"] * (len(values) - 2))
+        ax.bar(labels, values, color=["#999999"] * len(plains) + ["#4c72b0"] * (len(values) - len(plains)))
         ax.set_title(question)
         ax.set_ylabel("seconds (warm, median)")
     fig.suptitle(f"{out['rows']:,} rows; grey: the engine's plain exact answer, blue: a DP answer from lomas",
