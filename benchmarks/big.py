@@ -11,7 +11,7 @@ place from that folder (the checks stream; no copy). Spark is a standalone maste
 (tests/spark.py), the same cluster for the service and for plain Spark. Each of the service's queries follows the
 plain engine's answer to the same question, so both sides have run the same queries (a JVM's speed depends on
 them); the first is reported apart (cold: a Spark driver starts), then --warmups untimed pairs, then the median of
---repeats timed pairs.
+--repeats timed pairs (more for a quick question, see --min-seconds).
 Results: benchmarks/results/<stem>.md, .json and .png.
 """
 
@@ -77,39 +77,60 @@ def metadata(rows: int, backend: str) -> dict[str, Any]:
 
 
 class PeakMemory:
-    """The peak resident memory (MB) of a process and its children, sampled every 20 ms while running."""
+    """The peak resident memory (MB) of a process and its children: the sum of each process's own peak, which the
+    kernel keeps (VmHWM; reset at the start by writing 5 to its clear_refs). Processes' peaks need not coincide,
+    so this is an upper bound of their peak together. A light thread looks for new processes in the tree five
+    times a second (one that exits keeps the last peak seen). Sampling every process's memory every few
+    milliseconds instead, as this did until 2026-12-07, walked /proc so often that it slowed both sides' Spark
+    COUNT(*) at 10^9 rows by about 30%."""
 
     def __init__(self, pid: int, only_children: bool = False) -> None:
         self.pid, self.only_children = pid, only_children
-        self.peak = 0.0
+        self._peaks: dict[int, int] = {}  # pid: its peak so far, in kB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    @property
+    def peak(self) -> float:
+        return sum(self._peaks.values()) / 1024
+
+    def _tree(self) -> list[int]:
         import psutil
 
-        root = psutil.Process(self.pid)
-        while not self._stop.is_set():
-            total = 0
-            try:
-                processes = root.children(recursive=True) + ([] if self.only_children else [root])
-            except psutil.NoSuchProcess:
-                break
-            for p in processes:
+        try:
+            root = psutil.Process(self.pid)
+            return [p.pid for p in root.children(recursive=True)] + ([] if self.only_children else [root.pid])
+        except psutil.NoSuchProcess:
+            return []
+
+    def _read(self, reset: bool = False) -> None:
+        for pid in self._tree():
+            if reset:  # a process there before: its peak counts from now (one born since: its whole life)
                 try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total / 2**20)
-            time.sleep(0.02)
+                    Path(f"/proc/{pid}/clear_refs").write_text("5")
+                except OSError:
+                    continue
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self._peaks[pid] = int(line.split()[1])
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._read()
 
     def __enter__(self) -> PeakMemory:
+        self._read(reset=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        self._read()
 
 
 def timed_import(storage: Path, name: str, folder: Path, meta: Path) -> dict[str, float]:
@@ -168,12 +189,13 @@ def spark_runner(folder: Path, url: str, stack: ExitStack) -> Callable[[str], fl
 
 
 def service(storage: Path, root: Path, backends: list[str], spark_url: str | None, repeats: int, warmups: int,
-            plain: dict[str, Callable[[str], float]]) -> dict[str, Any]:
+            min_seconds: float, plain: dict[str, Callable[[str], float]]) -> dict[str, Any]:
     """Each backend's answers through the service, each beside the plain engine's answer to the same question
     (`plain`, by backend). Both sides get the same history, query by query: a cold query each, then `warmups`
-    alternations, then `repeats` timed alternations. A JVM gets faster with every query it runs (Spark's executors
-    were still speeding up after ten COUNT(*)s at 10^9 rows), so an executor that had run more queries, or other
-    ones, would win by its JIT, not by what it computes; and a machine whose speed drifts during the run (this VM's
+    alternations, then `repeats` timed ones, or more (up to 4x) until the service's add up to `min_seconds` (one
+    pair of a quick question is mostly noise). A JVM gets faster with every query it runs (Spark's executors were
+    still speeding up after ten COUNT(*)s at 10^9 rows), so an executor that had run more queries, or other ones,
+    would win by its JIT, not by what it computes; and a machine whose speed drifts during the run (this VM's
     does, by up to 3x between runs) slows both sides of a pair alike."""
     root.mkdir(parents=True, exist_ok=True)
     token = add_analyst(storage, "bench", {f"big_{b}": 1e6 for b in backends} | {"penguins": 1e6})
@@ -207,15 +229,16 @@ def service(storage: Path, root: Path, backends: list[str], spark_url: str | Non
             with PeakMemory(pid) as memory, PeakMemory(pid, only_children=True) as workers:
                 for question, (sql, _) in QUESTIONS.items():
                     times, plain_times = [], []
-                    try:
-                        for _ in range(1 + warmups + repeats):  # the plain engine's answer just before each of ours
+                    timed = slice(1 + warmups, None)
+                    try:  # the plain engine's answer just before each of ours; a quick question gets more pairs
+                        while len(times) < 1 + warmups + repeats or (
+                                len(times) < 1 + warmups + 4 * repeats and sum(times[timed]) < min_seconds):
                             plain_times.append(plain[backend](question))
                             times.append(ask(name, sql))
                     except RuntimeError as err:
                         result[question] = {"error": str(err)}
                         continue
-                    timed = slice(1 + warmups, None)
-                    result[question] = {"cold": times[0], "plain_cold": plain_times[0],
+                    result[question] = {"cold": times[0], "plain_cold": plain_times[0], "pairs": len(times[timed]),
                                         "warm": statistics.median(times[timed]),
                                         "plain": statistics.median(plain_times[timed])}
             result["peak_mb"], result["workers_peak_mb"] = memory.peak, workers.peak
@@ -240,6 +263,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10**9)
     parser.add_argument("--parts", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="timed warm queries per question and backend")
+    parser.add_argument("--min-seconds", type=float, default=20.0,
+                        help="more timed pairs (up to 4x --repeats) until the service's add up to this")
     parser.add_argument("--warmups", type=int, default=3,
                         help="untimed queries per question and backend, after the cold one, on both sides")
     parser.add_argument("--backends", default="polars,embedded,spark",
@@ -277,7 +302,8 @@ def main() -> None:
             stack.callback(cluster.stop)
             spark_url = cluster.url
             plain["spark"] = spark_runner(table, spark_url, stack)
-        out |= service(storage, root / "service", backends, spark_url, args.repeats, args.warmups, plain)
+        out |= service(storage, root / "service", backends, spark_url, args.repeats, args.warmups,
+                       args.min_seconds, plain)
         plain_columns(out)
     write(out, ROOT / "benchmarks" / "results" / args.results)
     print((ROOT / "benchmarks" / "results" / f"{args.results}.md").read_text())
@@ -299,8 +325,9 @@ def write(out: dict[str, Any], stem: Path) -> None:
         lines.append(f"| {question} | " + " | ".join(cells) + " |")
     lines += ["", "## Ratios to the plain engine (warm)", "",
               f"Each lomas query followed the plain engine's answer to the same question, so both had run the same "
-              f"queries (a cold one, {out.get('warmups', '?')} untimed pairs, then {out.get('repeats', '?')} timed "
-              "pairs); the ratio is of the timed pairs' medians (in brackets: the plain engine's median, in seconds).",
+              f"queries (a cold one, {out.get('warmups', '?')} untimed pairs, then at least {out.get('repeats', '?')} "
+              "timed pairs: a quick question gets more); the ratio is of the timed pairs' medians (in brackets: "
+              "the plain engine's median, in seconds).",
               "",
               "| question | lomas embedded / DuckDB | lomas spark / plain Spark |", "|---|---|---|"]
     for question in QUESTIONS:
