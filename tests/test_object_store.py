@@ -74,9 +74,11 @@ def s3_service(object_store: dict[str, Any], tmp_path_factory: pytest.TempPathFa
     admin_env = {**os.environ, **_aws_env(object_store)}  # lomas-admin takes the credentials from its environment
     for name, where in (("in_place", ["s3://lake/exports/penguins/", "--in-place"]),
                         ("copied", [local.parquet_path, "--to", "s3://lake/lomas"])):
-        subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "dataset", "import", name, where[0],
-                        "--metadata", str(root / "meta.json"), *where[1:]], check=True, capture_output=True,
-                       env=admin_env, text=True)
+        done = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(storage), "dataset", "import", name,
+                               where[0], "--metadata", str(root / "meta.json"), *where[1:]], check=True,
+                              capture_output=True, env=admin_env, text=True)
+        if name == "in_place":  # a bucket prefix is listed and checked part by part, as a local folder is
+            assert "checked part 1 of 2" in done.stderr and "checked part 2 of 2" in done.stderr, done.stderr
     token = add_analyst(storage, "alice", {"penguins": 100.0, "in_place": 100.0, "copied": 100.0})
     boss = lomas_admin(storage, "token", "issue", "boss")
     config = root / "config"
@@ -191,3 +193,20 @@ def test_plans_are_built_without_the_scan_and_the_scan_carries_no_secret(object_
     plan = Plan.from_json(spec.to_json(), doc, None)
     frame = build_plan(plan.spec, plan.metadata, plan.bounds, plan.statistics, plan.steps)
     assert b"lake" not in frame.serialize() and not locations.available("s3://lake/plans/missing.parquet")
+
+
+def test_a_missing_or_unreachable_prefix_is_refused_in_one_line_naming_no_endpoint(object_store: dict[str, Any],
+                                                                                tmp_path: Any) -> None:
+    meta = {"privacy_unit": 1, "max_rows": 10, "columns": {"x": {"type": "int", "bounds": [0, 9]}}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    good = _aws_env(object_store)
+    unreachable = {**good, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    for env in (good, unreachable):
+        done = subprocess.run([str(BIN / "lomas-admin"), "--storage-dir", str(tmp_path / "storage"), "dataset",
+                               "import", "nothing", "s3://lake/nothing-here/", "--in-place", "--metadata",
+                               str(tmp_path / "meta.json")], capture_output=True, env={**os.environ, **env},
+                              text=True, timeout=300)
+        assert done.returncode != 0 and "could not be found in the object store" in done.stderr, done.stderr
+        for forbidden in [*_secrets(object_store), "127.0.0.1:9"]:
+            assert forbidden not in done.stderr + done.stdout, forbidden
+    assert "nothing" not in lomas_admin(tmp_path / "storage", "dataset", "list")

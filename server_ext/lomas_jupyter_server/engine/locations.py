@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -43,6 +44,29 @@ def parquet_files(location: str) -> list[str]:
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*.parquet"))
     return [location]
+
+
+def remote_parquet_files(location: str) -> list[str]:
+    """The parquet objects under an object-store folder URL (ending in '/'), in name order; any other URL is one
+    object. Listed with pyarrow's S3 client, configured from the same environment variables polars reads, so an
+    import can check a bucket prefix part by part, with progress. Raises OSError when the store cannot be listed."""
+    if not location.endswith("/"):
+        return [location]
+    from pyarrow import fs
+
+    options: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options["endpoint_override"], options["scheme"] = (host, scheme) if host else (scheme, "https")
+    for option, variable in (("region", "AWS_REGION"), ("access_key", "AWS_ACCESS_KEY_ID"),
+                             ("secret_key", "AWS_SECRET_ACCESS_KEY"), ("session_token", "AWS_SESSION_TOKEN")):
+        if os.environ.get(variable):
+            options[option] = os.environ[variable]
+    scheme, _, path = location.partition("://")
+    listing = fs.S3FileSystem(**options).get_file_info(fs.FileSelector(path.rstrip("/"), recursive=True))
+    return sorted(f"{scheme}://{info.path}" for info in listing
+                  if info.type == fs.FileType.File and info.path.endswith(".parquet"))
 
 
 def available(location: str) -> bool:

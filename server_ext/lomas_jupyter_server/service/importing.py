@@ -188,8 +188,8 @@ def propose_metadata(source: str | Path | bytes, fmt: str | None = None) -> dict
 def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[str] | None = None,
                    progress: Progress | None = None, in_place: bool = False) -> pl.LazyFrame:
     """Cast to the declared types and check every declared property; returns the typed frame. The checks stream,
-    part by part when the data is a folder of parts, with a progress line per part: local data used in place in
-    DuckDB (bounded memory), the rest in polars' streaming engine. Data used in place must already have the
+    part by part when the data is a folder of parts (or a bucket prefix), with a progress line per part: local
+    data used in place in DuckDB, the rest in polars' streaming engine (both in bounded memory). Data used in place must already have the
     declared types and use null, not NaN, for a missing float (every backend reads it as it is)."""
     try:
         schema = frame.collect_schema()
@@ -232,7 +232,7 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[s
     say = progress or (lambda _msg: None)
     # local data used in place (already typed) is checked by DuckDB, part by part, in bounded memory; the rest
     # by polars' streaming engine after the casts
-    local_in_place = in_place and parts is not None
+    local_in_place = in_place and parts is not None and not locations.is_remote(parts[0])
     scans: list[Any] = list(parts) if local_in_place else (
         [pl.scan_parquet(part) for part in parts] if parts and len(parts) > 1 else [frame])
     stats: dict[str, int] = {}
@@ -305,6 +305,13 @@ def import_dataset(
     say("checking the data against the metadata")
     local = not isinstance(source, bytes) and not locations.is_remote(str(source))
     parts = locations.parquet_files(str(source)) if local and (in_place or Path(source).is_dir()) else None
+    if in_place and not local and str(source).endswith("/"):  # a bucket prefix: checked part by part too
+        try:
+            parts = locations.remote_parquet_files(str(source))
+        except OSError:  # the message names the endpoint
+            raise BadRequest("the object store could not be listed (check the object-store settings)") from None
+        if not parts:
+            raise BadRequest("no parquet files under that prefix")
     if in_place and local and Path(source).suffix.lower() == ".csv":
         raise BadRequest("only Parquet data can be used in place; CSV is copied")
     typed = validate_frame(frame, metadata, parts, say, in_place)
