@@ -189,8 +189,9 @@ def validate_frame(frame: pl.LazyFrame, metadata: DatasetMetadata, parts: list[s
                    progress: Progress | None = None, in_place: bool = False) -> pl.LazyFrame:
     """Cast to the declared types and check every declared property; returns the typed frame. The checks stream,
     part by part when the data is a folder of parts (or a bucket prefix), with a progress line per part: local
-    data used in place in DuckDB, the rest in polars' streaming engine (both in bounded memory). Data used in place must already have the
-    declared types and use null, not NaN, for a missing float (every backend reads it as it is)."""
+    data used in place in DuckDB, the rest in polars' streaming engine (both in bounded memory). Data used in
+    place must already have the declared types and use null, not NaN, for a missing float (every backend reads
+    it as it is)."""
     try:
         schema = frame.collect_schema()
     except Exception:
