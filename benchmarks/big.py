@@ -325,7 +325,7 @@ def write(out: dict[str, Any], stem: Path) -> None:
         lines.append(f"| {question} | " + " | ".join(cells) + " |")
     lines += ["", "## Ratios to the plain engine (warm)", "",
               f"Each lomas query followed the plain engine's answer to the same question, so both had run the same "
-              f"queries (a cold one, {out.get('warmups', '?')} untimed pairs, then at least {out.get('repeats', '?')} "
+              f"queries (a cold one, {out['warmups']} untimed pairs, then at least {out['repeats']} "
               "timed pairs: a quick question gets more); the ratio is of the timed pairs' medians (in brackets: "
               "the plain engine's median, in seconds).",
               "",

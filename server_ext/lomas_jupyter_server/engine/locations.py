@@ -47,11 +47,9 @@ def parquet_files(location: str) -> list[str]:
 
 
 def remote_parquet_files(location: str) -> list[str]:
-    """The parquet objects under an object-store folder URL (ending in '/'), in name order; any other URL is one
-    object. Listed with pyarrow's S3 client, configured from the same environment variables polars reads, so an
-    import can check a bucket prefix part by part, with progress. Raises OSError when the store cannot be listed."""
-    if not location.endswith("/"):
-        return [location]
+    """The parquet objects under an object-store folder URL (`s3://bucket/prefix/`), in name order. Listed with
+    pyarrow's S3 client, configured from the same environment variables polars reads, so an import can check a
+    bucket prefix part by part, with progress. Raises OSError when the store cannot be listed."""
     from pyarrow import fs
 
     options: dict[str, Any] = {}
